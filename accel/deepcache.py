@@ -1,0 +1,184 @@
+"""DeepCache: reuse the U-Net's deep features across steps, recompute only the shallow branch.
+
+The idea (Ma et al., "DeepCache: Accelerating Diffusion Models for Free"): a U-Net's skip
+connection `cache_branch_id` splits it into a shallow branch (the first down layers, the last up
+layers and the skip between them) and everything deeper. The deep part's output changes slowly
+from one denoising step to the next, so on most steps it is taken from the last full step and only
+the shallow branch runs.
+
+How it is applied, for any model family:
+- an adapter names the *deep modules* (the largest modules that sit entirely below the branch) and
+  tells how to read the noise level from a call; this core knows nothing else about the model;
+- on a full step every deep module runs and its output is kept; on a cached step each deep module
+  returns what it returned on the last full step, so no deep arithmetic runs at all;
+- progress comes from a `StepClock` fed by the noise level of each call, so any sampler works;
+- the cache is keyed by the call slot inside a step, so CFG halves or batches evaluated in
+  separate calls never read each other's features, and a slot whose inputs changed shape recomputes;
+- `remove()` restores every module's original forward: outputs are then bit-identical to before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .forward_override import Forward, ForwardOverrides
+from .schedules import Schedule, format_schedule, nonuniform_schedule, uniform_schedule
+from .step_clock import StepClock, Tick
+
+ScheduleKind = Literal["uniform", "non-uniform"]
+LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
+
+
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """What a user picks; validated on creation so bad values fail before any model is touched."""
+
+    cache_interval: int = 3
+    cache_branch_id: int = 0
+    schedule: ScheduleKind = "uniform"
+    start: float = 0.0
+    end: float = 1.0
+    center: float = 0.0
+    power: float = 1.4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cache_interval, int) or self.cache_interval < 1:
+            raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
+        if not isinstance(self.cache_branch_id, int) or self.cache_branch_id < 0:
+            raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
+        if self.schedule not in ("uniform", "non-uniform"):
+            raise ValueError(f"schedule must be 'uniform' or 'non-uniform', got {self.schedule!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"need 0 <= start < end <= 1, got start={self.start}, end={self.end}")
+        self.full_steps(1)  # validates center and power through the schedule builder
+
+    def full_steps(self, total: int) -> Schedule:
+        """The schedule for a generation of `total` steps."""
+        if self.schedule == "uniform":
+            return uniform_schedule(total, self.cache_interval, self.start, self.end)
+        return nonuniform_schedule(total, self.cache_interval, self.start, self.end, self.center, self.power)
+
+
+@dataclass
+class DeepCacheStats:
+    """What the last generations did: how many model calls ran the deep modules, how many reused."""
+
+    full_calls: int = 0
+    cached_calls: int = 0
+    schedule: str = ""
+
+    @property
+    def calls(self) -> int:
+        return self.full_calls + self.cached_calls
+
+
+@dataclass
+class _SlotCache:
+    outputs: dict[int, Any] = field(default_factory=dict)
+    signature: tuple[Any, ...] = ()
+
+
+class DeepCache:
+    """The DeepCache core applied to one model through the modules an adapter names."""
+
+    def __init__(self, config: DeepCacheConfig) -> None:
+        self.config = config
+        self.clock = StepClock()
+        self.stats = DeepCacheStats()
+        self._overrides = ForwardOverrides()
+        self._root_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._slots: dict[int, _SlotCache] = {}
+        self._reuse = False
+        self._slot: _SlotCache | None = None
+        self._schedule: Schedule | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], read_level: LevelReader) -> DeepCache:
+        """Start caching `deep_modules` inside `root`; `read_level(args, kwargs)` gives the noise level."""
+        if self._root_hook is not None:
+            raise RuntimeError("this DeepCache is already applied; remove() it first")
+        if not deep_modules:
+            raise ValueError("the adapter named no deep modules to cache")
+        overridden = [type(m).__name__ for m in deep_modules if "forward" in m.__dict__]
+        if overridden:
+            raise ValueError(f"{overridden[0]} already has an override of its forward: another feature cache is "
+                             "applied to this model; remove it first (two caches on one block cannot both hold)")
+        for index, module in enumerate(deep_modules):
+            self._overrides.install(module, lambda original, i=index: self._cached_forward(i, original))
+        self._root_hook = root.register_forward_pre_hook(
+            lambda _m, args, kwargs: self._on_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
+        )
+        self.reset()
+        return self
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was and drop every cached tensor."""
+        self._overrides.restore()
+        if self._root_hook is not None:
+            self._root_hook.remove()
+            self._root_hook = None
+        self._forget()
+
+    def reset(self, total_steps: int | None = None) -> None:
+        """Start a generation of `total_steps` (if known): adapters call it when the sampler starts."""
+        self._forget()
+        self.clock.begin(total_steps)
+        self._schedule = self.config.full_steps(total_steps) if total_steps else None
+        self.stats.schedule = "" if self._schedule is None else format_schedule(self._schedule)
+
+    def _forget(self) -> None:
+        """Drop every cached tensor (the stats of the last generation stay readable)."""
+        self._slots.clear()
+        self._slot = None
+        self._reuse = False
+
+    # -- per call --------------------------------------------------------------------------
+    def _on_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tick = self.clock.tick(level)
+        if tick.step == 0 and tick.slot == 0:
+            self._slots.clear()
+        signature = _signature(args, kwargs)
+        slot = self._slots.setdefault(tick.slot, _SlotCache())
+        self._reuse = self._is_cached_step(tick) and slot.signature == signature and bool(slot.outputs)
+        if not self._reuse:
+            slot.outputs = {}
+            slot.signature = signature
+        self._slot = slot
+        if self._reuse:
+            self.stats.cached_calls += 1
+        else:
+            self.stats.full_calls += 1
+
+    def _is_cached_step(self, tick: Tick) -> bool:
+        if tick.total_steps is not None and self._schedule is not None and len(self._schedule) != tick.total_steps:
+            self._schedule = self.config.full_steps(tick.total_steps)
+        if self._schedule is not None:
+            return tick.step < len(self._schedule) and not self._schedule[tick.step]
+        if self.config.schedule != "uniform" or self.config.start > 0.0 or self.config.end < 1.0:
+            return False  # without the generation's length only the plain uniform schedule is known
+        return tick.step % self.config.cache_interval != 0
+
+    def _cached_forward(self, index: int, original: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            slot = self._slot
+            if slot is None:  # called outside a root call (e.g. a user probing one block)
+                return original(*args, **kwargs)
+            if self._reuse:
+                return slot.outputs[index]
+            out = original(*args, **kwargs)
+            slot.outputs[index] = out
+            return out
+
+        return forward
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Shapes, dtypes and devices of the tensor inputs: a cache is only reused for the same kind of call."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)

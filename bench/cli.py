@@ -1,0 +1,27 @@
+"""`livecache bench WHAT`: each benchmark is a module with `configure(parser)` and `main(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
+    "realtime": ("..realtime.bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser.set_defaults(_bench_module=module)
+        _load(module).configure(bench_parser)
+
+
+def _load(module: str):
+    return importlib.import_module(module, package=__package__)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(_load(args._bench_module).main(args) or 0)

@@ -1,0 +1,85 @@
+"""ComfyUI's UI (frontend) workflow format converted to the API format the executor runs.
+
+The UI format keeps nodes with positional `widgets_values` and a separate link table; the API
+format names every input. Widget values are matched to the node's `INPUT_TYPES` in declaration
+order, skipping inputs that only take links, and skipping the extra "control after generate"
+value the frontend stores after a seed widget — exactly how ComfyUI's frontend writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import WorkflowError
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
+SKIPPED_NODE_TYPES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+
+
+def is_widget(spec: tuple) -> bool:
+    """Inputs the frontend shows as widgets (their values sit in `widgets_values`)."""
+    kind = spec[0]
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def has_seed_control(name: str, spec: tuple) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return spec[0] == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))
+
+
+def ui_to_api(workflow: dict[str, Any], classes: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """Convert a UI-format workflow; raises `WorkflowError` naming the node for anything off."""
+    nodes = workflow.get("nodes")
+    links = workflow.get("links", [])
+    if not isinstance(nodes, list) or not isinstance(links, list):
+        raise WorkflowError("UI workflow: 'nodes' and 'links' must be lists")
+    link_table: dict[int, tuple[str, int]] = {}
+    for link in links:
+        if not isinstance(link, list) or len(link) < 5:
+            raise WorkflowError(f"UI workflow: malformed link {link!r} (expected [id, from, slot, to, slot, type])")
+        link_table[link[0]] = (str(link[1]), int(link[2]))
+    api: dict[str, dict[str, Any]] = {}
+    for node in nodes:
+        if not isinstance(node, dict) or "id" not in node or "type" not in node:
+            raise WorkflowError(f"UI workflow: malformed node {str(node)[:80]!r} (needs 'id' and 'type')")
+        node_id, class_type = str(node["id"]), node["type"]
+        if class_type in SKIPPED_NODE_TYPES or node.get("mode") == 4:  # notes, and bypassed/muted nodes
+            continue
+        if class_type not in classes:
+            raise WorkflowError(f"node {node_id} ({class_type}): unknown node type")
+        inputs: dict[str, Any] = {}
+        for entry in node.get("inputs", []) or []:
+            link_id = entry.get("link")
+            if link_id is None:
+                continue
+            if link_id not in link_table:
+                raise WorkflowError(f"node {node_id} ({class_type}): input '{entry.get('name')}' uses "
+                                    f"link {link_id}, which is not in the link table")
+            inputs[entry["name"]] = list(link_table[link_id])
+        inputs.update(_widget_inputs(node_id, class_type, classes[class_type], node.get("widgets_values", []),
+                                     set(inputs)))
+        api[node_id] = {"class_type": class_type, "inputs": inputs}
+    return api
+
+
+def _widget_inputs(node_id: str, class_type: str, cls: type, values: Any, linked: set[str]) -> dict[str, Any]:
+    if isinstance(values, dict):  # newer frontends may store widgets by name
+        return {k: v for k, v in values.items() if k not in linked}
+    if not isinstance(values, list):
+        raise WorkflowError(f"node {node_id} ({class_type}): widgets_values must be a list")
+    declared = cls.INPUT_TYPES()
+    specs = {**declared.get("required", {}), **declared.get("optional", {})}
+    out: dict[str, Any] = {}
+    position = 0
+    for name, spec in specs.items():
+        if not is_widget(spec):
+            continue
+        if position >= len(values):
+            break  # fewer values than widgets: the missing ones are reported as missing inputs later
+        if name not in linked:
+            out[name] = values[position]
+        position += 1
+        if has_seed_control(name, spec) and position < len(values) and values[position] in SEED_CONTROLS:
+            position += 1
+    return out

@@ -1,0 +1,1 @@
+"""Embedded default models (tiny, trained by our own scripts, shipped as safetensors) and weight loading."""

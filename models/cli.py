@@ -1,0 +1,29 @@
+"""`livecache train digits|features`: rebuild the shipped embedded models from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["digits", "features"],
+                        help="digits: the embedded diffusion U-Net; features: the FID-style feature extractor")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps for `digits` (default 1500)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .embedded import DIGITS_DIR, FEATURES_FILE
+    from .training import train_digits, train_features
+
+    start = time.perf_counter()
+    if args.what == "digits":
+        out = train_digits(args.out or DIGITS_DIR, steps=args.steps, seed=args.seed)
+    else:
+        out = train_features(args.out or FEATURES_FILE, epochs=args.epochs, seed=args.seed)
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    return 0

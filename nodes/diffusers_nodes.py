@@ -1,0 +1,204 @@
+"""Nodes for diffusers-format models: load, apply DeepCache, sample, decode, save.
+
+Each node validates its inputs, calls one function of the cores, and returns new values; none
+mutates its inputs (applying DeepCache returns a new `LC_PIPE` carrying one more config).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..accel.deepcache import DeepCacheConfig
+from ..adapters.diffusers_unet import accelerated, deep_modules
+from ..models.loading import resolve_inside
+from ..models.pipeline import DiffusionModel, load_model
+from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
+from .context import model_roots, output_dir
+from .ui_messages import send_stats
+
+LOG = logging.getLogger("livecache")
+EMBEDDED = "embedded:digits"
+MAX_SEED = 2**63 - 1
+
+
+@lru_cache(maxsize=4)
+def _load_cached(folder: str | None) -> DiffusionModel:
+    """Loading is the slow part of a re-run; models are immutable values, so sharing them is safe."""
+    return load_model(None if folder is None else Path(folder))
+
+
+class LoadDiffusersModel:
+    """Load the embedded digits model, or a diffusers folder (safetensors only) from the model folders."""
+
+    CATEGORY = "LiveCache/loaders"
+    RETURN_TYPES = ("LC_PIPE",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a diffusers-format model: the embedded digits model (no download) or a local folder."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("STRING", {
+            "default": EMBEDDED,
+            "tooltip": "'embedded:digits' for the model that ships with LiveCache, or a folder name inside "
+                       "your diffusers model folders (unet/, scheduler/, optional vae/, text encoder).",
+        })}}
+
+    def load(self, source: str) -> tuple[DiffusionModel]:
+        source = source.strip()
+        if source in ("", EMBEDDED):
+            return (_load_cached(None),)
+        return (_load_cached(str(resolve_inside(source, model_roots()))),)
+
+
+class ApplyDeepCache:
+    """DeepCache: reuse the U-Net's deep features across steps and recompute only the shallow branch."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("LC_PIPE",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = "Feature caching (DeepCache): full U-Net every N steps, only the shallow branch in between."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
+            "cache_interval": ("INT", {"default": 3, "min": 1, "max": 50, "step": 1,
+                                       "tooltip": "A full U-Net pass every this many steps (1 = no caching)."}),
+            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
+                                        "tooltip": "Which skip branch stays live: 0 is the shallowest and fastest; "
+                                                   "higher keeps more layers live and is closer to uncached."}),
+            "schedule": (["uniform", "non-uniform"], {
+                "default": "uniform",
+                "tooltip": "uniform: a full step every N; non-uniform: the same number of full steps, "
+                           "denser early where features change fastest."}),
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Fraction of the steps before which every step is full."}),
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "Fraction of the steps after which every step is full."}),
+        }}
+
+    def apply(self, model: DiffusionModel, cache_interval: int, cache_branch_id: int, schedule: str,
+              start: float, end: float) -> tuple[DiffusionModel]:
+        config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+        deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
+        return (model.with_acceleration(config),)
+
+
+class DiffusersSampler:
+    """Sample latents with the model's U-Net and any of the supported schedulers."""
+
+    CATEGORY = "LiveCache/sampling"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = "Denoises seeded noise; DDIM, Euler, DPM-Solver++ 2M or LCM; classifier-free guidance."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {}),
+            "prompt": ("STRING", {"default": "7", "multiline": True,
+                                  "tooltip": "What to draw. The embedded model draws a digit: '7' or 'a seven'."}),
+            "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                           "tooltip": "What to steer away from (empty: unconditional)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                             "tooltip": "Noise seed; the same seed and settings give the same image."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps."}),
+            "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                   "tooltip": "Classifier-free guidance scale (1 = off, one U-Net half per step). "
+                                              "2 suits the embedded digits model; SD checkpoints like 5-8."}),
+            "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": "Sampler family."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images per run."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def sample(self, model: DiffusionModel, prompt: str, negative_prompt: str, seed: int, steps: int,
+               guidance: float, scheduler: str, batch_size: int, unique_id: str | None = None) -> tuple[dict]:
+        cond = model.encode_prompt(prompt).repeat(batch_size, 1, 1)
+        uncond = model.encode_prompt(negative_prompt).repeat(batch_size, 1, 1)
+        noise = initial_noise(model, batch_size, seed)
+        sched = make_scheduler(scheduler, model.scheduler_config)
+        started = time.perf_counter()
+        with accelerated(model.unet, sched, model.accelerations) as handles:
+            latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed)
+        seconds = time.perf_counter() - started
+        for handle in handles:
+            stats = handle.stats
+            send_stats(unique_id, f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
+                       f"in {seconds:.2f} s, schedule {stats.schedule}",
+                       {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "seconds": seconds})
+        return ({"samples": latents},)
+
+
+class DecodeImages:
+    """Latents to images through the model's VAE (pixel-space models pass straight through)."""
+
+    CATEGORY = "LiveCache/sampling"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    DESCRIPTION = "Decodes LATENT to IMAGE with the model's VAE."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("LC_PIPE", {}), "samples": ("LATENT", {})}}
+
+    def decode(self, model: DiffusionModel, samples: dict) -> tuple[torch.Tensor]:
+        latents = samples.get("samples") if isinstance(samples, dict) else None
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise ValueError("samples must be a LATENT: a dict with a [B, C, H, W] tensor under 'samples'")
+        expected = model.vae.config.latent_channels if model.vae is not None else model.unet.config.out_channels
+        if latents.shape[1] != expected:
+            raise ValueError(f"this model decodes {expected}-channel latents, got {latents.shape[1]} channels")
+        return (decode(model, latents),)
+
+
+class SaveImages:
+    """Save images as PNG files in the output folder."""
+
+    CATEGORY = "LiveCache/io"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Writes each image as a PNG; small images can be enlarged (nearest neighbour) for viewing."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {}),
+            "filename_prefix": ("STRING", {"default": "livecache",
+                                           "tooltip": "File name prefix; a counter and .png are added."}),
+            "upscale": ("INT", {"default": 1, "min": 1, "max": 16, "step": 1,
+                                "tooltip": "Enlarge by this integer factor (nearest neighbour) before saving."}),
+        }}
+
+    def save(self, images: torch.Tensor, filename_prefix: str, upscale: int) -> dict:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+            raise ValueError("images must be an IMAGE: a float [B, H, W, C] tensor with C in 1, 3, 4")
+        prefix = Path(filename_prefix.strip() or "livecache")
+        if prefix.is_absolute() or ".." in prefix.parts:
+            raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside the output folder")
+        folder = output_dir() / prefix.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        taken = len(list(folder.glob(f"{prefix.name}_*.png")))
+        written = []
+        for i, image in enumerate(images):
+            array = (image.float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+            if upscale > 1:
+                picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
+            path = folder / f"{prefix.name}_{taken + i:05d}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            picture.save(tmp, format="PNG")
+            tmp.replace(path)
+            written.append(path)
+        LOG.info("saved %d image(s) to %s", len(written), folder)
+        subfolder = "" if prefix.parent == Path(".") else prefix.parent.as_posix()
+        return {"ui": {"images": [{"filename": p.name, "subfolder": subfolder, "type": "output"} for p in written]},
+                "result": ()}

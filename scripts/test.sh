@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: the README's test command, and what .ci/run calls.
+# Creates .venv (unless a virtual environment is already active), installs the pack with its test,
+# peer and realtime extras, the Debian tools the browser/audio tests use, then runs ruff, the layer
+# check and pytest. Safe to re-run: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+quiet() { "$@" 2>&1 | grep -vE '^(WARNING: Location|  )' || true; }
+
+# torch: keep whatever the environment has (a GPU user's CUDA build); otherwise the CPU build.
+python -c "import torch" 2>/dev/null || quiet pip install -q "torch==2.13.0"
+quiet pip install -q -e ".[test,peers,realtime]"
+python -c "import torch, livecache; print('torch', torch.__version__)"
+
+# Debian tools for the live-runtime tests (a real browser, speech synthesis).
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing ${need[*]}: install them with apt-get (the browser and speech tests need them)" >&2
+    exit 1
+  fi
+fi
+
+ruff check .
+if [ -f ../shared/tools/check_layers.py ]; then python ../shared/tools/check_layers.py .; fi
+python -m pytest "$@"
