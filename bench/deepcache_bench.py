@@ -101,10 +101,12 @@ class _CallCounter:
 
 
 def bench_workload(work: Workload, dtype_name: str, runs: int, intervals: list[int], peers: bool,
-                   fid_reference=None, progress: Callable[[str], None] = print) -> list[Row]:
+                   fid_reference=None, progress: Callable[[str], None] = print, only: str = "") -> list[Row]:
     rows: dict[str, Row] = {}
     outputs: dict[str, torch.Tensor] = {}
-    plan = methods(intervals, peers, work.steps)
+    wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
+    plan = [m for m in methods(intervals, peers, work.steps)
+            if m[0] == "uncached" or not wanted or any(w in m[0].lower() for w in wanted)]
     _ours_uncached(work)  # warm-up: allocator, oneDNN primitives, caches
     for round_index in range(runs):
         for name, family, runner in plan:
@@ -203,6 +205,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed rounds; the median is reported (default 3)")
     parser.add_argument("--per-class", type=int, default=10, help="embedded: samples per digit for the FID-style score")
     parser.add_argument("--no-peers", action="store_true", help="skip the DeepCache/ToMe/T-GATE peers")
+    parser.add_argument("--only", default="", help="comma list of substrings: keep only methods whose name has one "
+                                                   "(the uncached baseline always runs), e.g. 'N=3'")
     parser.add_argument("--json", type=Path, default=None, help="write all rows as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write the speed-vs-fidelity PNG here "
                                                                 "(default: beside --json)")
@@ -228,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
                 fid = _fid_scorer()
             else:
                 raise SystemExit(f"unknown work {work_name!r}: use sd15, sd15-tiny or embedded")
-            work_rows = bench_workload(work, dtype_name, args.runs, intervals, not args.no_peers, fid)
+            work_rows = bench_workload(work, dtype_name, args.runs, intervals, not args.no_peers, fid, only=args.only)
             base = next(r.seconds for r in work_rows if r.method == "uncached")
             fp32_base = fp32_base or (base if dtype_name == "fp32" else None)
             for r in work_rows:

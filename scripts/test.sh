@@ -19,15 +19,14 @@ python -c "import torch" 2>/dev/null || quiet pip install -q "torch==2.13.0"
 quiet pip install -q -e ".[test,peers,realtime]"
 python -c "import torch, livecache; print('torch', torch.__version__)"
 
-# Debian tools for the live-runtime tests (a real browser, speech synthesis).
+# Debian's chromium for the live-runtime browser test (playwright drives it; never `playwright install`).
 need=()
 command -v chromium >/dev/null || need+=(chromium)
-command -v espeak-ng >/dev/null || need+=(espeak-ng)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "missing ${need[*]}: install them with apt-get (the browser and speech tests need them)" >&2
+    echo "missing ${need[*]}: install it with apt-get (the browser test needs it)" >&2
     exit 1
   fi
 fi

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.adapters.diffusers_unet import accelerated, apply_deepcache, deep_modules, unet_layers
 from livecache.bench.metrics import psnr

@@ -1,6 +1,7 @@
 """The shipped digits model draws the digit it is asked for (judged by the shipped classifier)."""
 
 import torch
+
 from livecache.models.embedded import FEATURES_FILE
 from livecache.models.features import DigitFeatures
 from livecache.models.loading import load_state_into

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+
 from livecache.models.embedded import DIGITS_DIR
 from livecache.models.loading import WeightsError, resolve_inside
 from livecache.models.pipeline import load_model

@@ -1,4 +1,5 @@
 import pytest
+
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.schedules import count_full, format_schedule, nonuniform_schedule, uniform_schedule
 from livecache.accel.step_clock import StepClock

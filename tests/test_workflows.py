@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from livecache import NODE_CLASS_MAPPINGS
 from livecache.cli import main as cli_main
 from livecache.graph.errors import WorkflowError
 from livecache.graph.runner import load_workflow, validate
 from livecache.graph.ui_format import ui_to_api
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"

@@ -1,0 +1,167 @@
+"""`livecache bench realtime`: live sessions driven from loopback clients, measured from the client side.
+
+For 1, 2 and 4 concurrent sessions (websocket and WebRTC) it reports time to first frame, steady FPS,
+audio-to-mouth latency and dropped frames. The client speaks a fixed pattern (silence, then talk/pause)
+in real time; audio-to-mouth is the time from sending a speech onset to receiving the first frame whose
+mouth is open — measured by the client (frame header for websocket, decoded pixels for WebRTC), so it
+includes transport, playout delay, rendering and smoothing. The server runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from statistics import median
+
+ONSET_LEAD_S = 1.0
+TALK_S = 1.0
+PAUSE_S = 1.0
+OPEN_HEADER = 0.25  # header "mouth" (0..1) counted as open
+OPEN_PIXELS = 0.02  # dark-pixel fraction counted as open (see loopback.mouth_openness)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[1].replace("\n", " ")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels (default 1 2 4)")
+    parser.add_argument("--transport", choices=["ws", "webrtc", "both"], default="both")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each session (default 8)")
+    parser.add_argument("--size", type=int, default=512, choices=[256, 384, 512])
+    parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--engine", default="embedded")
+    parser.add_argument("--url", help="measure a running server (http://HOST:PORT) instead of starting one")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def _onsets() -> list[float]:
+    """Seconds from the first audio sample to each speech onset of the pattern."""
+    return [ONSET_LEAD_S + i * (TALK_S + PAUSE_S) for i in range(8)]
+
+
+def _onset_latency(frames: list[tuple[float, float]], audio_start: float | None, threshold: float) -> float | None:
+    """Median over onsets of (first open frame received - onset sent), frames as (received, openness)."""
+    if audio_start is None:
+        return None
+    lat = []
+    for onset in _onsets():
+        sent = audio_start + onset
+        opened = next((t for t, o in frames if t >= sent and o >= threshold), None)
+        if opened is not None and opened - sent < TALK_S:
+            lat.append(opened - sent)
+    return 1000.0 * median(lat) if lat else None
+
+
+def _steady_fps(times: list[float]) -> float:
+    """Frames per second after the first second (start-up excluded, as a viewer would judge it)."""
+    later = [t for t in times if t >= times[0] + 1.0] if times else []
+    return (len(later) - 1) / (later[-1] - later[0]) if len(later) > 1 and later[-1] > later[0] else 0.0
+
+
+async def _ws_one(url: str, seconds: float, options: dict) -> dict:
+    from .examples.ws_client import stream
+    from .testsignal import pcm16, talk_and_pause
+
+    audio = pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    r = await stream(ws_url, audio, 16000, seconds, options)
+    if r.errors and not r.frames:
+        raise RuntimeError(r.errors[0]["message"])
+    times = [t for t, _ in r.frames]
+    start = r.chunks_sent[0] if r.chunks_sent else None
+    return {
+        "ttff_ms": 1000.0 * (times[0] - r.started) if times else None,
+        "fps": _steady_fps(times),
+        "a2m_ms": _onset_latency([(t, h["mouth"]) for t, h in r.frames], start, OPEN_HEADER),
+        "server": r.stats,
+    }
+
+
+async def _rtc_one(url: str, seconds: float, options: dict) -> dict:
+    from .loopback import RTC_RATE, rtc_session
+    from .testsignal import talk_and_pause
+
+    audio = talk_and_pause(TALK_S, PAUSE_S, 8, RTC_RATE, lead_s=ONSET_LEAD_S)
+    r = await rtc_session(url, audio, seconds, options)
+    times = [t for t, _ in r.frames]
+    return {
+        "ttff_ms": 1000.0 * (times[0] - r.offered) if times else None,
+        "fps": _steady_fps(times),
+        "a2m_ms": _onset_latency(r.frames, r.audio_started, OPEN_PIXELS),
+        "server": r.stats,
+    }
+
+
+async def _level(url: str, transport: str, n: int, seconds: float, options: dict) -> dict:
+    import asyncio
+
+    one = _ws_one if transport == "ws" else _rtc_one
+    runs = await asyncio.gather(*(one(url, seconds, {**options, "seed": i}) for i in range(n)))
+
+    server = [r["server"] for r in runs]
+    return {
+        "transport": transport, "sessions": n,
+        "ttff_ms": _median(r["ttff_ms"] for r in runs), "fps": _median(r["fps"] for r in runs),
+        "audio_to_mouth_ms": _median(r["a2m_ms"] for r in runs),
+        "server_audio_to_mouth_ms": _median(s.get("audio_to_mouth_ms") for s in server),
+        "dropped_frames": sum(int(s.get("dropped_frames", 0)) for s in server),
+    }
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    """Median over sessions, ignoring sessions that had nothing to report."""
+    present = [v for v in values if v is not None]
+    return round(median(present), 1) if present else None
+
+
+async def _run(args: argparse.Namespace, url: str) -> list[dict]:
+    transports = ["ws", "webrtc"] if args.transport == "both" else [args.transport]
+    options = {"size": args.size, "fps": args.fps}
+    results = []
+    if not args.json:
+        print(_header(), flush=True)
+    for transport in transports:
+        for n in args.sessions:
+            results.append(await _level(url, transport, n, args.seconds, options))
+            if not args.json:
+                print(_row(results[-1]), flush=True)
+    return results
+
+
+COLUMNS = [("transport", 9), ("sessions", 8), ("ttff_ms", 9), ("fps", 7), ("audio_to_mouth_ms", 17),
+           ("server_audio_to_mouth_ms", 24), ("dropped_frames", 14)]
+
+
+def _header() -> str:
+    return "  ".join(name.rjust(width) for name, width in COLUMNS)
+
+
+def _row(result: dict) -> str:
+    return "  ".join(("-" if result[name] is None else str(result[name])).rjust(width) for name, width in COLUMNS)
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from .loopback import spawn_server
+
+    if max(args.sessions) < 1:
+        print("--sessions must be positive", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"realtime bench: engine {args.engine}, {args.size}x{args.size} @ {args.fps:g} fps target, "
+              f"{args.seconds:g} s per session, {os.cpu_count()} CPU cores; times from the client side")
+    try:
+        if args.url:
+            results = asyncio.run(_run(args, args.url.rstrip("/")))
+        else:
+            with spawn_server("--engine", args.engine, "--max-sessions", str(max(args.sessions))) as url:
+                results = asyncio.run(_run(args, url))
+    except (OSError, RuntimeError) as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"engine": args.engine, "size": args.size, "fps_target": args.fps,
+                          "cpu_cores": os.cpu_count(), "results": results}, indent=2))
+    return 0

@@ -1,0 +1,90 @@
+"""`livecache serve`: the live page, WebRTC and the websocket API on one port.
+
+Only the standard library is imported at module level: `livecache --help` builds every subcommand's
+parser, and aiortc/OpenCV should load only when a server actually starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bounded(low: int, high: int):
+    """An argparse type for integers in [low, high], so mistakes fail at parse time with a clear message."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Serve the live avatar: open http://HOST:PORT/ in a browser (microphone in, avatar video and voice out), "
+        "or stream over the websocket API at ws://HOST:PORT/ws (see docs/realtime.md)."
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1; use 0.0.0.0 only on a trusted network)")
+    parser.add_argument("--port", type=_bounded(0, 65535), default=8765,
+                        help="TCP port for everything (default 8765; 0 = any free)")
+    parser.add_argument("--engine", default="embedded",
+                        help="avatar engine (default 'embedded': weight-free, real time on 2 CPU cores)")
+    parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
+                        help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
+    parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
+                        "machines need before they allow the microphone")
+    parser.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
+
+
+def main(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .engines import available_engines
+
+    if args.engine not in available_engines():
+        print(f"unknown engine {args.engine!r}; available: {', '.join(available_engines())}", file=sys.stderr)
+        return 2
+    if bool(args.certfile) != bool(args.keyfile):
+        print("--certfile and --keyfile go together", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(args))
+    except OSError as exc:  # port in use, address not available, unreadable certificate
+        print(f"cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import signal
+    import ssl
+
+    from .server import LiveServer
+
+    context = None
+    if args.certfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context).start()
+    print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
+          f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("stopping: closing sessions", flush=True)
+        await server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="livecache serve")
+    configure(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,29 @@
+"""Engine registry: names map to lazily imported factories so heavy engines cost nothing until chosen.
+
+Later engines (``diffusion``, ``video``) register with one line here; the server only ever sees
+`AvatarEngine`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import AvatarEngine
+
+# name -> (module relative to this package, factory attribute)
+ENGINES: dict[str, tuple[str, str]] = {
+    "embedded": (".embedded", "EmbeddedEngine"),
+}
+
+
+def available_engines() -> list[str]:
+    return sorted(ENGINES)
+
+
+def create_engine(name: str, **options: object) -> AvatarEngine:
+    """Instantiate engine `name`; unknown names list the known ones so CLI errors are actionable."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; available: {', '.join(available_engines())}")
+    module, attr = ENGINES[name]
+    factory = getattr(importlib.import_module(module, __name__), attr)
+    return factory(**options)

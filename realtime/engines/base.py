@@ -1,0 +1,82 @@
+"""The one small interface every avatar engine implements.
+
+The runtime owns time, audio and state: it keeps the audio timeline on the session clock, decides
+speaking / listening / idle, and asks the engine for the frame at media time `t` with the audio window
+that ends at `t`. Engines are therefore pure renderers of (portrait, audio window, state label) — the
+LLIA recipe of state class labels as conditioning — which is what lets a GPU engine batch requests from
+many sessions (`render_batch`) on its own worker without the server changing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+State = Literal["speaking", "listening", "idle"]
+STATES: tuple[State, ...] = ("speaking", "listening", "idle")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Per-session choices a client may make; engines may ignore what they cannot honour."""
+
+    size: int = 512
+    fps: float = 25.0
+    seed: int = 0
+
+
+@dataclass
+class RenderRequest:
+    """One frame to render: the audio window (float32 mono, engine rate) ends exactly at media time `t`."""
+
+    session: EngineSession
+    t: float
+    audio: np.ndarray
+    state: State
+
+
+@dataclass
+class RenderedFrame:
+    """An RGB uint8 frame for media time `t`; `mouth` (0 closed .. 1 wide open) feeds metrics and clients."""
+
+    image: np.ndarray
+    t: float
+    state: State
+    mouth: float
+
+
+class EngineSession(ABC):
+    """Per-session engine state (prepared portrait, smoothing, blink schedule)."""
+
+    @property
+    @abstractmethod
+    def mouth_box(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of the mouth region in output pixels, so clients and tests can watch it."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release per-session resources; the default engine holds none beyond memory."""
+
+
+class AvatarEngine(ABC):
+    """An engine renders frames for many sessions; the runtime calls it from worker threads only."""
+
+    name: str = "engine"
+    sample_rate: int = 16000
+    audio_context_s: float = 0.064  # how much audio before `t` a request carries
+    max_batch: int = 1  # requests the worker may hand over at once (a GPU engine raises this)
+    workers: int = 1  # concurrent render_batch calls the engine tolerates
+
+    @abstractmethod
+    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> EngineSession:
+        """Prepare a session from an RGB portrait; raise portrait.PortraitError for unusable images."""
+
+    @abstractmethod
+    def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderedFrame]:
+        """Render requests (each session's requests arrive in time order, never two at once)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free engine-wide resources (models, devices) at server shutdown."""

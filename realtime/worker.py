@@ -1,0 +1,63 @@
+"""Runs engine work off the event loop, batching concurrent requests from all sessions.
+
+Each of the engine's `workers` loops takes whatever requests are waiting (up to `max_batch`) and hands
+them to `render_batch` in a worker thread. The CPU engine renders one at a time on two threads; a GPU
+engine sets one worker and a larger batch — the server code is the same either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .engines.base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions
+
+
+class RenderWorker:
+    def __init__(self, engine: AvatarEngine) -> None:
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(max(1, engine.workers), thread_name_prefix=f"lc-{engine.name}")
+        self._queue: asyncio.Queue[tuple[RenderRequest, asyncio.Future[RenderedFrame]]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._serve()) for _ in range(max(1, engine.workers))]
+
+    async def open_session(self, portrait: np.ndarray, options: SessionOptions) -> EngineSession:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.engine.open_session, portrait, options)
+
+    async def render(self, request: RenderRequest) -> RenderedFrame:
+        future: asyncio.Future[RenderedFrame] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((request, future))
+        return await future
+
+    async def run(self, fn, *args):
+        """Other per-frame CPU work (encoding) on the same threads, so it is bounded by the same pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.engine.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [(req, fut) for req, fut in batch if not fut.done()]
+            if not live:
+                continue
+            try:
+                frames = await loop.run_in_executor(self.executor, self.engine.render_batch, [r for r, _ in live])
+            except Exception as exc:  # one bad batch fails its sessions, never the worker
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), frame in zip(live, frames, strict=True):
+                if not fut.done():
+                    fut.set_result(frame)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()

@@ -1,0 +1,226 @@
+"""The websocket streaming API: JSON control messages, PCM16 audio in, JPEG frames (with their audio) out.
+
+One connection carries one session. The protocol is specified in docs/realtime.md; the framing of an
+outgoing frame message is `pack_frame` below. A slow client never grows server memory: at most
+`SEND_QUEUE` frames (plus a bounded socket buffer) wait for it, older ones are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import socket
+import struct
+
+import cv2
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from .audio import INPUT_RATES, float_to_pcm16
+from .engines.base import RenderedFrame
+from .hub import LimitError, SessionHub, parse_options
+from .portrait import PortraitError
+from .session import LiveSession
+
+MAX_MESSAGE = 8 * 1024 * 1024  # hard cap (the connection is closed with 1009 above it)
+MAX_AUDIO_MESSAGE = 64 * 1024  # one binary audio chunk; larger chunks are refused with an error
+SEND_QUEUE = 2
+SEND_BUFFER = 256 * 1024  # about half a second of 512x512 JPEG frames
+STATS_EVERY_S = 1.0
+
+
+def pack_frame(header: dict[str, object], jpeg: bytes, pcm: bytes) -> bytes:
+    """[u32 big-endian header length][header JSON][JPEG bytes][PCM16 LE mono bytes]."""
+    head = json.dumps({**header, "jpeg": len(jpeg), "audio": len(pcm)}, separators=(",", ":")).encode()
+    return struct.pack(">I", len(head)) + head + jpeg + pcm
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class ProtocolError(ValueError):
+    """A client message broke the protocol; reported as an error message, the connection stays open."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Connection:
+    """One websocket client: control handling, audio intake, and the frame sender with drop-oldest."""
+
+    def __init__(self, ws: web.WebSocketResponse, hub: SessionHub) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.session: LiveSession | None = None
+        self.sample_rate = 16000
+        self.quality = 80
+        self._send_lock = asyncio.Lock()
+        self._queue: asyncio.Queue[RenderedFrame] = asyncio.Queue(SEND_QUEUE)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def send_json(self, message: dict[str, object]) -> None:
+        async with self._send_lock:
+            await self.ws.send_str(json.dumps(message))
+
+    async def error(self, code: str, message: str) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message})
+
+    async def run(self) -> None:
+        try:
+            async for msg in self.ws:
+                try:
+                    if msg.type == WSMsgType.TEXT:
+                        await self._control(msg.data)
+                    elif msg.type == WSMsgType.BINARY:
+                        self._audio(msg.data)
+                    elif msg.type == WSMsgType.ERROR:
+                        break
+                except ProtocolError as exc:
+                    await self.error(exc.code, str(exc))
+        finally:
+            await self._stop()
+
+    async def _control(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # syntax errors, 5000-digit numbers, [[[[... nesting
+            raise ProtocolError("bad_json", f"control messages must be JSON objects: {exc}") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ProtocolError("bad_message", 'control messages are JSON objects with a string "type"')
+        kind = message["type"]
+        if kind == "start":
+            await self._start(message)
+        elif kind == "stop":
+            await self._stop()
+            await self.ws.close()
+        elif self.session is None:
+            raise ProtocolError("no_session", f'"{kind}" needs a session: send {{"type": "start"}} first')
+        elif kind == "state":
+            try:
+                self.session.states.force(message.get("state"))
+            except ValueError as exc:
+                raise ProtocolError("bad_state", str(exc)) from None
+            states = self.session.states
+            await self.send_json({"type": "state", "state": states.forced or states.state,
+                                  "forced": states.forced is not None})
+        elif kind == "interrupt":
+            dropped = self.session.timeline.flush()
+            await self.send_json({"type": "interrupted", "dropped_ms": round(1000 * dropped, 1)})
+        elif kind == "stats":
+            await self.send_json({"type": "stats", **self.session.stats()})
+        else:
+            raise ProtocolError("bad_type", f"unknown type {kind!r}; use start, state, interrupt, stats or stop")
+
+    async def _start(self, message: dict[str, object]) -> None:
+        if self.session is not None:
+            raise ProtocolError("already_started", "this connection already has a session; open another one")
+        rate = message.get("sample_rate", 16000)
+        if rate not in INPUT_RATES:
+            raise ProtocolError("bad_sample_rate", f"sample_rate must be one of {list(INPUT_RATES)}, got {rate!r}")
+        quality = message.get("jpeg_quality", 80)
+        if not isinstance(quality, int) or not 10 <= quality <= 95:
+            raise ProtocolError("bad_option", f"jpeg_quality must be an integer 10..95, got {quality!r}")
+        portrait: str | bytes = str(message.get("portrait", "default"))
+        if "portrait_b64" in message:
+            try:
+                portrait = base64.b64decode(str(message["portrait_b64"]), validate=True)
+            except (binascii.Error, ValueError):
+                raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64") from None
+        try:
+            options = parse_options(message)
+            self.session = await self.hub.open(portrait, options, "websocket")
+        except LimitError as exc:
+            raise ProtocolError("busy", str(exc)) from None
+        except PortraitError as exc:
+            raise ProtocolError("bad_portrait", str(exc)) from None
+        except ValueError as exc:
+            raise ProtocolError("bad_option", str(exc)) from None
+        self.sample_rate, self.quality = int(rate), quality  # type: ignore[arg-type]
+        await self.send_json({"type": "ready", **self.session.info()})
+        self._tasks = [asyncio.create_task(t) for t in (self._produce(), self._send(), self._report())]
+
+    def _audio(self, data: bytes) -> None:
+        if self.session is None:
+            raise ProtocolError("no_session", 'send {"type": "start"} before audio')
+        if len(data) > MAX_AUDIO_MESSAGE:
+            raise ProtocolError("too_large", f"audio chunk of {len(data)} bytes exceeds {MAX_AUDIO_MESSAGE}; "
+                                "send chunks of 20-100 ms")
+        if len(data) % 2:
+            raise ProtocolError("bad_audio", "audio must be PCM16 little-endian mono: an even number of bytes")
+        if data:
+            self.session.push_pcm16(np.frombuffer(data, "<i2"), self.sample_rate)
+
+    async def _produce(self) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            async for frame in session.frames():
+                if self._queue.full():  # the client is not keeping up: drop the oldest, never buffer more
+                    self._queue.get_nowait()
+                    session.metrics.drop_frames()
+                self._queue.put_nowait(frame)
+        except Exception as exc:  # an engine failure ends the session with a reason instead of silence
+            await self.error("engine_error", f"rendering failed: {exc}")
+            await self.ws.close()
+
+    async def _send(self) -> None:
+        session = self.session
+        assert session is not None
+        audio_t, state, seq = 0.0, None, 0
+        while True:
+            frame = await self._queue.get()
+            jpeg = await session.worker.run(encode_jpeg, frame.image, self.quality)
+            start = max(audio_t, frame.t - 1.0)
+            pcm = float_to_pcm16(session.timeline.read(start, frame.t)).tobytes()
+            audio_t = frame.t
+            seq += 1
+            header = {"type": "frame", "seq": seq, "pts": round(frame.t, 6), "audio_pts": round(start, 6),
+                      "state": frame.state, "mouth": round(frame.mouth, 3), "audio_rate": session.timeline.rate}
+            async with self._send_lock:
+                await self.ws.send_bytes(pack_frame(header, jpeg, pcm))
+            session.delivered(frame)
+            if frame.state != state:
+                state = frame.state
+                await self.send_json({"type": "state", "state": state, "forced": session.states.forced is not None})
+
+    async def _report(self) -> None:
+        assert self.session is not None
+        while True:
+            await asyncio.sleep(STATS_EVERY_S)
+            await self.send_json({"type": "stats", **self.session.stats()})
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close()
+            if not self.ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.send_json({"type": "stopped", **session.stats()})
+
+
+async def handle(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE)
+    await ws.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:  # bound the kernel's queue too: stale frames there are latency, not smoothness
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    hub: SessionHub = request.app["hub"]
+    connection = Connection(ws, hub)
+    request.app["connections"].add(connection)
+    try:
+        await connection.run()
+    finally:
+        request.app["connections"].discard(connection)
+    return ws

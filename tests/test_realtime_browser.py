@@ -1,0 +1,98 @@
+"""A real browser joins the live page: Debian chromium, driven by playwright, with a speech WAV as the mic.
+
+Needs `apt-get install chromium` and `pip install playwright` (the browser binary comes from Debian;
+`playwright install` is never used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+from playwright.async_api import async_playwright
+
+from livecache.realtime.loopback import spawn_server
+from livecache.realtime.portrait import default_portrait
+from livecache.realtime.testsignal import talk_and_pause
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+         "--use-fake-device-for-media-stream"]
+
+
+@pytest.fixture
+def speech_wav(tmp_path):
+    """1.5 s of talk, 1.5 s of silence; chromium loops the file as its microphone."""
+    path = tmp_path / "speech.wav"
+    sf.write(path, talk_and_pause(1.5, 1.5, 1, 48000), 48000, subtype="PCM_16")
+    return path
+
+
+async def upload(page, path: Path) -> tuple[str, str]:
+    """Pick a portrait file in the page; returns (message text, message class) once it has answered."""
+    await page.evaluate("document.getElementById('message').textContent = ''")
+    await page.set_input_files("#portrait-file", str(path))
+    settled = "!['', 'checking the portrait…'].includes(document.getElementById('message').textContent)"
+    await page.wait_for_function(settled)
+    return await page.inner_text("#message"), await page.get_attribute("#message", "class")
+
+
+async def join_and_watch(url: str, wav: str, seconds: float, portraits: Path) -> dict:
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM,
+                                           args=[*FLAGS, f"--use-file-for-fake-audio-capture={wav}"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(url + "/")
+            rejected = await upload(page, portraits / "garbage.png")
+            accepted = await upload(page, portraits / "face.png")
+            await page.click("#start")
+            await page.wait_for_function("window.live.framesShown > 0", timeout=10000)
+            first_ms = await page.evaluate("window.live.firstFrameMs")
+            shown_before = await page.evaluate("window.live.framesShown")
+            mouth = []
+            for _ in range(int(seconds / 0.1)):
+                mouth.append(await page.evaluate("window.live.sampleMouth()"))
+                await asyncio.sleep(0.1)
+            shown = await page.evaluate("window.live.framesShown") - shown_before
+            await page.wait_for_function("window.live.stats.steady_fps > 0", timeout=5000)
+            stats = await page.evaluate("window.live.stats")
+            shown_metrics = await page.inner_text("#metrics")
+            await page.click("#stop")
+            return {"rejected": rejected, "accepted": accepted, "portrait": await page.evaluate("window.live.portrait"),
+                    "first_ms": first_ms, "shown": shown, "mouth": mouth, "stats": stats, "errors": errors,
+                    "metrics_text": shown_metrics}
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+def portraits(tmp_path):
+    """A broken upload and a good one (the default face, re-encoded as the user's own file)."""
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
+    cv2.imwrite(str(tmp_path / "face.png"), cv2.cvtColor(default_portrait(640), cv2.COLOR_RGB2BGR))
+    return tmp_path
+
+
+def test_browser_joins_and_sees_the_mouth_move(speech_wav, portraits):
+    seconds = 6.0
+    with spawn_server() as url:
+        seen = asyncio.run(join_and_watch(url, str(speech_wav), seconds, portraits))
+    assert not seen["errors"]
+    assert seen["rejected"][1] == "error" and "not a decodable image" in seen["rejected"][0]
+    assert seen["accepted"][1] != "error" and seen["portrait"] != "default"
+    assert seen["first_ms"] < 5000  # generous: the reviewer's bar is 1 s on an idle machine
+    assert seen["shown"] > 10 * seconds  # frames keep arriving (25 fps when the machine is not shared)
+    mouth = np.array([m for m in seen["mouth"] if m is not None])
+    assert mouth.size > 0.8 * seconds / 0.1
+    assert mouth.max() > 0.03  # open while the WAV speaks
+    assert np.percentile(mouth, 20) < 0.01  # closed in its silences
+    assert seen["stats"]["steady_fps"] > 15 and seen["stats"]["frames"] > 0
+    assert "time to first frame" in seen["metrics_text"]
