@@ -25,7 +25,7 @@ def _bounded(low: int, high: int):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the live avatar: open http://HOST:PORT/ in a browser (microphone in, avatar video and voice out), "
-        "or stream over the websocket API at ws://HOST:PORT/ws (see docs/realtime.md)."
+        "or stream over the websocket API at ws://HOST:PORT/ws (see the README's 'Live runtime' section)."
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; use 0.0.0.0 only on a trusted network)")

@@ -1,6 +1,6 @@
 """The websocket streaming API: JSON control messages, PCM16 audio in, JPEG frames (with their audio) out.
 
-One connection carries one session. The protocol is specified in docs/realtime.md; the framing of an
+One connection carries one session. The protocol is specified in the README ("Live runtime"); the framing of an
 outgoing frame message is `pack_frame` below. A slow client never grows server memory: at most
 `SEND_QUEUE` frames (plus a bounded socket buffer) wait for it, older ones are dropped and counted.
 """

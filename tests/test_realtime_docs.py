@@ -1,4 +1,4 @@
-"""docs/realtime.md's minimal websocket client runs as written against a live server."""
+"""The README's minimal websocket client runs as written against a live server."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 from livecache.realtime.loopback import spawn_server
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "realtime.md"
+DOC = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_minimal_client_in_the_docs_runs(tmp_path):
     text = DOC.read_text()
     block = re.search(r"<!-- minimal-client[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert block, "docs/realtime.md lost its minimal client block"
+    assert block, "README.md lost its minimal client block"
     script = tmp_path / "client.py"
     script.write_text(block.group(1))
     with spawn_server() as url:

@@ -1,1 +1,1 @@
-"""Runnable clients for the live API; `ws_client` is the reference websocket client from docs/realtime.md."""
+"""Runnable clients for the live API; `ws_client` is the reference websocket client from the README."""
