@@ -50,9 +50,12 @@ def test_mismatched_config_names_the_file_and_tensor(model_copy):
 
 
 def test_corrupt_weights_and_config_are_named(model_copy):
-    (model_copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a tensor file")
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a tensor file")
     with pytest.raises(WeightsError, match="cannot read safetensors"):
         load_model(model_copy)
+    weights.write_bytes(good)
     (model_copy / "scheduler" / "scheduler_config.json").write_text("{")
     with pytest.raises(WeightsError, match="scheduler_config.json: not valid JSON"):
         load_model(model_copy)
@@ -65,3 +68,43 @@ def test_paths_cannot_escape_the_model_folders(model_copy, tmp_path):
     for escape in ("../secret", str(tmp_path / "secret"), "mydigits/../../secret"):
         with pytest.raises(WeightsError, match="not found inside the model folders"):
             resolve_inside(escape, roots)
+
+
+def test_folder_with_clip_text_encoder_and_vae_loads_and_samples(model_copy):
+    """The Stable Diffusion layout: text_encoder/ + tokenizer/ instead of our prompt encoder, and a vae/."""
+    import string
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from livecache.models.loading import save_component
+    from livecache.models.sampling import decode, make_scheduler, sample
+
+    shutil.rmtree(model_copy / "prompt_encoder")
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(vocab_size=60, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)
+    save_component(CLIPTextModel(text_config), model_copy / "text_encoder", text_config.to_dict(), "model")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in string.ascii_lowercase:
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    tokenizer = model_copy / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "vocab.json").write_text(json.dumps(vocab))
+    (tokenizer / "merges.txt").write_text("#version: 0.2\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    vae_config = {"in_channels": 1, "out_channels": 1, "latent_channels": 1, "block_out_channels": [8],
+                  "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"],
+                  "norm_num_groups": 4, "sample_size": 16, "scaling_factor": 0.5}
+    save_component(AutoencoderKL(**vae_config), model_copy / "vae", vae_config, "diffusion_pytorch_model")
+
+    model = load_model(model_copy)
+    cond = model.encode_prompt("a cat")
+    assert cond.shape == (1, 16, 64)
+    assert not torch.equal(cond, model.encode_prompt("a dog"))
+    noise = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+    latents = sample(model, make_scheduler("ddim", model.scheduler_config), cond, model.encode_prompt(""), noise,
+                     2, model.default_guidance, progress=False)
+    images = decode(model, latents)
+    assert images.shape == (1, 16, 16, 3) and 0 <= float(images.min()) <= float(images.max()) <= 1
