@@ -72,10 +72,6 @@ class DeepCacheStats:
     cached_calls: int = 0
     schedule: str = ""
 
-    @property
-    def calls(self) -> int:
-        return self.full_calls + self.cached_calls
-
 
 @dataclass
 class _SlotCache:
@@ -155,8 +151,6 @@ class DeepCache:
             self.stats.full_calls += 1
 
     def _is_cached_step(self, tick: Tick) -> bool:
-        if tick.total_steps is not None and self._schedule is not None and len(self._schedule) != tick.total_steps:
-            self._schedule = self.config.full_steps(tick.total_steps)
         if self._schedule is not None:
             return tick.step < len(self._schedule) and not self._schedule[tick.step]
         if self.config.schedule != "uniform" or self.config.start > 0.0 or self.config.end < 1.0:

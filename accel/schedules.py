@@ -33,9 +33,13 @@ def nonuniform_schedule(
 ) -> Schedule:
     """As many full steps as `uniform_schedule`, packed densest around `center` (a progress fraction).
 
-    Why: features change fastest early in sampling, when the coarse layout forms, and barely move
-    near the end, so spending the same budget of full steps denser where change is fast loses less
-    than spacing them evenly. Positions come from evenly spaced points pushed towards `center` by
+    Why: in SD-shaped U-Nets under DDIM, reusing stale deep features costs most early in sampling,
+    when the coarse layout forms, so spending the same budget of full steps denser there loses less
+    than spacing them evenly (measured: +7 to +17 dB latent PSNR on the SD1.5-shaped benchmark). It is a
+    prior, not a law: on our trained digits model uniform spacing is 2-3 dB better, which is why
+    schedules are plain values that calibrated ones (dynamic programming) can replace.
+
+    Positions come from evenly spaced points pushed towards `center` by
     `|u| ** power` (power 1 is uniform); collisions after rounding are moved to the nearest free step
     so the count of full steps equals the uniform schedule's exactly. The first point (u = -1) always
     lands on the window's first step, which must be full so later steps have a cache to reuse.

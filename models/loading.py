@@ -35,14 +35,20 @@ def resolve_inside(path: str | Path, roots: list[Path]) -> Path:
     raise WeightsError(f"{path}: not found inside the model folders ({allowed})")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise WeightsError(f"{config_file}: missing (every component folder needs its config.json)")
+def read_json(file: Path, needed_for: str) -> dict[str, Any]:
+    """A JSON object from `file`; missing or malformed files raise naming the file and why it is needed."""
+    if not file.is_file():
+        raise WeightsError(f"{file}: missing ({needed_for})")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise WeightsError(f"{config_file}: not valid JSON ({err})") from None
+        raise WeightsError(f"{file}: not valid JSON ({err})") from None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A component's `config.json` without diffusers' metadata keys (`_class_name`, `_diffusers_version`…)."""
+    config = read_json(folder / "config.json", "every component folder needs its config.json")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def weight_file(folder: Path) -> Path:
@@ -104,7 +110,7 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
     """A diffusers `UNet2DConditionModel` from `folder/config.json` and its safetensors file."""
     from diffusers import UNet2DConditionModel
 
-    config = {k: v for k, v in read_config(folder).items() if not k.startswith("_")}
+    config = read_config(folder)
     try:
         unet = UNet2DConditionModel.from_config(config)
     except Exception as err:
@@ -113,10 +119,4 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
 
 
 def load_scheduler_config(folder: Path) -> dict[str, Any]:
-    file = folder / "scheduler_config.json"
-    if not file.is_file():
-        raise WeightsError(f"{file}: missing (the scheduler folder needs scheduler_config.json)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{file}: not valid JSON ({err})") from None
+    return read_json(folder / "scheduler_config.json", "the scheduler folder needs scheduler_config.json")

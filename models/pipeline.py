@@ -77,7 +77,7 @@ def _clip_prompt_encoder(root: Path, dtype: torch.dtype) -> Callable[[str], torc
     except ImportError as err:
         raise WeightsError(f"{root / 'text_encoder'}: loading it needs `pip install transformers`") from err
     folder = root / "text_encoder"
-    config = CLIPTextConfig(**{k: v for k, v in read_config(folder).items() if not k.startswith("_")})
+    config = CLIPTextConfig(**read_config(folder))
     model = load_state_into(CLIPTextModel(config), weight_file(folder)).to(dtype).eval()
     if not (root / "tokenizer").is_dir():
         raise WeightsError(f"{root / 'tokenizer'}: missing (vocab.json and merges.txt for the CLIP tokenizer)")
@@ -98,6 +98,6 @@ def _vae(root: Path, dtype: torch.dtype) -> tuple[nn.Module | None, float]:
         return None, 1.0
     from diffusers import AutoencoderKL
 
-    config = {k: v for k, v in read_config(folder).items() if not k.startswith("_")}
+    config = read_config(folder)
     vae = load_state_into(AutoencoderKL.from_config(config), weight_file(folder)).to(dtype).eval()
     return vae, float(config.get("scaling_factor", 0.18215))

@@ -79,7 +79,7 @@ class ApplyDeepCache:
             "schedule": (["uniform", "non-uniform"], {
                 "default": "uniform",
                 "tooltip": "uniform: a full step every N; non-uniform: the same number of full steps, "
-                           "denser early where features change fastest."}),
+                           "denser early (closer to uncached on SD-shaped U-Nets)."}),
             "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                 "tooltip": "Fraction of the steps before which every step is full."}),
             "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
