@@ -87,7 +87,7 @@ class DeepCache:
         self.clock = StepClock()
         self.stats = DeepCacheStats()
         self._overrides = ForwardOverrides()
-        self._root_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._root_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._slots: dict[int, _SlotCache] = {}
         self._reuse = False
         self._slot: _SlotCache | None = None
@@ -96,7 +96,7 @@ class DeepCache:
     # -- lifecycle -------------------------------------------------------------------------
     def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], read_level: LevelReader) -> DeepCache:
         """Start caching `deep_modules` inside `root`; `read_level(args, kwargs)` gives the noise level."""
-        if self._root_hook is not None:
+        if self._root_hooks:
             raise RuntimeError("this DeepCache is already applied; remove() it first")
         if not deep_modules:
             raise ValueError("the adapter named no deep modules to cache")
@@ -106,18 +106,22 @@ class DeepCache:
                              "applied to this model; remove it first (two caches on one block cannot both hold)")
         for index, module in enumerate(deep_modules):
             self._overrides.install(module, lambda original, i=index: self._cached_forward(i, original))
-        self._root_hook = root.register_forward_pre_hook(
-            lambda _m, args, kwargs: self._on_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
-        )
+        self._root_hooks = [
+            root.register_forward_pre_hook(
+                lambda _m, args, kwargs: self._on_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
+            ),
+            # outside a root call the deep modules behave normally (e.g. a user probing one block)
+            root.register_forward_hook(lambda *_: setattr(self, "_slot", None)),
+        ]
         self.reset()
         return self
 
     def remove(self) -> None:
         """Restore the model exactly as it was and drop every cached tensor."""
         self._overrides.restore()
-        if self._root_hook is not None:
-            self._root_hook.remove()
-            self._root_hook = None
+        for hook in self._root_hooks:
+            hook.remove()
+        self._root_hooks = []
         self._forget()
 
     def reset(self, total_steps: int | None = None) -> None:
@@ -160,7 +164,7 @@ class DeepCache:
     def _cached_forward(self, index: int, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
             slot = self._slot
-            if slot is None:  # called outside a root call (e.g. a user probing one block)
+            if slot is None:  # called outside a root call
                 return original(*args, **kwargs)
             if self._reuse:
                 return slot.outputs[index]

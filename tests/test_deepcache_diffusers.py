@@ -125,3 +125,16 @@ def test_applying_twice_is_refused(tiny_unet):
     finally:
         handle.remove()
     assert all("forward" not in m.__dict__ for m in tiny_unet.modules())
+
+
+def test_deep_blocks_called_outside_a_unet_call_compute_normally(tiny_unet):
+    p = pipe(tiny_unet)
+    with accelerated(tiny_unet, p.scheduler, [DeepCacheConfig(cache_interval=3)]):
+        generate(tiny_unet, p.scheduler, steps=5)  # ends on a cached step
+        resnet = tiny_unet.mid_block.resnets[0]
+        x, temb, states = torch.randn(1, 32, 4, 4), torch.randn(1, 64), torch.randn(1, 3, 32)
+        with torch.no_grad():
+            mid = tiny_unet.mid_block
+            first = mid(x, temb, encoder_hidden_states=states)
+            assert not torch.equal(first, mid(x + 1, temb, encoder_hidden_states=states))
+            assert torch.equal(resnet(x, temb), resnet.__class__.forward(resnet, x, temb))
