@@ -15,6 +15,7 @@ from .errors import WorkflowError
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 SKIPPED_NODE_TYPES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+MODE_MUTED, MODE_BYPASS = 2, 4
 
 
 def is_widget(spec: tuple) -> bool:
@@ -39,13 +40,15 @@ def ui_to_api(workflow: dict[str, Any], classes: dict[str, type]) -> dict[str, d
         if not isinstance(link, list) or len(link) < 5:
             raise WorkflowError(f"UI workflow: malformed link {link!r} (expected [id, from, slot, to, slot, type])")
         link_table[link[0]] = (str(link[1]), int(link[2]))
-    api: dict[str, dict[str, Any]] = {}
     for node in nodes:
         if not isinstance(node, dict) or "id" not in node or "type" not in node:
             raise WorkflowError(f"UI workflow: malformed node {str(node)[:80]!r} (needs 'id' and 'type')")
+    by_id = {str(node["id"]): node for node in nodes}
+    api: dict[str, dict[str, Any]] = {}
+    for node in nodes:
         node_id, class_type = str(node["id"]), node["type"]
-        if class_type in SKIPPED_NODE_TYPES or node.get("mode") == 4:  # notes, and bypassed/muted nodes
-            continue
+        if class_type in SKIPPED_NODE_TYPES or node.get("mode") in (MODE_MUTED, MODE_BYPASS):
+            continue  # notes, reroutes and primitives; muted and bypassed nodes (links pass through below)
         if class_type not in classes:
             raise WorkflowError(f"node {node_id} ({class_type}): unknown node type")
         inputs: dict[str, Any] = {}
@@ -53,14 +56,36 @@ def ui_to_api(workflow: dict[str, Any], classes: dict[str, type]) -> dict[str, d
             link_id = entry.get("link")
             if link_id is None:
                 continue
-            if link_id not in link_table:
-                raise WorkflowError(f"node {node_id} ({class_type}): input '{entry.get('name')}' uses "
-                                    f"link {link_id}, which is not in the link table")
-            inputs[entry["name"]] = list(link_table[link_id])
+            source = _source(link_id, link_table, by_id, f"node {node_id} ({class_type}): input '{entry.get('name')}'")
+            if source is not None:
+                inputs[entry["name"]] = list(source)
         inputs.update(_widget_inputs(node_id, class_type, classes[class_type], node.get("widgets_values", []),
                                      set(inputs)))
         api[node_id] = {"class_type": class_type, "inputs": inputs}
     return api
+
+
+def _source(link_id: Any, links: dict[int, tuple[str, int]], nodes: dict[str, dict[str, Any]], where: str,
+            seen: frozenset[str] = frozenset()) -> tuple[str, int] | None:
+    """Where a link really comes from: through reroutes and bypassed nodes (matched by type, as the
+    frontend does); None when it comes from a primitive, whose value already sits in widgets_values."""
+    if link_id not in links:
+        raise WorkflowError(f"{where} uses link {link_id}, which is not in the link table")
+    node_id, slot = links[link_id]
+    node = nodes.get(node_id)
+    if node is None or node_id in seen:
+        return node_id, slot  # validation names the missing node or the cycle
+    if node["type"] == "PrimitiveNode":
+        return None
+    if node["type"] != "Reroute" and node.get("mode") != MODE_BYPASS:
+        return node_id, slot
+    outputs = node.get("outputs") or []
+    wanted = outputs[slot].get("type") if slot < len(outputs) else None
+    for entry in node.get("inputs") or []:
+        if entry.get("link") is not None and (node["type"] == "Reroute" or entry.get("type") == wanted):
+            return _source(entry["link"], links, nodes, where, seen | {node_id})
+    raise WorkflowError(f"{where} comes through bypassed node {node_id} ({node['type']}), "
+                        f"which has no linked input of type {wanted} to pass through")
 
 
 def _widget_inputs(node_id: str, class_type: str, cls: type, values: Any, linked: set[str]) -> dict[str, Any]:

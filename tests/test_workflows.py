@@ -109,3 +109,18 @@ def test_console_script_help():
     assert result.returncode == 0
     for command in ("run", "serve", "bench", "train", "info"):
         assert command in result.stdout
+
+
+def test_bypassed_nodes_and_reroutes_pass_their_links_through():
+    ui = json.loads((WORKFLOWS / "deepcache_default.json").read_text())
+    ui["nodes"][1]["mode"] = 4  # bypass DeepCache: the sampler and decoder get the loader's model
+    ui["nodes"].append({"id": 9, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 10}],
+                        "outputs": [{"name": "", "type": "IMAGE", "links": [11]}]})
+    ui["links"] = [link for link in ui["links"] if link[0] != 5]
+    ui["links"] += [[10, 4, 0, 9, 0, "IMAGE"], [11, 9, 0, 5, 0, "IMAGE"]]
+    ui["nodes"][4]["inputs"][0]["link"] = 11
+    api = ui_to_api(ui, NODE_CLASS_MAPPINGS)
+    assert "2" not in api and "9" not in api
+    assert api["3"]["inputs"]["model"] == ["1", 0] and api["4"]["inputs"]["model"] == ["1", 0]
+    assert api["5"]["inputs"]["images"] == ["4", 0]
+    validate(api, NODE_CLASS_MAPPINGS)
