@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: the README's test command, and what .ci/run calls.
 # Creates .venv (unless a virtual environment is already active), installs the pack with its test,
-# peer and realtime extras, the Debian tools the browser/audio tests use, then runs ruff, the layer
+# peer and realtime extras and Debian's chromium (the live-page browser test), then runs ruff, the layer
 # check and pytest. Safe to re-run: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,13 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-quiet() { "$@" 2>&1 | grep -vE '^(WARNING: Location|  )' || true; }
+# Run a noisy install quietly, but show everything it said if it fails.
+quiet() {
+  local log
+  log=$(mktemp)
+  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
+  rm -f "$log"
+}
 
 # torch: keep whatever the environment has (a GPU user's CUDA build); otherwise the CPU build.
 python -c "import torch" 2>/dev/null || quiet pip install -q "torch==2.13.0"
