@@ -49,3 +49,12 @@ def test_every_node_schema_is_complete():
 def test_pyproject_never_pins_torch():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"torch>=' in text and '"torch==' not in text
+
+
+def test_requirements_txt_matches_pyproject_without_torch():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert listed == [d for d in declared if not d.startswith("torch")]
