@@ -59,10 +59,11 @@ def _steady_fps(times: list[float]) -> float:
 
 
 async def _ws_one(url: str, seconds: float, options: dict) -> dict:
+    from .audio import float_to_pcm16
     from .examples.ws_client import stream
-    from .testsignal import pcm16, talk_and_pause
+    from .testsignal import talk_and_pause
 
-    audio = pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
+    audio = float_to_pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
     ws_url = url.replace("http://", "ws://") + "/ws"
     r = await stream(ws_url, audio, 16000, seconds, options)
     if r.errors and not r.frames:

@@ -53,6 +53,3 @@ def talk_and_pause(talk_s: float, pause_s: float, repeats: int, rate: int = 1600
         parts += [speech_like(talk_s, rate, seed + i), np.zeros(int(pause_s * rate), np.float32)]
     return np.concatenate(parts)
 
-
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)

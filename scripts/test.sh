@@ -26,13 +26,11 @@ quiet pip install -q -e ".[test,peers,realtime]"
 python -c "import torch, livecache; print('torch', torch.__version__)"
 
 # Debian's chromium for the live-runtime browser test (playwright drives it; never `playwright install`).
-need=()
-command -v chromium >/dev/null || need+=(chromium)
-if [ ${#need[@]} -gt 0 ]; then
+if ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   else
-    echo "missing ${need[*]}: install it with apt-get (the browser test needs it)" >&2
+    echo "missing chromium: install it with apt-get (the browser test needs it)" >&2
     exit 1
   fi
 fi

@@ -21,10 +21,10 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from livecache.realtime.audio import level_db
+from livecache.realtime.audio import float_to_pcm16, level_db
 from livecache.realtime.examples.ws_client import stream, unpack_frame
 from livecache.realtime.loopback import RTC_RATE, mouth_openness, rtc_session, spawn_server
-from livecache.realtime.testsignal import pcm16, talk_and_pause
+from livecache.realtime.testsignal import talk_and_pause
 
 LEAD, TALK, PAUSE = 1.0, 1.0, 2.0
 
@@ -70,7 +70,7 @@ def collect(frames: list):
 
 
 def test_websocket_mouth_moves_with_speech_and_rests_in_silence(server):
-    audio = pcm16(talk_and_pause(TALK, PAUSE, 1, 16000, lead_s=LEAD))
+    audio = float_to_pcm16(talk_and_pause(TALK, PAUSE, 1, 16000, lead_s=LEAD))
     frames: list = []
     result = asyncio.run(stream(ws_url(server), audio, 16000, LEAD + TALK + PAUSE, on_frame=collect(frames)))
     assert not result.errors
@@ -90,7 +90,7 @@ def test_websocket_mouth_moves_with_speech_and_rests_in_silence(server):
 
 
 def test_websocket_frames_are_jpeg_and_show_the_mouth(server):
-    audio = pcm16(talk_and_pause(TALK, 0.5, 1, 16000, lead_s=0.5))
+    audio = float_to_pcm16(talk_and_pause(TALK, 0.5, 1, 16000, lead_s=0.5))
     frames: list = []
     result = asyncio.run(stream(ws_url(server), audio, 16000, 2.0, {"size": 256, "jpeg_quality": 70},
                                 on_frame=collect(frames)))
@@ -292,7 +292,7 @@ def test_portrait_upload_is_validated_and_usable(server):
 
 
 def test_state_can_be_forced_over_http(server):
-    audio = pcm16(talk_and_pause(2.0, 0.0, 1, 16000))
+    audio = float_to_pcm16(talk_and_pause(2.0, 0.0, 1, 16000))
 
     async def run():
         async with websockets.connect(ws_url(server)) as ws:
@@ -344,7 +344,7 @@ def test_slow_client_loses_frames_not_memory(server):
 
 def test_audio_sent_ahead_is_buffered_and_interrupt_drops_it(server):
     """Text-to-speech clients may send faster than real time; a barge-in flushes what is not yet played."""
-    speech = pcm16(talk_and_pause(3.0, 0.0, 1, 16000))
+    speech = float_to_pcm16(talk_and_pause(3.0, 0.0, 1, 16000))
 
     async def run():
         async with websockets.connect(ws_url(server)) as ws:
