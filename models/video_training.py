@@ -1,0 +1,78 @@
+"""`livecache train video`: fit the embedded causal video model on procedural clips (seeded, 2 CPU cores).
+
+Each training clip has `context` clean frames (0..config.context, drawn per clip, fed with the context
+embedding exactly as the AR sampler feeds committed frames) followed by noisy frames at one shared noise
+level; the loss (v-prediction, cosine schedule) covers the noisy frames only. Training every context
+length at once is what lets one model start a stream from nothing and continue it from a full window.
+Context frames get a little random noise (the model is not told) so it tolerates its own imperfect
+frames when streaming for minutes. An EMA of the weights is what ships, in fp16 safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .video import VIDEO_DIR, CausalVideoDiT, VideoModelConfig, alpha_sigma, save_video_model
+from .video_data import make_clips
+
+CONTEXT_JITTER = 0.04  # max std of the noise put on context frames during training
+
+
+def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """v-prediction MSE on the noisy frames of `clips` after a random number of clean context frames."""
+    cfg = model.config
+    batch, frames = clips.shape[:2]
+    context = torch.randint(0, min(cfg.context, frames - 1) + 1, (batch,), generator=generator)
+    is_context = torch.arange(frames)[None] < context[:, None]
+    level = torch.rand(batch, generator=generator)[:, None].expand(batch, frames)
+    t = torch.where(is_context, torch.zeros(()), level)
+    noise = torch.randn(clips.shape, generator=generator)
+    alpha, sigma = (s[..., None, None, None] for s in alpha_sigma(t))
+    jitter = CONTEXT_JITTER * torch.rand(batch, 1, 1, 1, 1, generator=generator)
+    noisy = torch.where(is_context[..., None, None, None], clips + jitter * noise, alpha * clips + sigma * noise)
+    target = alpha * noise - sigma * clips
+    position = int(torch.randint(0, 512, (1,), generator=generator))
+    pred = model.predict_v(noisy, t, is_context, labels, position)  # fp32: bf16 autocast is slower at this size
+    per_frame = F.mse_loss(pred, target, reduction="none").mean(dim=(2, 3, 4))
+    weight = (~is_context).float()
+    return (per_frame * weight).sum() / weight.sum()
+
+
+def train_video(out_dir: Path = VIDEO_DIR, steps: int = 400, batch: int = 12, frames: int = 12, seed: int = 0,
+                config: VideoModelConfig | None = None, lr: float = 2e-3) -> Path:
+    """Train and write `out_dir/config.json` + `model.safetensors`; returns the folder."""
+    config = config or VideoModelConfig()
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2 (context + a noisy frame), got {frames}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = CausalVideoDiT(config).train()
+    ema = copy.deepcopy(model).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, betas=(0.9, 0.99))
+    warmup = max(1, min(40, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    progress = tqdm(range(steps), desc="train video model", unit="step")
+    for step in progress:
+        labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
+        clips = make_clips(labels, frames, generator, config)
+        loss = training_loss(model, clips, labels, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    save_video_model(ema, Path(out_dir))
+    return Path(out_dir)
