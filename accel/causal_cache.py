@@ -159,6 +159,13 @@ class CausalVideoStream:
     def context_frames(self) -> int:
         return self.cache.frames if self.config.enabled else len(self._frames)
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of context this stream holds: the cache's keys/values, or the recompute mode's frames."""
+        if self.config.enabled:
+            return self.cache.nbytes
+        return sum(f.numel() * f.element_size() for f in self._frames)
+
     def reset(self) -> None:
         self.cache.clear()
         self._frames.clear()

@@ -7,6 +7,7 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
+    "video": (".video_bench", "causal AR video: time per clip vs AR step, cache shared vs recompute, memory"),
     "realtime": ("..realtime.bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
 }
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..accel.causal_cache import CacheAccess, causal_temporal_attention
+from ..accel.causal_cache import CacheAccess, CausalCacheConfig, CausalVideoStream, causal_temporal_attention
 from .digits import parse_digit_prompt
 from .embedded import WEIGHTS_ROOT
 from .loading import WeightsError, load_state_into, read_config, save_component, weight_file
@@ -47,7 +47,7 @@ class VideoModelConfig:
     heads: int = 4
     num_classes: int = len(CLASS_NAMES)
     chunk: int = 4
-    context: int = 8
+    context: int = 4
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -224,6 +224,32 @@ def ddim_sampler(denoise, noise: torch.Tensor, steps: int, generator: torch.Gene
 
 
 SAMPLERS = {"lcm": lcm_sampler, "ddim": ddim_sampler}
+
+
+@torch.no_grad()
+def generate(model: CausalVideoDiT, cache: CausalCacheConfig, labels: torch.Tensor, chunks: int,
+             chunk_length: int | None = None, steps: int = 2, sampler: str = "lcm", seed: int = 0,
+             on_chunk=None) -> torch.Tensor:
+    """AR video `[B, chunks * chunk_length, C, H, W]` in [-1, 1] for class ids `labels` `[B]`.
+
+    Noise is drawn chunk by chunk from one seeded generator, so cache-shared and recompute runs with
+    the same seed see the same noise. `on_chunk(index, stream)` is called after each chunk (timing)."""
+    cfg = model.config
+    chunk_length = chunk_length or cfg.chunk
+    if chunks < 1 or chunk_length < 1 or steps < 1:
+        raise ValueError(f"chunks, chunk_length and steps must be >= 1, got {chunks}, {chunk_length}, {steps}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    stream = CausalVideoStream(model, cache)
+    generator = torch.Generator().manual_seed(seed)
+    clips = []
+    for index in range(chunks):
+        noise = torch.randn(labels.shape[0], chunk_length, cfg.channels, cfg.resolution, cfg.resolution,
+                            generator=generator)
+        clips.append(stream.next_chunk(noise, labels, SAMPLERS[sampler], steps, generator))
+        if on_chunk is not None:
+            on_chunk(index, stream)
+    return torch.cat(clips, dim=1)
 
 
 def parse_video_prompt(prompt: str | int) -> int:

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .video import SHAPES, TEXTURE, VideoModelConfig
+from .video import SHAPES, TEXTURE
 
 SPRITE = 12  # digit sprite side in pixels
 
@@ -108,10 +108,8 @@ def _textures(n: int, frames: int, size: int, generator: torch.Generator) -> tor
     return low[:, None, :, None, None] * (1 - mix) + high[:, None, :, None, None] * mix
 
 
-def make_clips(labels: torch.Tensor, frames: int, generator: torch.Generator,
-               config: VideoModelConfig = VideoModelConfig()) -> torch.Tensor:
-    """Clips `[B, frames, 3, R, R]` in [-1, 1] for class ids `labels` (digits 0-9, shapes, texture)."""
-    size = config.resolution
+def make_clips(labels: torch.Tensor, frames: int, generator: torch.Generator, size: int = 32) -> torch.Tensor:
+    """Clips `[B, frames, 3, size, size]` in [-1, 1] for class ids `labels` (digits 0-9, shapes, texture)."""
     out = torch.empty(labels.numel(), frames, 3, size, size)
     for kind, mask in (("digits", labels < SHAPES), ("shapes", labels == SHAPES), ("texture", labels == TEXTURE)):
         idx = torch.nonzero(mask).flatten()

@@ -45,7 +45,7 @@ def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tens
     return (per_frame * weight).sum() / weight.sum()
 
 
-def train_video(out_dir: Path = VIDEO_DIR, steps: int = 400, batch: int = 12, frames: int = 12, seed: int = 0,
+def train_video(out_dir: Path = VIDEO_DIR, steps: int = 600, batch: int = 8, frames: int = 8, seed: int = 0,
                 config: VideoModelConfig | None = None, lr: float = 2e-3) -> Path:
     """Train and write `out_dir/config.json` + `model.safetensors`; returns the folder."""
     config = config or VideoModelConfig()
@@ -62,7 +62,7 @@ def train_video(out_dir: Path = VIDEO_DIR, steps: int = 400, batch: int = 12, fr
     progress = tqdm(range(steps), desc="train video model", unit="step")
     for step in progress:
         labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
-        clips = make_clips(labels, frames, generator, config)
+        clips = make_clips(labels, frames, generator, config.resolution)
         loss = training_loss(model, clips, labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,7 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
+from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
@@ -8,6 +9,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheSampler": DiffusersSampler,
     "LiveCacheDecode": DecodeImages,
     "LiveCacheSaveImages": SaveImages,
+    "LiveCacheLoadVideoModel": LoadVideoModel,
+    "LiveCacheCausalCache": CausalCache,
+    "LiveCacheVideoSampler": VideoSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
@@ -15,4 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheSampler": "Sampler (LiveCache)",
     "LiveCacheDecode": "Decode (LiveCache)",
     "LiveCacheSaveImages": "Save Images (LiveCache)",
+    "LiveCacheLoadVideoModel": "Load Video Model (LiveCache)",
+    "LiveCacheCausalCache": "Causal Cache (LiveCache)",
+    "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
 }

@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=_bounded(0, 65535), default=8765,
                         help="TCP port for everything (default 8765; 0 = any free)")
     parser.add_argument("--engine", default="embedded",
-                        help="avatar engine (default 'embedded': weight-free, real time on 2 CPU cores)")
+                        help="engine: 'embedded' (default; weight-free avatar, real time on 2 CPU cores) or 'video' "
+                             "(the causal AR video model; change what it shows with condition messages)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "

@@ -100,6 +100,19 @@ async def session_state(request: web.Request) -> web.Response:
     return web.json_response(session.stats())
 
 
+async def session_condition(request: web.Request) -> web.Response:
+    """Change an engine's condition mid-stream (the video engine's class/prompt); same body as the
+    websocket `condition` message without its "type"."""
+    session = _session(request)
+    try:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ValueError('the body must be a JSON object such as {"prompt": "7"}')
+        return web.json_response(session.engine_session.control(body))
+    except ValueError as exc:
+        return _error(400, str(exc))
+
+
 async def session_stop(request: web.Request) -> web.Response:
     session = _session(request)
     await session.close()
@@ -134,6 +147,7 @@ def build_app(engine: str = "embedded", max_sessions: int = 4) -> web.Applicatio
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/sessions/{sid}", session_stats)
     app.router.add_post("/api/sessions/{sid}/state", session_state)
+    app.router.add_post("/api/sessions/{sid}/condition", session_condition)
     app.router.add_post("/api/sessions/{sid}/stop", session_stop)
     app.router.add_static("/live/", WEB_ROOT)
     return app

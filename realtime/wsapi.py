@@ -116,8 +116,15 @@ class Connection:
             await self.send_json({"type": "interrupted", "dropped_ms": round(1000 * dropped, 1)})
         elif kind == "stats":
             await self.send_json({"type": "stats", **self.session.stats()})
+        elif kind == "condition":
+            try:
+                applied = self.session.engine_session.control(message)
+            except ValueError as exc:
+                raise ProtocolError("bad_condition", str(exc)) from None
+            await self.send_json({"type": "condition", **applied})
         else:
-            raise ProtocolError("bad_type", f"unknown type {kind!r}; use start, state, interrupt, stats or stop")
+            raise ProtocolError("bad_type", f"unknown type {kind!r}; use start, state, condition, interrupt, "
+                                "stats or stop")
 
     async def _start(self, message: dict[str, object]) -> None:
         if self.session is not None:

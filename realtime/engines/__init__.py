@@ -1,6 +1,6 @@
 """Engine registry: names map to lazily imported factories so heavy engines cost nothing until chosen.
 
-Later engines (``diffusion``, ``video``) register with one line here; the server only ever sees
+Later engines (``diffusion``) register with one line here; the server only ever sees
 `AvatarEngine`.
 """
 
@@ -13,6 +13,7 @@ from .base import AvatarEngine
 # name -> (module relative to this package, factory attribute)
 ENGINES: dict[str, tuple[str, str]] = {
     "embedded": (".embedded", "EmbeddedEngine"),
+    "video": (".video", "VideoEngine"),
 }
 
 

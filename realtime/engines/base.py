@@ -57,6 +57,11 @@ class EngineSession(ABC):
     def mouth_box(self) -> tuple[int, int, int, int]:
         """(x, y, w, h) of the mouth region in output pixels, so clients and tests can watch it."""
 
+    def control(self, message: dict[str, object]) -> dict[str, object]:
+        """Apply an engine-specific client control (e.g. the video engine's condition); returns what is
+        now in effect. Raises ValueError naming the problem; engines without controls refuse them."""
+        raise ValueError("this engine takes no condition; start the server with --engine video")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-session resources; the default engine holds none beyond memory."""
 

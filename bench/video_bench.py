@@ -1,0 +1,168 @@
+"""`livecache bench video`: time per generated clip vs AR step, causal cache shared vs recompute.
+
+One process, one model, the same seeds and noise for both modes (`models.video.generate`). After a
+warm-up, the whole AR run (`--chunks` clips) is repeated `--repeats` times per mode, alternating which
+mode goes first, and each clip index reports its median time. With the cache, each clip costs
+`steps` denoiser calls on the new frames plus one commit call, whatever the context; recomputing runs
+the whole context through the model at every step, so its cost grows until the window is full.
+
+Fidelity sits beside the speed: the max abs difference of the two modes' frames over the clips whose
+context still fits the window (they must match to float tolerance there; after the first eviction the
+cache holds keys computed with older context, so the modes legitimately diverge — PSNR over all frames
+is reported for that part). Memory: peak RSS growth of each mode over a separate, untimed run (Linux
+`/proc/self/clear_refs` resets the peak; freed heap is trimmed first), and the cache's own bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
+from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model
+from .metrics import psnr
+
+MODES = ("cached", "recompute")
+REPORT_AT = (1, 2, 4, 8, 16, 32, 64)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunks", type=int, default=32, help="clips per AR run (default 32)")
+    parser.add_argument("--chunk-length", type=int, default=4, help="frames per clip (default 4)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per clip (default 4)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="lcm", help="sampler (default lcm)")
+    parser.add_argument("--window", type=int, default=32,
+                        help="context window in frames for both modes (default 32: the context of clip 8 "
+                             "still fits, so outputs must match there)")
+    parser.add_argument("--batch", type=int, default=1, help="videos generated together (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed AR runs per mode; medians (default 3)")
+    parser.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped model)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mib(run) -> float | None:
+    """Peak resident-memory growth (MiB) while `run()` executes; None where Linux's counters are missing."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    run()
+    peak = _rss_kib("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def _timed_run(model: CausalVideoDiT, cache: CausalCacheConfig, args: argparse.Namespace,
+               labels: torch.Tensor) -> tuple[list[float], torch.Tensor, list[int]]:
+    marks, context = [time.perf_counter()], []
+
+    def on_chunk(index: int, stream: CausalVideoStream) -> None:
+        marks.append(time.perf_counter())
+        context.append(stream.context_frames)
+
+    video = generate(model, cache, labels, args.chunks, args.chunk_length, args.steps, args.sampler, 0, on_chunk)
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)], video, context
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    model = load_video_model(args.weights)
+    torch.manual_seed(0)
+    labels = torch.arange(args.batch) % model.config.num_classes
+    configs = {mode: CausalCacheConfig(enabled=mode == "cached", window=args.window) for mode in MODES}
+    warm = argparse.Namespace(**{**vars(args), "chunks": 2})
+    for mode in MODES:
+        _timed_run(model, configs[mode], warm, labels)
+    times: dict[str, list[list[float]]] = {m: [] for m in MODES}
+    videos: dict[str, torch.Tensor] = {}
+    context: dict[str, list[int]] = {}
+    for r in range(args.repeats):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            seconds, video, ctx = _timed_run(model, configs[mode], args, labels)
+            times[mode].append(seconds)
+            videos[mode], context[mode] = video, ctx
+    median = {m: [statistics.median(run[i] for run in times[m]) for i in range(args.chunks)] for m in MODES}
+    fits = max(1, min(args.chunks, args.window // args.chunk_length + 1))  # clips whose context never evicted
+    exact_frames = fits * args.chunk_length
+    diff = float((videos["cached"][:, :exact_frames] - videos["recompute"][:, :exact_frames]).abs().max())
+    memory, state_bytes = {}, {}
+    for mode in MODES:
+        def run(mode: str = mode) -> None:
+            def record(index: int, stream: CausalVideoStream) -> None:
+                state_bytes[mode] = stream.state_bytes
+
+            generate(model, configs[mode], labels, args.chunks, args.chunk_length, args.steps, args.sampler, 0,
+                     record)
+
+        memory[mode] = peak_memory_mib(run)
+    cached, recompute = median["cached"], median["recompute"]
+    steady = cached[1:]  # from clip 2 on
+    flat = statistics.median(steady) if steady else cached[0]
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if not k.startswith("_") and k not in ("func",)},
+        "model": {"params": sum(p.numel() for p in model.parameters()), **vars(model.config)},
+        "threads": torch.get_num_threads(),
+        "seconds_per_chunk": median,
+        "context_frames": context,
+        "ratio": {str(n): recompute[n - 1] / cached[n - 1] for n in REPORT_AT if n <= args.chunks},
+        "cached_flatness": {"median_s": flat, "min_over_median": min(steady or [flat]) / flat,
+                            "max_over_median": max(steady or [flat]) / flat},
+        "max_abs_diff_in_window": diff,
+        "exact_clips": fits,
+        "psnr_all_frames_db": psnr((videos["cached"] + 1) / 2, (videos["recompute"] + 1) / 2, peak=1.0),
+        "peak_rss_growth_mib": memory,
+        "state_bytes_at_end": state_bytes,
+    }
+
+
+def print_table(result: dict) -> None:
+    cached, recompute = result["seconds_per_chunk"]["cached"], result["seconds_per_chunk"]["recompute"]
+    ctx = result["context_frames"]["recompute"]
+    print("| clip | context frames | cache shared ms | recompute ms | speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in REPORT_AT:
+        if n <= len(cached):
+            print(f"| {n} | {ctx[n - 1] - result['config']['chunk_length']} | {1000 * cached[n - 1]:.1f} | "
+                  f"{1000 * recompute[n - 1]:.1f} | {recompute[n - 1] / cached[n - 1]:.2f}x |")
+    flat, mem, state = result["cached_flatness"], result["peak_rss_growth_mib"], result["state_bytes_at_end"]
+    print(f"cache shared, clips 2..{len(cached)}: median {1000 * flat['median_s']:.1f} ms, "
+          f"min {flat['min_over_median']:.2f}x / max {flat['max_over_median']:.2f}x of the median")
+    print(f"max |cached - recompute| over the first {result['exact_clips']} clips (context within the window): "
+          f"{result['max_abs_diff_in_window']:.2e}; PSNR over all frames {result['psnr_all_frames_db']:.1f} dB")
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f} MiB"  # noqa: E731
+    print(f"peak RSS growth: cache shared {fmt(mem['cached'])}, recompute {fmt(mem['recompute'])}; "
+          f"state held at the end: cache {state['cached'] / 2**20:.2f} MiB, "
+          f"recompute context {state['recompute'] / 2**20:.2f} MiB")
+
+
+def main(args: argparse.Namespace) -> int:
+    for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            print(f"--{name.replace('_', '-')} must be at least 1")
+            return 2
+    result = run_bench(args)
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

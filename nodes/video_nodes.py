@@ -1,0 +1,124 @@
+"""Nodes for the causal AR video model: load it, set the causal cache, sample frames as IMAGE.
+
+The model value (`LC_VIDEO_MODEL`) is immutable: the cache node returns a new value carrying a new
+`CausalCacheConfig`, the sampler builds a fresh stream per run, so re-running a graph never sees
+state from a previous run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..accel.causal_cache import CausalCacheConfig
+from ..models.loading import resolve_inside
+from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model, parse_video_prompt
+from .context import model_roots
+from .ui_messages import send_stats
+
+EMBEDDED_VIDEO = "embedded:video"
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class VideoModel:
+    """What flows along `LC_VIDEO_MODEL` links: the network and how to run its causal cache."""
+
+    model: CausalVideoDiT
+    cache: CausalCacheConfig
+
+
+@lru_cache(maxsize=4)
+def _load_cached(folder: str | None) -> CausalVideoDiT:
+    return load_video_model(None if folder is None else Path(folder))
+
+
+class LoadVideoModel:
+    """Load the embedded causal video model or one trained with `livecache train video --out`."""
+
+    CATEGORY = "LiveCache/video"
+    RETURN_TYPES = ("LC_VIDEO_MODEL",)
+    RETURN_NAMES = ("video_model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a causal autoregressive video model (no cache sharing until the Causal Cache node)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("STRING", {
+            "default": EMBEDDED_VIDEO,
+            "tooltip": "'embedded:video' for the model that ships with LiveCache, or a folder name inside your "
+                       "model folders holding config.json + model.safetensors from `livecache train video`."})}}
+
+    def load(self, source: str) -> tuple[VideoModel]:
+        source = source.strip()
+        folder = None if source in ("", EMBEDDED_VIDEO) else str(resolve_inside(source, model_roots()))
+        model = _load_cached(folder)
+        return (VideoModel(model, CausalCacheConfig(enabled=False, window=model.config.context)),)
+
+
+class CausalCache:
+    """Ca2-VDM causal cache sharing: conditional frames' keys/values are computed once and reused."""
+
+    CATEGORY = "LiveCache/video"
+    RETURN_TYPES = ("LC_VIDEO_MODEL",)
+    RETURN_NAMES = ("video_model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Shares the keys/values of already generated frames across all denoising steps and clips "
+                   "instead of recomputing them; same frames, work per clip flat in the context length.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "video_model": ("LC_VIDEO_MODEL", {"tooltip": "The model; it is not modified, a copy is returned."}),
+            "enable": ("BOOLEAN", {"default": True,
+                                   "tooltip": "On: cache shared. Off: recompute the context every step (baseline)."}),
+            "window": ("INT", {"default": 4, "min": 1, "max": 256, "step": 1,
+                               "tooltip": "Past frames the model attends to; older ones are evicted, so memory "
+                                          "stays flat on long videos. The embedded model was trained with 4."}),
+        }}
+
+    def apply(self, video_model: VideoModel, enable: bool, window: int) -> tuple[VideoModel]:
+        return (replace(video_model, cache=CausalCacheConfig(enabled=enable, window=window)),)
+
+
+class VideoSampler:
+    """Generate a video clip by clip; each clip is denoised in a few steps conditioned on the last frames."""
+
+    CATEGORY = "LiveCache/video"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    FUNCTION = "sample"
+    DESCRIPTION = "Autoregressive video: IMAGE frames [N, H, W, 3] in 0..1, N = chunks x chunk_length."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "video_model": ("LC_VIDEO_MODEL", {}),
+            "prompt": ("STRING", {"default": "shapes",
+                                  "tooltip": "What moves: a digit ('7', 'a seven'), 'shapes' or 'texture'."}),
+            "chunks": ("INT", {"default": 8, "min": 1, "max": 1024, "step": 1,
+                               "tooltip": "Clips to generate one after another (AR steps)."}),
+            "chunk_length": ("INT", {"default": 4, "min": 1, "max": 16, "step": 1,
+                                     "tooltip": "Frames per clip (the embedded model was trained with 4)."}),
+            "steps": ("INT", {"default": 2, "min": 1, "max": 100, "step": 1,
+                              "tooltip": "Denoising steps per clip: 1-4 with 'lcm', more with 'ddim'."}),
+            "sampler": (list(SAMPLERS), {"default": "lcm",
+                                         "tooltip": "lcm: few-step consistency-style; ddim: plain multi-step."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                             "tooltip": "Noise seed; the same seed and settings give the same video."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def sample(self, video_model: VideoModel, prompt: str, chunks: int, chunk_length: int, steps: int,
+               sampler: str, seed: int, unique_id: str | None = None) -> tuple[torch.Tensor]:
+        label = torch.tensor([parse_video_prompt(prompt)])
+        started = time.perf_counter()
+        video = generate(video_model.model, video_model.cache, label, chunks, chunk_length, steps, sampler, seed)
+        seconds = time.perf_counter() - started
+        mode = f"cache shared, window {video_model.cache.window}" if video_model.cache.enabled else "recompute"
+        send_stats(unique_id, f"AR video: {chunks} clips x {chunk_length} frames in {seconds:.2f} s ({mode})",
+                   {"seconds": seconds, "frames": chunks * chunk_length, "cache": video_model.cache.enabled})
+        return (((video[0].permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1).contiguous(),)
