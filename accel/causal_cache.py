@@ -11,11 +11,11 @@ once, when the frame is committed, and shared by every denoising step of every l
 This module holds the parts that do not care what the network looks like:
 
 * `CausalCacheConfig` — on/off and the window (how many past frames stay attendable).
-* `TemporalKVCache` — per-layer keys/values along a frame axis, evicting the oldest frames beyond the
-  window, so memory stays flat on endless streams.
+* `TemporalKVCache` — per-layer keys/values of the last `window` committed frames in a preallocated
+  ring (the oldest frames are overwritten), so memory is flat on endless streams.
 * `causal_temporal_attention` — the attention op a model's temporal layers call: queries of the frames
-  being computed attend to the cached frames plus, causally, to their own frames; on commit the own
-  keys/values are appended to the cache.
+  being computed attend to the cached frames plus, causally, to their own frames; on commit their
+  keys/values enter the cache.
 * `CausalVideoStream` — the AR loop over a `CausalVideoDenoiser`, either sharing the cache (one
   denoiser call per step on the new frames only, one commit call per clip) or recomputing the context
   at every step (the baseline). With the same seeds both give the same frames while the context fits
@@ -53,9 +53,13 @@ class CausalCacheConfig:
 class TemporalKVCache:
     """Keys and values of committed frames, per temporal attention layer, at most `window` frames.
 
-    Tensors are `[batch * tokens, heads, frames, head_dim]` (the layout temporal attention works in);
-    the frame axis is dim 2. Eviction drops the oldest frames of every layer together, so all layers
-    always describe the same frames.
+    Each layer owns one preallocated buffer `[batch * tokens, heads, window + scratch, head_dim]` (the
+    layout temporal attention works in; frames on dim 2): a ring of `window` committed frames, then
+    scratch slots where the frames of the current call are written. Attention reads the whole buffer
+    as one tensor — no concatenation per call — and masks the ring slots not yet filled. The order of
+    frames in the ring does not matter (positions are already in the keys; committed frames are all
+    visible to new frames), so eviction is an overwrite of the oldest slots, and memory is fixed by the
+    window from the first clip on.
     """
 
     def __init__(self, window: int) -> None:
@@ -63,33 +67,60 @@ class TemporalKVCache:
         self.window = window
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
-
-    @property
-    def frames(self) -> int:
-        """Frames held now (the same for every layer)."""
-        return next(iter(self._keys.values())).shape[2] if self._keys else 0
+        self.frames = 0  # committed frames held (the same for every layer)
+        self._next = 0  # ring slot the next committed frame overwrites
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self._keys, self._values) for t in d.values())
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if layer not in self._keys:
-            return None
+    def _buffers(self, layer: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's buffers, (re)allocated when the batch layout or the number of new frames grows."""
+        rows, heads, n_new, dim = k.shape
+        keys = self._keys.get(layer)
+        if keys is None or keys.shape[2] < self.window + n_new or keys.shape[:2] != (rows, heads) \
+                or keys.shape[3] != dim:
+            if keys is not None and self.frames and keys.shape[:2] != (rows, heads):
+                raise ValueError(f"the cache holds {tuple(keys.shape[:2])} rows x heads, this call has "
+                                 f"{(rows, heads)}: batch or resolution changed mid-stream; reset the stream")
+            shape = (rows, heads, self.window + n_new, dim)
+            fresh_k, fresh_v = k.new_zeros(shape), k.new_zeros(shape)
+            if keys is not None and self.frames:
+                fresh_k[:, :, : self.window] = keys[:, :, : self.window]
+                fresh_v[:, :, : self.window] = self._values[layer][:, :, : self.window]
+            self._keys[layer], self._values[layer] = fresh_k, fresh_v
         return self._keys[layer], self._values[layer]
 
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Add a clip's keys/values for `layer`, keeping only the newest `window` frames."""
-        if layer in self._keys:
-            keys = torch.cat([self._keys[layer], keys], dim=2)
-            values = torch.cat([self._values[layer], values], dim=2)
-        # clone the kept slice so evicted frames' storage is really freed, not kept alive by a view
-        self._keys[layer] = keys[:, :, -self.window:].clone() if keys.shape[2] > self.window else keys
-        self._values[layer] = values[:, :, -self.window:].clone() if values.shape[2] > self.window else values
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, commit: bool) -> torch.Tensor:
+        """Attention of this call's frames over the committed frames and, causally, themselves; with
+        `commit` their keys/values then overwrite the oldest ring slots (call `advance` after the pass)."""
+        n_new = q.shape[2]
+        keys, values = self._buffers(layer, k)
+        keys[:, :, self.window : self.window + n_new] = k
+        values[:, :, self.window : self.window + n_new] = v
+        visible = torch.zeros(n_new, self.window, dtype=torch.bool, device=q.device)
+        visible[:, : self.frames] = True
+        allowed = torch.cat([visible, torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()], dim=1)
+        out = F.scaled_dot_product_attention(q, keys[:, :, : self.window + n_new], values[:, :, : self.window + n_new],
+                                             attn_mask=allowed)
+        if commit:
+            keep = min(n_new, self.window)  # a clip longer than the window keeps its newest frames
+            slots = (self._next + torch.arange(keep)) % self.window
+            keys[:, :, slots] = k[:, :, n_new - keep :]
+            values[:, :, slots] = v[:, :, n_new - keep :]
+        return out
+
+    def advance(self, n_new: int) -> None:
+        """Account for `n_new` frames committed by the pass that just ran through every layer."""
+        keep = min(n_new, self.window)
+        self._next = (self._next + keep) % self.window
+        self.frames = min(self.frames + keep, self.window)
 
     def clear(self) -> None:
         self._keys.clear()
         self._values.clear()
+        self.frames = 0
+        self._next = 0
 
 
 @dataclass
@@ -106,22 +137,13 @@ def causal_temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     `q, k, v`: `[batch * tokens, heads, frames, head_dim]` for the frames of this call (positions already
     applied). Frame i of the call sees every cached frame and frames 0..i of the call. With `access.commit`
-    this call's keys/values are appended to the cache after use (only clean, committed frames should be).
+    this call's keys/values enter the cache after use (only clean, committed frames should be).
     """
-    past = access.cache.read(layer) if access is not None else None
-    n_new = q.shape[2]
-    if past is not None:
-        keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    else:
-        keys, values = k, v
-    n_past = keys.shape[2] - n_new
-    allowed = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
-    if n_past:
-        allowed = torch.cat([torch.ones(n_new, n_past, dtype=torch.bool, device=q.device), allowed], dim=1)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-    if access is not None and access.commit:
-        access.cache.append(layer, k, v)
-    return out
+    if access is not None:
+        return access.cache.attend(layer, q, k, v, access.commit)
+    n = q.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool,
+                                                                        device=q.device).tril())
 
 
 class CausalVideoDenoiser(Protocol):
@@ -191,6 +213,7 @@ class CausalVideoStream:
             # commit: the clean frames' keys/values enter the cache once, with context conditioning
             self.denoiser(clean, torch.zeros(batch, n_new, device=clean.device), ~new_context, cond, position,
                           CacheAccess(self.cache, commit=True))
+            self.cache.advance(n_new)
         else:
             context = torch.stack(list(self._frames), dim=1) if self._frames else noise[:, :0]
             n_ctx = context.shape[1]

@@ -16,6 +16,7 @@ is reported for that part). Memory: peak RSS growth of each mode over a separate
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import gc
 import json
@@ -43,8 +44,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "still fits, so outputs must match there)")
     parser.add_argument("--batch", type=int, default=1, help="videos generated together (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed AR runs per mode; medians (default 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: this model's ops are small; more threads mostly add "
+                             "synchronisation, badly so on a shared machine)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--live", type=float, default=None, metavar="SECONDS",
+                        help="instead: start `livecache serve --engine video`, stream SECONDS over the websocket API "
+                             "(changing the condition every 10 s) and report frames, gaps and the server's RSS")
 
 
 def _rss_kib(field: str) -> int | None:
@@ -84,6 +91,7 @@ def _timed_run(model: CausalVideoDiT, cache: CausalCacheConfig, args: argparse.N
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
     model = load_video_model(args.weights)
     torch.manual_seed(0)
     labels = torch.arange(args.batch) % model.config.num_classes
@@ -136,12 +144,12 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     cached, recompute = result["seconds_per_chunk"]["cached"], result["seconds_per_chunk"]["recompute"]
-    ctx = result["context_frames"]["recompute"]
+    length, window = result["config"]["chunk_length"], result["config"]["window"]
     print("| clip | context frames | cache shared ms | recompute ms | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     for n in REPORT_AT:
         if n <= len(cached):
-            print(f"| {n} | {ctx[n - 1] - result['config']['chunk_length']} | {1000 * cached[n - 1]:.1f} | "
+            print(f"| {n} | {min((n - 1) * length, window)} | {1000 * cached[n - 1]:.1f} | "
                   f"{1000 * recompute[n - 1]:.1f} | {recompute[n - 1] / cached[n - 1]:.2f}x |")
     flat, mem, state = result["cached_flatness"], result["peak_rss_growth_mib"], result["state_bytes_at_end"]
     print(f"cache shared, clips 2..{len(cached)}: median {1000 * flat['median_s']:.1f} ms, "
@@ -154,13 +162,90 @@ def print_table(result: dict) -> None:
           f"recompute context {state['recompute'] / 2**20:.2f} MiB")
 
 
+def _child_pids() -> list[int]:
+    """PIDs whose parent is this process (the server subprocess), read from /proc."""
+    me, found = str(Path("/proc/self").resolve().name), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def _live_session(base: str, seconds: float, pid: int | None) -> dict:
+    import websockets
+
+    from ..realtime.examples.ws_client import unpack_frame
+
+    prompts = ["texture", "3", "shapes", "7", "texture", "0"]
+    arrivals: list[float] = []
+    rss: list[tuple[float, float | None]] = []
+    applied: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with websockets.connect(base.replace("http://", "ws://") + "/ws", max_size=16 * 2**20) as ws:
+        await ws.send(json.dumps({"type": "start", "size": 512, "fps": 12, "seed": 10}))
+        start = loop.time()
+        next_change, next_sample = start + 10, start
+        while loop.time() - start < seconds:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            now = loop.time()
+            if isinstance(message, bytes):
+                unpack_frame(message)
+                arrivals.append(now - start)
+            elif json.loads(message)["type"] == "condition":
+                applied.append(json.loads(message)["name"])
+            if now >= next_change:
+                await ws.send(json.dumps({"type": "condition", "prompt": prompts[len(applied) % len(prompts)]}))
+                next_change += 10
+            if now >= next_sample:
+                rss.append((round(now - start, 1), None if pid is None else _rss_mib(pid)))
+                next_sample += 5
+        await ws.send(json.dumps({"type": "stop"}))
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    values = [v for _, v in rss if v is not None]
+    return {"seconds": seconds, "frames": len(arrivals), "fps": len(arrivals) / seconds,
+            "max_gap_s": max(gaps) if gaps else None, "conditions_applied": applied, "rss_mib": rss,
+            "rss_growth_mib_after_10s": (values[-1] - values[2]) if len(values) > 3 else None}
+
+
+def run_live(seconds: float) -> dict:
+    from ..realtime.loopback import spawn_server
+
+    with spawn_server("--engine", "video") as base:
+        children = _child_pids()
+        return asyncio.run(_live_session(base, seconds, children[0] if len(children) == 1 else None))
+
+
 def main(args: argparse.Namespace) -> int:
-    for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats"):
-        if getattr(args, name) < 1:
-            print(f"--{name.replace('_', '-')} must be at least 1")
-            return 2
-    result = run_bench(args)
-    print_table(result)
+    if args.live is not None:
+        result = run_live(args.live)
+        rss = [v for _, v in result["rss_mib"] if v is not None]
+        print(f"live video stream over the websocket API, {result['seconds']:.0f} s at 12 fps requested: "
+              f"{result['frames']} frames ({result['fps']:.1f} fps), longest gap {result['max_gap_s']:.2f} s, "
+              f"conditions applied {result['conditions_applied']}")
+        if rss:
+            print(f"server RSS (MiB) every 5 s: {[round(v, 1) for v in rss]}; growth after 10 s: "
+                  f"{result['rss_growth_mib_after_10s']:.1f} MiB")
+    else:
+        for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats", "threads"):
+            if getattr(args, name) < 1:
+                print(f"--{name.replace('_', '-')} must be at least 1")
+                return 2
+        result = run_bench(args)
+        print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -78,13 +78,17 @@ class VideoEngine(AvatarEngine):
     name = "video"
     workers = 1  # torch already uses every core for one clip
 
-    def __init__(self, weights: Path | None = None, window: int = 8, steps: int = 2, sampler: str = "lcm") -> None:
+    def __init__(self, weights: Path | None = None, window: int = 4, steps: int = 2, sampler: str = "lcm",
+                 threads: int = 1) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         CausalCacheConfig(window=window)
         self.model = load_video_model(weights)
+        # one thread: this model's ops are small, and a second OpenMP thread costs more in synchronisation
+        # than it gains (many times more when the cores are shared with other work)
+        torch.set_num_threads(threads)
         self.window, self.steps, self.sampler = window, steps, sampler
 
     def open_session(self, portrait: np.ndarray, options: SessionOptions) -> VideoSession:

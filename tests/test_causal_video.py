@@ -1,0 +1,232 @@
+"""Causal cache sharing (Ca2-VDM) and the AR video model: exactness, bounded memory, samplers, weights,
+training, the graph nodes and workflow, and the `video` engine streaming over the websocket API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from livecache.accel.causal_cache import CausalCacheConfig, CausalVideoStream, TemporalKVCache
+from livecache.cli import main as cli_main
+from livecache.models.loading import WeightsError
+from livecache.models.video import (
+    CLASS_NAMES,
+    SAMPLERS,
+    VIDEO_DIR,
+    CausalVideoDiT,
+    VideoModelConfig,
+    generate,
+    load_video_model,
+    parse_video_prompt,
+    save_video_model,
+)
+from livecache.models.video_training import train_video
+from livecache.nodes.video_nodes import CausalCache, LoadVideoModel, VideoSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = VideoModelConfig(resolution=16, patch=4, dim=32, depth=2, heads=2, chunk=4, context=4)
+
+
+def tiny_model(seed: int = 0) -> CausalVideoDiT:
+    """A small model with every weight random (the real init zeroes the gates, which would hide bugs)."""
+    torch.manual_seed(seed)
+    model = CausalVideoDiT(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+class FrameCounter(torch.nn.Module):
+    """Wraps a denoiser and records how many frames each call runs through the network (the work)."""
+
+    def __init__(self, model: CausalVideoDiT) -> None:
+        super().__init__()
+        self.model, self.config, self.frames = model, model.config, []
+
+    def forward(self, frames, *args, **kwargs):
+        self.frames.append(frames.shape[1])
+        return self.model(frames, *args, **kwargs)
+
+
+def run(model, enabled: bool, window: int, chunks: int = 3, sampler: str = "lcm", steps: int = 2) -> torch.Tensor:
+    return generate(model, CausalCacheConfig(enabled, window), torch.tensor([1, 11]), chunks, 4, steps, sampler,
+                    seed=5)
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "ddim"])
+def test_cache_shared_equals_recompute_while_context_fits(sampler):
+    model = tiny_model()
+    cached, recomputed = run(model, True, 16, sampler=sampler), run(model, False, 16, sampler=sampler)
+    assert cached.shape == (2, 12, 3, 16, 16)
+    assert float(cached.std()) > 0.05  # not a trivial (constant) output
+    assert (cached - recomputed).abs().max() < 1e-4
+
+
+def test_after_eviction_the_modes_diverge_so_the_check_above_can_fail():
+    model = tiny_model()
+    cached, recomputed = run(model, True, 4, chunks=3), run(model, False, 4, chunks=3)
+    assert (cached[:, :8] - recomputed[:, :8]).abs().max() < 1e-4  # clips 1-2: context fits the window
+    assert (cached[:, 8:] - recomputed[:, 8:]).abs().max() > 1e-3  # clip 3 sees keys made with evicted context
+
+
+def test_cache_is_bounded_and_work_per_clip_is_flat():
+    counted = FrameCounter(tiny_model())
+    stream = CausalVideoStream(counted, CausalCacheConfig(True, window=6))
+    generator = torch.Generator().manual_seed(0)
+    sizes = set()
+    for i in range(10):
+        stream.next_chunk(torch.randn(1, 4, 3, 16, 16, generator=generator), torch.tensor([3]),
+                          SAMPLERS["lcm"], 2, generator)
+        assert stream.cache.frames == min(4 * (i + 1), 6)
+        sizes.add(stream.cache.nbytes)
+    assert len(sizes) == 1  # memory fixed from the first clip on, however long the stream runs
+    assert counted.frames == [4] * 30  # 2 steps + 1 commit per clip, only the new frames every time
+
+    counted.frames.clear()
+    recompute = CausalVideoStream(counted, CausalCacheConfig(False, window=6))
+    for _ in range(4):
+        recompute.next_chunk(torch.randn(1, 4, 3, 16, 16, generator=generator), torch.tensor([3]),
+                             SAMPLERS["lcm"], 2, generator)
+    assert counted.frames == [4, 4, 8, 8, 10, 10, 10, 10]  # the context is rerun at every step
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("lcm", 1), ("lcm", 2), ("lcm", 4), ("ddim", 8)])
+def test_samplers_shapes_and_calls(sampler, steps):
+    calls = []
+
+    def denoise(x, t):
+        calls.append(t)
+        return torch.tanh(x)
+
+    noise = torch.randn(2, 4, 3, 16, 16)
+    out = SAMPLERS[sampler](denoise, noise, steps, torch.Generator().manual_seed(0))
+    assert out.shape == noise.shape and out.abs().max() <= 1
+    assert len(calls) == steps and calls[0] == 1.0 and all(a > b for a, b in zip(calls, calls[1:], strict=False))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="window must be a positive"):
+        CausalCacheConfig(window=0)
+    with pytest.raises(ValueError, match="window must be a positive"):
+        TemporalKVCache(-1)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"frames must be \[batch, frames, 3, 16, 16\]"):
+        model(torch.zeros(1, 4, 3, 32, 32), torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool),
+              torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match="class ids in 0..11"):
+        model(torch.zeros(1, 4, 3, 16, 16), torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.bool),
+              torch.tensor([12]), 0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        VideoModelConfig.from_dict({"dim": 32, "colour": 1})
+    assert parse_video_prompt("a seven") == 7 and parse_video_prompt("Shapes") == 10
+    assert parse_video_prompt("drifting texture") == 11 and CLASS_NAMES[parse_video_prompt(3)] == "digit 3"
+    with pytest.raises(ValueError, match="cannot read 'a cat'"):
+        parse_video_prompt("a cat")
+
+
+def test_weights_round_trip_and_clear_errors(tmp_path):
+    model = tiny_model()
+    folder = tmp_path / "video"
+    save_video_model(model, folder)
+    loaded = load_video_model(folder)
+    x = torch.randn(1, 4, 3, 16, 16)
+    args = (torch.full((1, 4), 0.5), torch.zeros(1, 4, dtype=torch.bool), torch.tensor([2]), 0)
+    with torch.no_grad():
+        assert (loaded(x, *args) - model(x, *args)).abs().max() < 0.05  # fp16 weights
+    with pytest.raises(WeightsError, match="no such video model folder"):
+        load_video_model(tmp_path / "nowhere")
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(folder, bad_config)
+    config = json.loads((bad_config / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps({**config, "dim": 64}))
+    with pytest.raises(WeightsError, match="does not match the model config"):
+        load_video_model(bad_config)
+    (bad_config / "config.json").write_text(json.dumps({**config, "wings": 2}))
+    with pytest.raises(WeightsError, match=r"config\.json: video model config: unknown keys \['wings'\]"):
+        load_video_model(bad_config)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"no \.safetensors weight file"):
+        load_video_model(folder)
+
+
+def test_training_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
+    out = train_video(tmp_path / "trained", steps=2, batch=2, frames=6, config=TINY)
+    assert load_video_model(out).config == TINY
+
+
+def test_shipped_model_loads_and_moves():
+    model = load_video_model()
+    assert model.config == VideoModelConfig() and (VIDEO_DIR / "model.safetensors").stat().st_size < 5_000_000
+    video = generate(model, CausalCacheConfig(True, 4), torch.tensor([10]), chunks=3, steps=2)
+    frames = (video[0] + 1) / 2
+    assert (frames[1:] - frames[:-1]).abs().mean() > 0.002  # consecutive frames differ: it moves
+    assert (frames[1:] - frames[:-1]).abs().mean() < 0.2  # ... coherently, not as fresh noise each frame
+
+
+def test_nodes_do_not_mutate_and_sample_image_frames():
+    (loaded,) = LoadVideoModel().load("embedded:video")
+    (cached,) = CausalCache().apply(loaded, True, 4)
+    assert not loaded.cache.enabled and cached.cache.enabled and cached.model is loaded.model
+    (frames,) = VideoSampler().sample(cached, "texture", 2, 4, 2, "lcm", 0)
+    assert frames.shape == (8, 32, 32, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
+    (again,) = VideoSampler().sample(loaded, "texture", 2, 4, 2, "lcm", 0)  # recompute: the same frames
+    assert (frames - again).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["causal_video_default.json", "causal_video_default_api.json"])
+def test_video_workflow_runs_headless(tmp_path, name):
+    assert cli_main(["run", str(ROOT / "workflows" / name), "--output", str(tmp_path)]) == 0
+    images = sorted(tmp_path.glob("causal_video_default_*.png"))
+    assert len(images) == 32
+    with Image.open(images[0]) as picture:
+        assert picture.size == (128, 128)
+
+
+async def _video_session(base: str) -> dict:
+    import websockets
+
+    from livecache.realtime.examples.ws_client import unpack_frame
+
+    url = base.replace("http://", "ws://") + "/ws"
+    seen: dict = {"frames": [], "conditions": [], "errors": []}
+    async with websockets.connect(url, max_size=16 * 1024 * 1024) as ws:
+        await ws.send(json.dumps({"type": "start", "size": 256, "fps": 12, "seed": 3}))
+        while len(seen["frames"]) < 36:
+            message = await asyncio.wait_for(ws.recv(), 20)
+            if isinstance(message, bytes):
+                header, jpeg, _ = unpack_frame(message)
+                image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+                seen["frames"].append((header["seq"], image.shape, float(image.std())))
+                if len(seen["frames"]) == 12:
+                    await ws.send(json.dumps({"type": "condition", "prompt": "texture"}))
+                    await ws.send(json.dumps({"type": "condition", "prompt": "a cat"}))
+                continue
+            event = json.loads(message)
+            if event["type"] == "condition":
+                seen["conditions"].append(event)
+            elif event["type"] == "error":
+                seen["errors"].append(event)
+        await ws.send(json.dumps({"type": "stop"}))
+    return seen
+
+
+def test_video_engine_streams_over_websocket_and_changes_condition_mid_stream():
+    from livecache.realtime.loopback import spawn_server
+
+    with spawn_server("--engine", "video") as base:
+        seen = asyncio.run(_video_session(base))
+    assert seen["conditions"] == [{"type": "condition", "class": 11, "name": "texture"}]
+    assert [e["code"] for e in seen["errors"]] == ["bad_condition"]  # the session survives a bad one
+    seqs = [s for s, _, _ in seen["frames"]]
+    assert seqs == sorted(seqs) and len(seqs) == 36
+    assert all(shape == (256, 256, 3) for _, shape, _ in seen["frames"])
+    assert all(std > 1.0 for _, _, std in seen["frames"])  # pictures, not blank frames
