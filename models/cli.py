@@ -10,10 +10,10 @@ from pathlib import Path
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["digits", "features", "video"],
                         help="digits: the embedded diffusion U-Net; features: the FID-style feature extractor; "
-                             "video: the causal AR video model (`--steps` default 800 for it)")
+                             "video: the causal AR video model (`--steps` default 2400 for it)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps for `digits` (default 1500) or `video` (default 800)")
+                        help="optimizer steps for `digits` (default 1500) or `video` (default 2400)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
 
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         from .video import VIDEO_DIR
         from .video_training import train_video
 
-        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 800, seed=args.seed)
+        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 2400, seed=args.seed)
     else:
         out = train_features(args.out or FEATURES_FILE, epochs=args.epochs, seed=args.seed)
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")

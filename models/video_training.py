@@ -4,8 +4,10 @@ Each training clip has `context` clean frames (0..config.context, drawn per clip
 embedding exactly as the AR sampler feeds committed frames) followed by noisy frames at one shared noise
 level; the loss (v-prediction, cosine schedule) covers the noisy frames only. Training every context
 length at once is what lets one model start a stream from nothing and continue it from a full window.
-Context frames get a little random noise (the model is not told) so it tolerates its own imperfect
-frames when streaming for minutes. An EMA of the weights is what ships, in fp16 safetensors.
+Half the clips are noised to exactly the levels the few-step sampler visits (1, 0.75, 0.5, 0.25), so
+1-4 step sampling gets a model that is best where it is asked. Context frames get a little random
+noise (the model is not told) so it tolerates its own imperfect frames when streaming for minutes.
+An EMA of the weights is what ships, in fp16 safetensors.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tens
     batch, frames = clips.shape[:2]
     context = torch.randint(0, min(cfg.context, frames - 1) + 1, (batch,), generator=generator)
     is_context = torch.arange(frames)[None] < context[:, None]
-    level = torch.rand(batch, generator=generator)[:, None].expand(batch, frames)
+    # half the clips at the few-step sampler's own levels (1, 0.75, 0.5, 0.25), half anywhere in (0, 1)
+    uniform = torch.rand(batch, generator=generator)
+    few_step = torch.randint(1, 5, (batch,), generator=generator) / 4
+    level = torch.where(torch.rand(batch, generator=generator) < 0.5, few_step, uniform)[:, None].expand(batch, frames)
     t = torch.where(is_context, torch.zeros(()), level)
     noise = torch.randn(clips.shape, generator=generator)
     alpha, sigma = (s[..., None, None, None] for s in alpha_sigma(t))
@@ -45,7 +50,7 @@ def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tens
     return (per_frame * weight).sum() / weight.sum()
 
 
-def train_video(out_dir: Path = VIDEO_DIR, steps: int = 800, batch: int = 12, frames: int = 8, seed: int = 0,
+def train_video(out_dir: Path = VIDEO_DIR, steps: int = 2400, batch: int = 12, frames: int = 8, seed: int = 0,
                 config: VideoModelConfig | None = None, lr: float = 2e-3, threads: int = 1) -> Path:
     """Train and write `out_dir/config.json` + `model.safetensors`; returns the folder.
 

@@ -192,12 +192,13 @@ def test_video_workflow_runs_headless(tmp_path, name):
 
 
 async def _video_session(base: str) -> dict:
+    import aiohttp
     import websockets
 
     from livecache.realtime.examples.ws_client import unpack_frame
 
     url = base.replace("http://", "ws://") + "/ws"
-    seen: dict = {"frames": [], "conditions": [], "errors": []}
+    seen: dict = {"frames": [], "conditions": [], "errors": [], "http": []}
     async with websockets.connect(url, max_size=16 * 1024 * 1024) as ws:
         await ws.send(json.dumps({"type": "start", "size": 256, "fps": 12, "seed": 3}))
         while len(seen["frames"]) < 36:
@@ -209,9 +210,17 @@ async def _video_session(base: str) -> dict:
                 if len(seen["frames"]) == 12:
                     await ws.send(json.dumps({"type": "condition", "prompt": "texture"}))
                     await ws.send(json.dumps({"type": "condition", "prompt": "a cat"}))
+                if len(seen["frames"]) == 24:  # the same over HTTP (what the page uses for WebRTC sessions)
+                    async with aiohttp.ClientSession() as http:
+                        for prompt in ("5", "a dog"):
+                            async with http.post(f"{base}/api/sessions/{seen['session']}/condition",
+                                                 json={"prompt": prompt}) as res:
+                                seen["http"].append((res.status, await res.json()))
                 continue
             event = json.loads(message)
-            if event["type"] == "condition":
+            if event["type"] == "ready":
+                seen["session"] = event["session"]
+            elif event["type"] == "condition":
                 seen["conditions"].append(event)
             elif event["type"] == "error":
                 seen["errors"].append(event)
@@ -226,6 +235,8 @@ def test_video_engine_streams_over_websocket_and_changes_condition_mid_stream():
         seen = asyncio.run(_video_session(base))
     assert seen["conditions"] == [{"type": "condition", "class": 11, "name": "texture"}]
     assert [e["code"] for e in seen["errors"]] == ["bad_condition"]  # the session survives a bad one
+    assert seen["http"][0] == (200, {"class": 5, "name": "digit 5"})
+    assert seen["http"][1][0] == 400 and "cannot read 'a dog'" in seen["http"][1][1]["error"]
     seqs = [s for s, _, _ in seen["frames"]]
     assert seqs == sorted(seqs) and len(seqs) == 36
     assert all(shape == (256, 256, 3) for _, shape, _ in seen["frames"])

@@ -173,6 +173,25 @@ async function upload(file) {
   say("portrait ready: press Start (or Stop and Start) to use it");
 }
 
+/** The video engine's condition (class/prompt), changed mid-stream; other engines hide the box. */
+async function setCondition() {
+  if (!live.session) return say("start a session first", true);
+  const res = await fetch(`/api/sessions/${live.session}/condition`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ prompt: $("condition").value }),
+  });
+  const body = await res.json();
+  if (res.ok) say(`now showing: ${body.name}`);
+  else say(body.error, true);
+}
+
+fetch("/api/info")
+  .then((res) => res.json())
+  .then((info) => ($("condition-box").hidden = info.engine !== "video"))
+  .catch(() => {});
+
+$("condition-set").onclick = setCondition;
 $("start").onclick = start;
 $("stop").onclick = stop;
 for (const b of document.querySelectorAll(".states button")) b.onclick = () => setState(b.dataset.state);
