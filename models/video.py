@@ -10,8 +10,10 @@ by that frame's conditioning. Two design rules make the causal cache exact (`acc
 * conditional frames enter clean with one learned *context* embedding instead of timestep + class, so
   their keys/values depend on nothing but themselves and earlier frames.
 
-The network predicts v (cosine schedule: x_t = cos(πt/2)·x0 + sin(πt/2)·ε); `forward` returns the clean
-frames, which is what the samplers below (LCM-style few-step, DDIM multi-step) consume.
+The network predicts the clean frames x0 directly (cosine schedule: x_t = cos(πt/2)·x0 + sin(πt/2)·ε):
+a small model predicting ε or v leaks the input noise it fails to cancel into x0 as grain, which the
+AR loop would then feed back as context; a direct x0 is what the consistency-style few-step sampler
+wants anyway. Samplers below: LCM-style few-step and DDIM multi-step.
 """
 
 from __future__ import annotations
@@ -168,9 +170,9 @@ class CausalVideoDiT(nn.Module):
         if cond.shape != frames.shape[:1] or bool(((cond < 0) | (cond >= cfg.num_classes)).any()):
             raise ValueError(f"cond must be [batch] class ids in 0..{cfg.num_classes - 1}, got {cond.tolist()}")
 
-    def predict_v(self, frames: torch.Tensor, t: torch.Tensor, is_context: torch.Tensor, cond: torch.Tensor,
-                  first_position: int, access: CacheAccess | None = None) -> torch.Tensor:
-        """The network's raw output: v = cos·ε − sin·x0 per frame (shape of `frames`)."""
+    def forward(self, frames: torch.Tensor, t: torch.Tensor, is_context: torch.Tensor, cond: torch.Tensor,
+                first_position: int, access: CacheAccess | None = None) -> torch.Tensor:
+        """Predicted clean frames (x0), shape of `frames`; context frames' outputs are meaningless."""
         self._check(frames, t, is_context, cond)
         cfg = self.config
         b, f, c, hgt, wid = frames.shape
@@ -186,14 +188,6 @@ class CausalVideoDiT(nn.Module):
         shift, scale = self.modulation_out(F.silu(frame_cond)).unsqueeze(2).chunk(2, dim=-1)
         out = self.patch_out(self.norm_out(x) * (1 + scale) + shift)
         return out.reshape(b, f, g, g, c, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f, c, hgt, wid)
-
-    def forward(self, frames: torch.Tensor, t: torch.Tensor, is_context: torch.Tensor, cond: torch.Tensor,
-                first_position: int, access: CacheAccess | None = None) -> torch.Tensor:
-        """Predicted clean frames (x0) from noisy ones; context frames' outputs are meaningless."""
-        v = self.predict_v(frames, t, is_context, cond, first_position, access).float()
-        alpha, sigma = alpha_sigma(t)
-        alpha, sigma = alpha[..., None, None, None].to(v.device), sigma[..., None, None, None].to(v.device)
-        return alpha * frames.float() - sigma * v
 
 
 def lcm_sampler(denoise, noise: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:

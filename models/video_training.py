@@ -2,7 +2,7 @@
 
 Each training clip has `context` clean frames (0..config.context, drawn per clip, fed with the context
 embedding exactly as the AR sampler feeds committed frames) followed by noisy frames at one shared noise
-level; the loss (v-prediction, cosine schedule) covers the noisy frames only. Training every context
+level; the loss (x0 prediction, cosine schedule) covers the noisy frames only. Training every context
 length at once is what lets one model start a stream from nothing and continue it from a full window.
 Half the clips are noised to exactly the levels the few-step sampler visits (1, 0.75, 0.5, 0.25), so
 1-4 step sampling gets a model that is best where it is asked. Context frames get a little random
@@ -28,7 +28,7 @@ CONTEXT_JITTER = 0.04  # max std of the noise put on context frames during train
 
 def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tensor,
                   generator: torch.Generator) -> torch.Tensor:
-    """v-prediction MSE on the noisy frames of `clips` after a random number of clean context frames."""
+    """x0-prediction MSE on the noisy frames of `clips` after a random number of clean context frames."""
     cfg = model.config
     batch, frames = clips.shape[:2]
     context = torch.randint(0, min(cfg.context, frames - 1) + 1, (batch,), generator=generator)
@@ -42,10 +42,9 @@ def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tens
     alpha, sigma = (s[..., None, None, None] for s in alpha_sigma(t))
     jitter = CONTEXT_JITTER * torch.rand(batch, 1, 1, 1, 1, generator=generator)
     noisy = torch.where(is_context[..., None, None, None], clips + jitter * noise, alpha * clips + sigma * noise)
-    target = alpha * noise - sigma * clips
     position = int(torch.randint(0, 512, (1,), generator=generator))
-    pred = model.predict_v(noisy, t, is_context, labels, position)  # fp32: bf16 autocast is slower at this size
-    per_frame = F.mse_loss(pred, target, reduction="none").mean(dim=(2, 3, 4))
+    pred = model(noisy, t, is_context, labels, position)  # fp32: bf16 autocast is slower at this size
+    per_frame = F.mse_loss(pred, clips, reduction="none").mean(dim=(2, 3, 4))
     weight = (~is_context).float()
     return (per_frame * weight).sum() / weight.sum()
 
