@@ -97,7 +97,9 @@ def test_object_info_lists_our_nodes_with_valid_schemas(server):
     info = asyncio.run(get_json(f"{server.url}/object_info"))
     assert "KSampler" in info, "not ComfyUI's object_info"
     log = server.tail()
-    assert "IMPORT FAILED" not in log, log
+    # ComfyUI's own audio nodes fail without torchaudio (no wheel here); our pack must load cleanly
+    ours = [line for line in log.splitlines() if line.rstrip().endswith("custom_nodes/comfyui-livecache")]
+    assert ours and "IMPORT FAILED" not in ours[0], log
     for key, cls in livecache.NODE_CLASS_MAPPINGS.items():
         assert key in info, f"{key} missing from /object_info:\n{log}"
         entry = info[key]
@@ -164,16 +166,18 @@ async def drive_page(url: str, workflow: dict) -> dict:
             await page.goto(url)
             await page.wait_for_function(
                 "() => window.app?.extensions?.some((e) => e.name === 'LiveCache.Stats')", timeout=120_000)
-            scripts = await page.evaluate(
-                "() => performance.getEntriesByType('resource').map((r) => r.name)"
-                ".filter((n) => n.includes('livecache'))")
+            # the extension list ComfyUI serves, from which the frontend imported the module that registered it
+            scripts = await page.evaluate("async () => (await (await fetch('/extensions')).json())")
             await page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
             await page.evaluate("() => window.app.queuePrompt(0, 1)")
-            text = await page.wait_for_function(
-                """() => {
-                    const widget = window.app.graph.getNodeById(3)?.widgets?.find((w) => w.name === 'livecache_stats');
-                    return widget?.value || null;
-                }""", timeout=RUN_TIMEOUT * 1000)
+            try:
+                text = await page.wait_for_function(
+                    """() => {
+                        const node = window.app.graph.getNodeById(3);
+                        return node?.widgets?.find((w) => w.name === 'livecache_stats')?.value || null;
+                    }""", timeout=RUN_TIMEOUT * 1000)
+            except Exception as error:
+                raise AssertionError(f"no stats on the sampler node; browser console: {console}") from error
             return {"text": await text.json_value(), "scripts": scripts, "console": console}
         finally:
             await browser.close()
@@ -181,8 +185,12 @@ async def drive_page(url: str, workflow: dict) -> dict:
 
 def test_our_extension_loads_in_chromium_and_shows_stats_on_the_node(server, repo):
     workflow = json.loads((repo / "workflows" / "deepcache_default.json").read_text())
+    sampler = next(node for node in workflow["nodes"] if node["id"] == 3)
+    sampler["widgets_values"][2] = 1  # another seed: ComfyUI would serve an already-run prompt from its cache
     result = asyncio.run(drive_page(server.url, workflow))
-    assert any(name.endswith("/livecache.js") for name in result["scripts"]), result["scripts"]
+    assert "/extensions/comfyui-livecache/livecache.js" in result["scripts"], result["scripts"]
     assert result["text"].startswith("DeepCache:") and "cached" in result["text"], result
-    ours = [line for line in result["console"] if "livecache" in line.lower()]
-    assert not ours, ours
+    # errors from our script, and any uncaught exception on the page (the frontend also logs errors of its
+    # own here, e.g. blocked look-ups of node docs on the internet: those are not ours to judge)
+    ours = [line for line in result["console"] if "comfyui-livecache/" in line or line.startswith("pageerror")]
+    assert not ours, result["console"]
