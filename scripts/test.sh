@@ -42,7 +42,7 @@ if [ -f ../shared/tools/check_layers.py ]; then python ../shared/tools/check_lay
 python -m pytest "$@"
 
 if [ "${LIVECACHE_COMFY_TESTS:-1}" != 0 ]; then
-  comfy_root="$PWD/$(bash scripts/setup_comfy.sh | tail -n 1)"
+  bash scripts/setup_comfy.sh
   # -P: ComfyUI's top-level `nodes` module must not be shadowed by this repository's nodes/ package
-  LIVECACHE_COMFY_ROOT="$comfy_root" .comfy/venv/bin/python -P -m pytest tests/comfy
+  LIVECACHE_COMFY_ROOT="$PWD/.comfy/ComfyUI" .comfy/venv/bin/python -P -m pytest tests/comfy
 fi

@@ -56,7 +56,8 @@ def test_our_pack_loads_through_comfyuis_custom_node_loader(repo):
     assert web and (repo / "web" / "comfyui" / "livecache.js").is_file()
 
 
-@pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("dpmpp_2m", "karras"), ("ddim", "ddim_uniform")])
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "normal"), ("dpmpp_2m", "karras"), ("ddim", "ddim_uniform"),
+                                               ("lcm", "sgm_uniform")])
 def test_deepcache_on_a_comfyui_model_with_comfyuis_samplers(model, conds, sampler, scheduler):
     before, full_calls = run(model, conds, sampler, scheduler)
     assert full_calls == STEPS  # CFG: cond and uncond batched into one U-Net call per step
@@ -67,7 +68,7 @@ def test_deepcache_on_a_comfyui_model_with_comfyuis_samplers(model, conds, sampl
     assert deep_calls == STEPS // 2
     assert (stats[0].full_calls, stats[0].cached_calls) == (STEPS // 2, STEPS // 2)
     assert not torch.equal(cached, before)  # it really reused features
-    assert psnr(before, cached) > 20.0, psnr(before, cached)
+    assert psnr(before, cached) > 35.0, psnr(before, cached)  # 41-44 dB measured
 
     after, full_again = run(model, conds, sampler, scheduler)
     assert torch.equal(after, before) and full_again == STEPS  # the input MODEL is untouched
@@ -87,12 +88,16 @@ def test_patched_model_is_a_clone_and_the_original_keeps_no_wrappers(model, cond
 
 
 def test_a_second_order_sampler_and_no_cfg(model, conds):
-    """Heun evaluates the U-Net twice per step at two sigmas; cfg=1 runs the conditional half only."""
+    """Heun evaluates the U-Net twice per step; cfg=1 runs the conditional half only.
+
+    Heun's correction at sigma[i+1] and the next step's first call share that sigma: the clock sees
+    one step with two call slots, each with its own cache, so half the 19 calls still run deep.
+    """
     before, full_calls = run(model, conds, "heun", "normal", cfg=1.0)
     patched = apply_deepcache(model, DeepCacheConfig(cache_interval=2))
     cached, deep_calls = run(patched, conds, "heun", "normal", cfg=1.0)
-    assert deep_calls < full_calls
-    assert psnr(before, cached) > 15.0, psnr(before, cached)
+    assert (full_calls, deep_calls) == (2 * STEPS - 1, STEPS)
+    assert psnr(before, cached) > 35.0, psnr(before, cached)  # 48.6 dB measured
 
 
 def test_bad_branch_or_model_fails_when_the_node_runs(model):
