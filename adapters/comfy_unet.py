@@ -113,9 +113,9 @@ def add_session(model: Any, key: str, make_session: Callable[[], Session],
                 on_finish: Callable[[Session], None] | None = None) -> Any:
     """A clone of ComfyUI `model` (a ModelPatcher) that runs a fresh `make_session()` on every sampling run.
 
-    `key` names the wrappers (one technique per key: applying the same technique twice replaces
-    nothing, both would run, so callers use one key per technique). `on_finish(session)` runs after
-    each run, e.g. to report what the session did to the frontend.
+    `key` names the technique's wrappers: applying a technique to a MODEL that already has it
+    replaces the earlier settings (the last node in the chain wins) instead of stacking two copies.
+    `on_finish(session)` runs after each run, e.g. to report what the session did to the frontend.
     """
     from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
 
@@ -142,8 +142,9 @@ def add_session(model: Any, key: str, make_session: Callable[[], Session],
                                        kwargs)
 
     patched = model.clone()
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, key, outer_sample)
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, diffusion_model)
+    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
+        patched.remove_wrappers_with_key(kind, key)
+        patched.add_wrapper_with_key(kind, key, wrapper)
     return patched
 
 

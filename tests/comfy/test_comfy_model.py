@@ -87,6 +87,22 @@ def test_patched_model_is_a_clone_and_the_original_keeps_no_wrappers(model, cond
     assert deep_calls < STEPS and torch.isfinite(latent).all()
 
 
+def test_cfg_halves_in_separate_calls_keep_separate_caches(model):
+    """Prompts of 8 and 77 tokens cannot share a batch, so ComfyUI calls the U-Net twice per step."""
+    conds = conditioning(1, 8, CONTEXT, seed=1), conditioning(1, 77, CONTEXT, seed=2)
+    before, full_calls = run(model, conds)
+    cached, deep_calls = run(apply_deepcache(model, DeepCacheConfig(cache_interval=2)), conds)
+    assert (full_calls, deep_calls) == (2 * STEPS, STEPS)
+    assert psnr(before, cached) > 35.0, psnr(before, cached)
+
+
+def test_applying_deepcache_again_replaces_the_settings(model, conds):
+    every_second = apply_deepcache(model, DeepCacheConfig(cache_interval=2))
+    every_fifth = apply_deepcache(every_second, DeepCacheConfig(cache_interval=5))
+    assert run(every_fifth, conds)[1] == STEPS // 5
+    assert run(every_second, conds)[1] == STEPS // 2  # the earlier clone keeps its own settings
+
+
 def test_a_second_order_sampler_and_no_cfg(model, conds):
     """Heun evaluates the U-Net twice per step; cfg=1 runs the conditional half only.
 
