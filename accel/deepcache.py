@@ -15,6 +15,10 @@ How it is applied, for any model family:
 - the cache is keyed by the call slot inside a step, so CFG halves or batches evaluated in
   separate calls never read each other's features, and a slot whose inputs changed shape recomputes;
 - `remove()` restores every module's original forward: outputs are then bit-identical to before.
+
+A model call is announced either by forward hooks on a root module (`apply`, the diffusers path) or
+by the host itself through `begin_call`/`end_call` after `attach` (ComfyUI, whose wrappers already
+see every call): the caching logic is the same either way.
 """
 
 from __future__ import annotations
@@ -95,8 +99,26 @@ class DeepCache:
 
     # -- lifecycle -------------------------------------------------------------------------
     def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], read_level: LevelReader) -> DeepCache:
-        """Start caching `deep_modules` inside `root`; `read_level(args, kwargs)` gives the noise level."""
-        if self._root_hooks:
+        """Start caching `deep_modules` inside `root`; `read_level(args, kwargs)` gives the noise level.
+
+        Each call of `root` is one model call: forward hooks on it drive `begin_call`/`end_call`.
+        """
+        self.attach(deep_modules)
+        self._root_hooks = [
+            root.register_forward_pre_hook(
+                lambda _m, args, kwargs: self.begin_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
+            ),
+            root.register_forward_hook(lambda *_: self.end_call()),
+        ]
+        return self
+
+    def attach(self, deep_modules: Sequence[nn.Module]) -> DeepCache:
+        """Override the deep modules' forwards without hooking a root.
+
+        For hosts that announce model calls themselves (ComfyUI's wrappers): the host calls
+        `begin_call` before each model call and `end_call` after it.
+        """
+        if len(self._overrides):
             raise RuntimeError("this DeepCache is already applied; remove() it first")
         if not deep_modules:
             raise ValueError("the adapter named no deep modules to cache")
@@ -106,13 +128,6 @@ class DeepCache:
                              "applied to this model; remove it first (two caches on one block cannot both hold)")
         for index, module in enumerate(deep_modules):
             self._overrides.install(module, lambda original, i=index: self._cached_forward(i, original))
-        self._root_hooks = [
-            root.register_forward_pre_hook(
-                lambda _m, args, kwargs: self._on_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
-            ),
-            # outside a root call the deep modules behave normally (e.g. a user probing one block)
-            root.register_forward_hook(lambda *_: setattr(self, "_slot", None)),
-        ]
         self.reset()
         return self
 
@@ -138,7 +153,8 @@ class DeepCache:
         self._reuse = False
 
     # -- per call --------------------------------------------------------------------------
-    def _on_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def begin_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A model call at noise level `level` starts: decide whether its deep modules compute or reuse."""
         tick = self.clock.tick(level)
         if tick.step == 0 and tick.slot == 0:
             self._slots.clear()
@@ -153,6 +169,10 @@ class DeepCache:
             self.stats.cached_calls += 1
         else:
             self.stats.full_calls += 1
+
+    def end_call(self) -> None:
+        """The model call ended; outside a model call the deep modules behave normally (a user probing a block)."""
+        self._slot = None
 
     def _is_cached_step(self, tick: Tick) -> bool:
         if self._schedule is not None:

@@ -8,6 +8,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
     "video": (".video_bench", "causal AR video: time per clip vs AR step, cache shared vs recompute, memory"),
+    "comfy": (".comfy_bench", "inside a real ComfyUI: uncached vs ComfyUI's EasyCache vs our DeepCache on one MODEL"),
     "realtime": ("..realtime.bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
 }
 

@@ -1,5 +1,6 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
+from .comfy_nodes import DeepCacheModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadVideoModel": LoadVideoModel,
     "LiveCacheCausalCache": CausalCache,
     "LiveCacheVideoSampler": VideoSampler,
+    "LiveCacheDeepCacheModel": DeepCacheModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadVideoModel": "Load Video Model (LiveCache)",
     "LiveCacheCausalCache": "Causal Cache (LiveCache)",
     "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
+    "LiveCacheDeepCacheModel": "DeepCache for MODEL (LiveCache)",
 }

@@ -2,7 +2,9 @@
 # The whole test suite on a fresh machine: the README's test command, and what .ci/run calls.
 # Creates .venv (unless a virtual environment is already active), installs the pack with its test,
 # peer and realtime extras and Debian's chromium (the live-page browser test), then runs ruff, the layer
-# check and pytest. Safe to re-run: every step is skipped when already done.
+# check and pytest; then the real-ComfyUI tests (tests/comfy) in ComfyUI's own environment, which
+# scripts/setup_comfy.sh builds once into .comfy/. Safe to re-run: every step is skipped when already done.
+# Arguments go to the main pytest run; LIVECACHE_COMFY_TESTS=0 leaves the ComfyUI suite out of a local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +40,9 @@ fi
 ruff check .
 if [ -f ../shared/tools/check_layers.py ]; then python ../shared/tools/check_layers.py .; fi
 python -m pytest "$@"
+
+if [ "${LIVECACHE_COMFY_TESTS:-1}" != 0 ]; then
+  bash scripts/setup_comfy.sh
+  # -P: ComfyUI's top-level `nodes` module must not be shadowed by this repository's nodes/ package
+  LIVECACHE_COMFY_ROOT="$PWD/.comfy/ComfyUI" .comfy/venv/bin/python -P -m pytest tests/comfy
+fi

@@ -1,0 +1,159 @@
+"""Adapter for ComfyUI's `MODEL` (a `ModelPatcher` around `openaimodel.UNetModel`: SD1.x, SD2.x, SDXL).
+
+A ComfyUI user hands us a `ModelPatcher`, never a bare U-Net, and several patchers share one
+U-Net. So nothing is changed on the U-Net while the patcher sits in the graph: we clone the
+patcher and add two of ComfyUI's own wrappers (`comfy.patcher_extension`), the way ComfyUI's
+EasyCache node does:
+
+- `OUTER_SAMPLE` (one sampling run of *this* clone): a fresh technique session attaches to the
+  U-Net for the length of the run (it learns the run's length from the sigmas) and detaches in a
+  `finally`, so the U-Net is exactly as before whatever happens, and other clones never see it;
+- `DIFFUSION_MODEL` (each U-Net call): the session learns the call's noise level (the sigma that
+  ComfyUI puts in `transformer_options`) and its inputs, which is all the cores need — so every
+  ComfyUI sampler works, and CFG halves batched into one call (or split over several calls when
+  memory is short) are one call slot each, never mixed.
+
+Techniques plug in as a `Session` (start / around each call / finish); `add_session` does the
+ComfyUI plumbing once for all of them. DeepCache's session uses the same core as the diffusers
+path (`accel/deepcache.py`); this file only says where its deep modules are in `UNetModel`.
+
+ComfyUI is imported lazily here and nowhere else below the node classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..accel.deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
+
+Call = Callable[[], Any]
+
+
+class Session(Protocol):
+    """One technique during one sampling run of a patched MODEL."""
+
+    def start(self, unet: nn.Module, total_steps: int) -> None:
+        """The run starts on `unet` with `total_steps` sampler steps (len(sigmas) - 1)."""
+
+    def around_call(self, call: Call, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run (or replace) one U-Net call at noise level `level`; `call()` runs the U-Net (and inner wrappers)."""
+
+    def finish(self) -> None:
+        """The run ended (also after an error): restore the U-Net and drop per-run state."""
+
+
+# -- where DeepCache's deep modules are -------------------------------------------------------
+def deep_modules(unet: nn.Module, branch_id: int) -> list[nn.Module]:
+    """The layers of `UNetModel` that lie entirely below skip branch `branch_id`, in execution order.
+
+    `input_blocks[0]` is conv_in and every input block pushes one skip, consumed by the output
+    blocks in reverse; branch `b` keeps `input_blocks[:b + 1]` and the last `b + 1` output blocks
+    (the same numbering as the diffusers adapter and the DeepCache authors). ComfyUI runs a block
+    by iterating its layers (`forward_timestep_embed`), not through the block's own forward, so the
+    deep modules are the layers of the deep blocks (each returns its cached output on cached steps).
+    """
+    for name in ("input_blocks", "middle_block", "output_blocks"):
+        if getattr(unet, name, None) is None:
+            raise TypeError(f"{type(unet).__name__} has no `{name}`: DeepCache for ComfyUI MODELs needs a U-Net "
+                            "of the SD1.x/SD2.x/SDXL family (openaimodel.UNetModel), not a DiT or other model")
+    inputs, outputs = list(unet.input_blocks), list(unet.output_blocks)
+    if len(inputs) != len(outputs):
+        raise TypeError(f"unexpected U-Net: {len(inputs)} input blocks but {len(outputs)} output blocks")
+    if not 0 <= branch_id < len(inputs) - 1:
+        raise ValueError(f"cache_branch_id must be in [0, {len(inputs) - 2}] for this U-Net, got {branch_id}")
+    deep_blocks = inputs[branch_id + 1 :] + [unet.middle_block] + outputs[: len(outputs) - branch_id - 1]
+    return [layer for block in deep_blocks for layer in block]
+
+
+class DeepCacheSession:
+    """DeepCache during one sampling run: the core attached to the U-Net's deep layers."""
+
+    def __init__(self, config: DeepCacheConfig) -> None:
+        self.config = config
+        self.core = DeepCache(config)
+
+    @property
+    def stats(self) -> DeepCacheStats:
+        return self.core.stats
+
+    def start(self, unet: nn.Module, total_steps: int) -> None:
+        self.core.attach(deep_modules(unet, self.config.cache_branch_id))
+        self.core.reset(total_steps)
+
+    def around_call(self, call: Call, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.core.begin_call(level, args, kwargs)
+        try:
+            return call()
+        finally:
+            self.core.end_call()
+
+    def finish(self) -> None:
+        self.core.remove()
+
+
+# -- ComfyUI plumbing, shared by every technique ----------------------------------------------
+def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    """The noise level of a `UNetModel.forward(x, timesteps, context, y, control, transformer_options)` call.
+
+    ComfyUI's sampler puts the call's sigmas in `transformer_options`; the timestep is the fallback
+    for callers that bypass the sampler (both fall as sampling proceeds, which is all the clock needs).
+    """
+    options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    level = options.get("sigmas") if isinstance(options, dict) else None
+    if level is None:
+        level = args[1] if len(args) > 1 else kwargs["timesteps"]
+    return float(level.reshape(-1)[0]) if isinstance(level, torch.Tensor) else float(level)
+
+
+def add_session(model: Any, key: str, make_session: Callable[[], Session],
+                on_finish: Callable[[Session], None] | None = None) -> Any:
+    """A clone of ComfyUI `model` (a ModelPatcher) that runs a fresh `make_session()` on every sampling run.
+
+    `key` names the technique's wrappers: applying a technique to a MODEL that already has it
+    replaces the earlier settings (the last node in the chain wins) instead of stacking two copies.
+    `on_finish(session)` runs after each run, e.g. to report what the session did to the frontend.
+    """
+    from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
+
+    current: list[Session] = []  # the session of the run in progress (runs are sequential in ComfyUI)
+
+    def outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        unet = executor.class_obj.model_patcher.model.diffusion_model
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        session = make_session()
+        session.start(unet, max(int(sigmas.shape[-1]) - 1, 1))
+        current.append(session)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            current.remove(session)
+            session.finish()
+            if on_finish is not None:
+                on_finish(session)
+
+    def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        if not current:  # the U-Net called outside a sampling run of this clone
+            return executor(*args, **kwargs)
+        return current[-1].around_call(lambda: executor(*args, **kwargs), read_sigma(args, kwargs), tuple(args),
+                                       kwargs)
+
+    patched = model.clone()
+    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
+        patched.remove_wrappers_with_key(kind, key)
+        patched.add_wrapper_with_key(kind, key, wrapper)
+    return patched
+
+
+def apply_deepcache(model: Any, config: DeepCacheConfig,
+                    on_finish: Callable[[DeepCacheSession], None] | None = None) -> Any:
+    """A clone of ComfyUI `model` with DeepCache; `model` itself is left untouched.
+
+    The branch is checked against the model's U-Net now, so a wrong branch or a non-U-Net model
+    fails when the node runs, not in the middle of sampling.
+    """
+    deep_modules(model.get_model_object("diffusion_model"), config.cache_branch_id)
+    return add_session(model, "livecache_deepcache", lambda: DeepCacheSession(config), on_finish)  # type: ignore[arg-type]

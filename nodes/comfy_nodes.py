@@ -1,0 +1,48 @@
+"""Node classes that accelerate ComfyUI's own `MODEL` (Load Checkpoint → MODEL → … → KSampler).
+
+Each node returns a patched clone of its input (ComfyUI's `ModelPatcher.clone()`), so the input
+MODEL and every other branch of the graph stay untouched. The technique runs inside whatever
+sampler node later samples with the MODEL; when that run ends, what it did is sent to the
+frontend as a `livecache.stats` message for *this* node (web/comfyui/livecache.js shows it).
+A further technique is one more node of the same shape around `adapters.comfy_unet.add_session`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..accel.deepcache import DeepCacheConfig
+from ..adapters.comfy_unet import DeepCacheSession, apply_deepcache
+from .diffusers_nodes import ApplyDeepCache
+from .ui_messages import send_stats
+
+
+class DeepCacheModel:
+    """DeepCache for a ComfyUI MODEL (SD1.x, SD2.x, SDXL U-Nets), any ComfyUI sampler and scheduler."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Feature caching (DeepCache) on a ComfyUI MODEL: the full U-Net every N steps, only the "
+                   "shallow branch in between. Connect the result to KSampler (or any sampler node).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # the same knobs, ranges and tooltips as the diffusers-side DeepCache node, on a MODEL
+        required = dict(ApplyDeepCache.INPUT_TYPES()["required"])
+        required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
+                                                  "copy is returned."})
+        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, model: Any, cache_interval: int, cache_branch_id: int, schedule: str, start: float, end: float,
+              unique_id: str | None = None) -> tuple[Any]:
+        config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+
+        def report(session: DeepCacheSession) -> None:
+            stats = session.stats
+            send_stats(unique_id, f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls, "
+                       f"schedule {stats.schedule}",
+                       {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls})
+
+        return (apply_deepcache(model, config, report),)

