@@ -110,6 +110,11 @@ class DeepCacheHandle:
     def stats(self):
         return self.core.stats
 
+    def summary(self) -> str:
+        """One line for the sampler node's message."""
+        s = self.stats
+        return f"DeepCache: {s.full_calls} full / {s.cached_calls} cached U-Net calls, schedule {s.schedule}"
+
     def remove(self) -> None:
         self.core.remove()
         if self._scheduler is not None and "set_timesteps" in self._scheduler.__dict__:
@@ -131,20 +136,34 @@ def apply_deepcache(target: Any, config: DeepCacheConfig) -> DeepCacheHandle:
 
 
 @contextmanager
-def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[DeepCacheHandle]]:
+def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[Any]]:
     """Apply each acceleration config to `unet` (and `scheduler`) for the duration of a `with` block.
 
     Removal runs even when sampling fails, in reverse order, so the U-Net leaves the block exactly as
     it entered — which is what lets node classes share one loaded model without mutating it.
     """
     target = SimpleNamespace(unet=unet, scheduler=scheduler)
-    handles: list[DeepCacheHandle] = []
+    handles: list[Any] = []
     try:
         for config in configs:
-            if not isinstance(config, DeepCacheConfig):
-                raise TypeError(f"no diffusers adapter for {type(config).__name__}")
-            handles.append(apply_deepcache(target, config))
+            if isinstance(config, DeepCacheConfig):
+                handles.append(apply_deepcache(target, config))
+            else:
+                handles.append(_apply_quant_family(unet, scheduler, config))
         yield handles
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+def _apply_quant_family(unet: nn.Module, scheduler: Any, config: Any) -> Any:
+    """CacheQuant and W8A8/DGQ plans (adapters/diffusers_quant.py; imported here to avoid an import cycle)."""
+    from ..accel.cachequant import CacheQuantPlan
+    from ..accel.quant import QuantPlan
+    from .diffusers_quant import apply_cachequant, apply_quantization
+
+    if isinstance(config, CacheQuantPlan):
+        return apply_cachequant(unet, scheduler, config)
+    if isinstance(config, QuantPlan):
+        return apply_quantization(unet, config)
+    raise TypeError(f"no diffusers adapter for {type(config).__name__}")

@@ -1,5 +1,6 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
+from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
@@ -8,6 +9,10 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheSampler": DiffusersSampler,
     "LiveCacheDecode": DecodeImages,
     "LiveCacheSaveImages": SaveImages,
+    "LiveCacheCalibrateSchedule": CalibrateSchedule,
+    "LiveCacheLoadSchedule": LoadSchedule,
+    "LiveCacheCacheQuant": ApplyCacheQuant,
+    "LiveCacheQuantize": Quantize,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
@@ -15,4 +20,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheSampler": "Sampler (LiveCache)",
     "LiveCacheDecode": "Decode (LiveCache)",
     "LiveCacheSaveImages": "Save Images (LiveCache)",
+    "LiveCacheCalibrateSchedule": "Calibrate Cache Schedule (LiveCache)",
+    "LiveCacheLoadSchedule": "Load Cache Schedule (LiveCache)",
+    "LiveCacheCacheQuant": "CacheQuant (LiveCache)",
+    "LiveCacheQuantize": "Quantize W8A8 / DGQ (LiveCache)",
 }

@@ -131,9 +131,9 @@ class DiffusersSampler:
         seconds = time.perf_counter() - started
         for handle in handles:
             stats = handle.stats
-            send_stats(unique_id, f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
-                       f"in {seconds:.2f} s, schedule {stats.schedule}",
-                       {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "seconds": seconds})
+            send_stats(unique_id, f"{handle.summary()} in {seconds:.2f} s",
+                       {"full_calls": getattr(stats, "full_calls", None),
+                        "cached_calls": getattr(stats, "cached_calls", None), "seconds": seconds})
         return ({"samples": latents},)
 
 
