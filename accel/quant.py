@@ -195,9 +195,9 @@ class LayerCorrection:
     scale: torch.Tensor  # [L, C]
     shift: torch.Tensor  # [L, C]
 
-    def at(self, level: float) -> tuple[torch.Tensor, torch.Tensor]:
-        index = int(torch.argmin((self.levels - level).abs()))
-        return self.scale[index], self.shift[index]
+    def index(self, level: float) -> int:
+        """The calibrated level nearest `level` (every layer of a plan shares the same levels)."""
+        return int(torch.argmin((self.levels - level).abs()))
 
 
 @dataclass
@@ -362,15 +362,27 @@ class QuantStats:
 
 
 class _LevelTracker:
-    """The noise level of the current root call (per-level corrections read it)."""
+    """The noise level of the current root call (per-level corrections read it).
 
-    def __init__(self) -> None:
+    `correction` (any layer's: a plan's layers share their calibrated levels) turns the level into
+    the index of the nearest calibrated level once per call instead of once per layer.
+    """
+
+    def __init__(self, correction: LayerCorrection | None = None) -> None:
         self.level: float | None = None
+        self.index: int | None = None
+        self._correction = correction
+
+    def _enter(self, level: float) -> None:
+        self.level = level
+        self.index = None if self._correction is None else self._correction.index(level)
 
     def attach(self, root: nn.Module, read_level: LevelReader) -> list[torch.utils.hooks.RemovableHandle]:
-        return [root.register_forward_pre_hook(lambda _m, a, k: setattr(self, "level", read_level(a, k)),
-                                               with_kwargs=True),
-                root.register_forward_hook(lambda *_: setattr(self, "level", None))]
+        return [root.register_forward_pre_hook(lambda _m, a, k: self._enter(read_level(a, k)), with_kwargs=True),
+                root.register_forward_hook(lambda *_: self._enter_none())]
+
+    def _enter_none(self) -> None:
+        self.level = self.index = None
 
 
 def calibrate_quant(config: QuantConfig, root: nn.Module, layers: dict[str, nn.Module], read_level: LevelReader,
@@ -463,7 +475,8 @@ class Quantizer:
         self.stats = QuantStats(plan.config.label(), plan.backend, plan.size_ratio, len(plan.layers),
                                 corrected=self.correct)
         self._overrides = ForwardOverrides()
-        self._tracker = _LevelTracker()
+        corrections = [layer.correction for layer in plan.layers.values() if layer.correction is not None]
+        self._tracker = _LevelTracker(corrections[0] if self.correct else None)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def apply(self, root: nn.Module, layers: dict[str, nn.Module], read_level: LevelReader) -> Quantizer:
@@ -487,10 +500,11 @@ class Quantizer:
     def _forward(self, layer: QuantLayer, module: nn.Module) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = layer.compute(module, x)
-            if self.correct and layer.correction is not None and self._tracker.level is not None:
-                a, b = layer.correction.at(self._tracker.level)
+            index = self._tracker.index
+            if index is not None and layer.correction is not None:
                 view = (-1,) if layer.kind == "linear" else (-1, 1, 1)
-                y = y * a.to(y.dtype).view(view) + b.to(y.dtype).view(view)
+                scale, shift = layer.correction.scale[index], layer.correction.shift[index]
+                y = torch.addcmul(shift.to(y.dtype).view(view), y, scale.to(y.dtype).view(view))
             return y
 
         return forward

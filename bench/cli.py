@@ -7,6 +7,7 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
+    "suite": (".suite_bench", "CacheQuant, DP cache schedule, W8A8, DGQ and diffusers' cache hooks in one table"),
     "realtime": ("..realtime.bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
 }
 
