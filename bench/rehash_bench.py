@@ -59,7 +59,7 @@ def rehash_rows(work: Workload, scheduler_name: str, steps: int, configs: list[S
     plan += [(f"rehash τ={c.threshold:g} max {c.max_skips} {c.mode}", c) for c in configs]
     rows = {name: RehashRow(work.name, scheduler_name, steps, name) for name, _ in plan}
     outputs: dict[str, torch.Tensor] = {}
-    _run(work, scheduler_name, steps, None)  # warm-up
+    _run(work, scheduler_name, min(steps, 2), None)  # warm-up: allocator, oneDNN primitives
     for round_index in range(runs):
         for name, config in plan:
             started = time.perf_counter()
@@ -106,7 +106,7 @@ def format_table(rows: list[RehashRow]) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default="embedded,sd15", help="comma list: embedded, sd15, sd15-tiny")
     parser.add_argument("--schedulers", default="lcm,ddim", help="comma list of lcm (4 steps), ddim (20 steps)")
-    parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="rehash thresholds to measure")
+    parser.add_argument("--thresholds", default="0.03,0.05,0.1,1", help="rehash thresholds to measure")
     parser.add_argument("--max-skips", type=int, default=1, help="consecutive skipped steps allowed (default 1)")
     parser.add_argument("--mode", default="reuse", choices=["reuse", "extrapolate"], help="what a skipped step returns")
     parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
