@@ -26,9 +26,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .forward_override import Forward, ForwardOverrides
+from .forward_override import Forward, ForwardOverrides, has_approximate_override
 from .schedules import Schedule, format_schedule, nonuniform_schedule, uniform_schedule
-from .step_clock import StepClock, Tick
+from .step_clock import StepClock, Tick, call_signature
 
 ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
 LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
@@ -115,7 +115,7 @@ class DeepCache:
             raise RuntimeError("this DeepCache is already applied; remove() it first")
         if not deep_modules:
             raise ValueError("the adapter named no deep modules to cache")
-        overridden = [type(m).__name__ for m in deep_modules if "forward" in m.__dict__]
+        overridden = [type(m).__name__ for m in deep_modules if has_approximate_override(m)]
         if overridden:
             raise ValueError(f"{overridden[0]} already has an override of its forward: another feature cache is "
                              "applied to this model; remove it first (two caches on one block cannot both hold)")
@@ -157,10 +157,12 @@ class DeepCache:
         tick = self.tick = self.clock.tick(level)
         if tick.step == 0 and tick.slot == 0:
             self._slots.clear()
-        signature = _signature(args, kwargs)
+        signature = call_signature(args, kwargs)
         slot = self._slots.setdefault(tick.slot, _SlotCache())
         self._reuse = self._is_cached_step(tick) and slot.signature == signature and bool(slot.outputs)
-        if not self._reuse:
+        if slot.signature != signature:
+            # Another kind of call: nothing kept is valid. Otherwise a full step overwrites every entry as
+            # its deep modules run, so a step an outer technique skips (step rehash) keeps the last features.
             slot.outputs = {}
             slot.signature = signature
         self._slot = slot
@@ -197,9 +199,3 @@ class DeepCache:
 
         return forward
 
-
-def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Shapes, dtypes and devices of the tensor inputs: a cache is only reused for the same kind of call."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors += [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)

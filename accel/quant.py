@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache_schedule import affine_residual, fit_affine
-from .forward_override import Forward, ForwardOverrides
+from .forward_override import Forward, ForwardOverrides, has_approximate_override
 
 QuantMethod = Literal["w8a8", "dgq"]
 Backend = Literal["auto", "int8", "simulated"]
@@ -487,8 +487,9 @@ class Quantizer:
             raise ValueError(f"this quantization plan does not match the model (layer {unknown[0]!r} differs): "
                              "calibrate it for this model")
         for name, module in layers.items():
-            if "forward" in module.__dict__:
-                raise ValueError(f"layer {name} already has a forward override: the model is quantized already")
+            if has_approximate_override(module):
+                raise ValueError(f"layer {name} already has a forward override that changes its results "
+                                 "(the model is quantized already?); remove the other technique first")
             self._overrides.install(module, lambda original, n=name, m=module: self._forward(self.plan.layers[n], m))
         self._hooks = self._tracker.attach(root, read_level)
         self._hooks.append(root.register_forward_pre_hook(lambda *_: self._count()))

@@ -88,11 +88,6 @@ class QuantHandle:
     def stats(self):
         return self.quantizer.stats
 
-    def summary(self) -> str:
-        s = self.stats
-        return (f"{s.label}: {s.quantized_layers} layers, {s.backend}, weights {s.size_ratio:.2f}× smaller"
-                + (", quantization error corrected" if s.corrected else ""))
-
     def remove(self) -> None:
         self.quantizer.remove()
         while self.restore:
@@ -119,20 +114,13 @@ def apply_quantization(unet: nn.Module, plan: QuantPlan) -> QuantHandle:
     return QuantHandle(quantizer, restore)
 
 
-class CacheQuantHandle(DeepCacheHandle):
-    """CacheQuant applied to a U-Net; the scheduler's `set_timesteps` starts each generation."""
+def apply_cachequant(unet: nn.Module, scheduler: Any, plan: CacheQuantPlan) -> DeepCacheHandle:
+    """Apply a calibrated CacheQuant plan (schedule, quantization, corrections) to `unet`.
 
-    def summary(self) -> str:
-        s = self.stats
-        text = (f"CacheQuant ({s.label}): {s.full_calls} full / {s.cached_calls} cached U-Net calls, "
-                f"schedule {s.schedule}")
-        return text + (f", {s.backend}, weights {s.size_ratio:.2f}× smaller" if s.backend else "")
-
-
-def apply_cachequant(unet: nn.Module, scheduler: Any, plan: CacheQuantPlan) -> CacheQuantHandle:
-    """Apply a calibrated CacheQuant plan (schedule, quantization, corrections) to `unet`."""
+    The handle is DeepCache's: the scheduler's `set_timesteps` starts each generation of the core.
+    """
     plan.schedule.check(model_fingerprint(unet))
     branch = plan.config.cache_branch_id
     core = CacheQuant(plan).apply(unet, deep_modules(unet, branch), feature_module(unet, branch), quant_layers(unet),
                                   read_timestep)
-    return CacheQuantHandle(core, scheduler)
+    return DeepCacheHandle(core, scheduler)

@@ -2,10 +2,13 @@
 
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
+from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
     "LiveCacheDeepCache": ApplyDeepCache,
+    "LiveCacheStepRehash": ApplyStepRehash,
+    "LiveCacheSlicing": ApplySlicing,
     "LiveCacheSampler": DiffusersSampler,
     "LiveCacheDecode": DecodeImages,
     "LiveCacheSaveImages": SaveImages,
@@ -17,6 +20,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
     "LiveCacheDeepCache": "DeepCache (LiveCache)",
+    "LiveCacheStepRehash": "Step Rehash (LiveCache)",
+    "LiveCacheSlicing": "Feature Slicing (LiveCache)",
     "LiveCacheSampler": "Sampler (LiveCache)",
     "LiveCacheDecode": "Decode (LiveCache)",
     "LiveCacheSaveImages": "Save Images (LiveCache)",

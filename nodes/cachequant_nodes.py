@@ -4,6 +4,8 @@ Each node validates its inputs, runs one calibration through the adapter, and re
 value: an `LC_SCHEDULE` (a `CalibratedSchedule`) or an `LC_PIPE` carrying one more acceleration
 (a `CacheQuantPlan` or `QuantPlan`). Calibration runs the model as loaded (no acceleration), so
 the input model is never changed; schedules are saved and loaded inside the output folder only.
+Stacking rules (`accel.compose.check_stack`) refuse combinations that cannot work, e.g. CacheQuant
+on a model that already has DeepCache (two feature caches on one U-Net).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
-from ..accel.cachequant import CacheQuantConfig, CacheQuantPlan
-from ..accel.deepcache import DeepCacheConfig
-from ..accel.quant import QuantConfig, QuantPlan
+from ..accel.cachequant import CacheQuantConfig
+from ..accel.compose import check_stack
+from ..accel.quant import QuantConfig
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_unet import deep_modules
 from ..models.calibration import calibration_runs
@@ -52,20 +54,6 @@ def _schedule_path(path: str) -> Path:
     if not path.strip() or relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"schedule path {path!r} must be a relative path inside the output folder")
     return output_dir() / relative.with_suffix(".json")
-
-
-def _refuse_stacked_caches(model: DiffusionModel, what: str) -> None:
-    for existing in model.accelerations:
-        if isinstance(existing, DeepCacheConfig | CacheQuantPlan):
-            raise ValueError(f"{what} caches deep features itself and this model already has "
-                             f"{type(existing).__name__}: two feature caches cannot share one U-Net; remove one")
-
-
-def _refuse_double_quantization(model: DiffusionModel, what: str) -> None:
-    for existing in model.accelerations:
-        quantized = isinstance(existing, QuantPlan) or (isinstance(existing, CacheQuantPlan) and existing.quant)
-        if quantized:
-            raise ValueError(f"{what} quantizes the U-Net, which this model's {type(existing).__name__} already does")
 
 
 class CalibrateSchedule:
@@ -161,9 +149,6 @@ class ApplyCacheQuant:
     def apply(self, model: DiffusionModel, quantization: str, correct_cache: bool, correct_quant: bool,
               full_steps: int, cache_branch_id: int, calibration_prompts: str, calibration_seeds: int, steps: int,
               scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None) -> tuple[DiffusionModel]:
-        _refuse_stacked_caches(model, "CacheQuant")
-        if quantization == "w8a8":
-            _refuse_double_quantization(model, "CacheQuant")
         if schedule is not None:
             schedule.check(model_fingerprint(model.unet))
             steps, scheduler = schedule.steps, schedule.scheduler
@@ -175,6 +160,7 @@ class ApplyCacheQuant:
         runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         plan = calibrate_cachequant_unet(model.unet, config, runs, steps, model.name, scheduler, schedule,
                                          _info(calibration_prompts, calibration_seeds, guidance))
+        check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
         return (model.with_acceleration(plan),)
 
 
@@ -211,6 +197,7 @@ class Quantize:
               correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
               guidance: float) -> tuple[DiffusionModel]:
         config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
-        _refuse_double_quantization(model, config.label())
         runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        return (model.with_acceleration(calibrate_quantization(model.unet, config, runs)),)
+        plan = calibrate_quantization(model.unet, config, runs)
+        check_stack(model.accelerations + (plan,))
+        return (model.with_acceleration(plan),)
