@@ -3,11 +3,13 @@
 One core, two methods, one set of quantizers:
 
 - **W8A8** (CacheQuant's structural half): weights int8, symmetric per output channel; activations
-  8-bit per tensor. With the `int8` backend this is *real* int8 arithmetic on CPU through torch's
-  x86 quantized kernels: Linear layers use `quantized::linear_dynamic` (activation scale taken
-  per call by the kernel), Conv2d layers oneDNN's `qconv_pointwise` (the kernel torch's x86
-  inductor quantization uses; AMX/VNNI int8) with a calibrated static input range and float output,
-  so no output requantization adds error. The `simulated` backend computes the same quantization in floating
+  8-bit per tensor with *dynamic* scales (each call's own min/max: a diffusion U-Net's activation
+  ranges drift across timesteps, so one calibrated range is loose for most steps; on the SD1.5-shaped
+  U-Net, 4 DDIM steps at an 8×8 latent, latent PSNR rose from 37.6 dB (static) to 42.4 dB). With the
+  `int8` backend this is *real* int8 arithmetic on CPU through torch's x86 quantized kernels:
+  Linear layers use `quantized::linear_dynamic`, Conv2d layers oneDNN's `qconv_pointwise` (the
+  kernel torch's x86 inductor quantization uses; AMX/VNNI int8) with float output, so no output
+  requantization adds error. The `simulated` backend computes the same quantization in floating
   point (fake-quant), for dtypes or devices without those kernels; `stats.backend` says which ran.
 - **DGQ** (distribution-aware group quantization): weights at 8, 6 or 4 bits (per output channel,
   in groups of `weight_group` inputs below 8 bits); activations quantized per (pixel, group of
@@ -122,13 +124,18 @@ def fake_quant_weight(weight: torch.Tensor, bits: int, group: int = 0) -> torch.
     return (ints * scale).reshape(weight.shape).to(weight.dtype)
 
 
-def fake_quant_range(x: torch.Tensor, low: float, high: float, bits: int) -> torch.Tensor:
-    """Asymmetric per-tensor quantization with a calibrated range (what a static uint8 kernel computes)."""
-    low, high = min(low, 0.0), max(high, 0.0)
+def uint_params(x: torch.Tensor, bits: int) -> tuple[float, int]:
+    """Asymmetric per-tensor scale and zero point covering `x` (and 0), as the int8 kernels take them."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     levels = 2**bits - 1
-    scale = max(high - low, 1e-12) / levels
-    zero = round(-low / scale)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+    scale = max(high - low, 1e-8) / levels
+    return scale, int(min(levels, max(0, round(-low / scale))))
+
+
+def fake_quant_dynamic(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric per-tensor quantization with this tensor's own range (what the int8 path computes)."""
+    scale, zero = uint_params(x, bits)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
     return ((q - zero) * scale).to(x.dtype)
 
 
@@ -173,15 +180,12 @@ def log2_quantize(probs: torch.Tensor, bits: int) -> torch.Tensor:
 
 @dataclass
 class LayerRanges:
-    """What calibration observed at one layer's input and output."""
+    """What calibration observed at one layer's input (DGQ picks its outlier channels from it)."""
 
-    in_low: float = math.inf
-    in_high: float = -math.inf
     channel_absmax: torch.Tensor | None = None  # per input channel
 
     def observe(self, x: torch.Tensor, channel_dim: int) -> None:
         x = x.detach().float()
-        self.in_low, self.in_high = min(self.in_low, float(x.min())), max(self.in_high, float(x.max()))
         dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
         absmax = x.abs().amax(dim=dims)
         self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
@@ -231,7 +235,7 @@ class QuantLayer:
     def _quant_act(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.method == "w8a8":
-            return fake_quant_range(x, self.ranges.in_low, self.ranges.in_high, cfg.act_bits)
+            return fake_quant_dynamic(x, cfg.act_bits)
         channels_last = x if self.kind == "linear" else x.movedim(1, -1)
         flat = channels_last.reshape(-1, channels_last.shape[-1])
         keep = None if self.keep_channels is None else self.keep_channels.unsqueeze(0).expand_as(flat)
@@ -245,7 +249,7 @@ class QuantLayer:
             flat = x.float().reshape(-1, x.shape[-1])
             out = torch.ops.quantized.linear_dynamic(flat, self.packed, False)
             return out.reshape(*x.shape[:-1], out.shape[-1]).to(dtype)
-        scale, zero = _uint8_params(self.ranges.in_low, self.ranges.in_high)
+        scale, zero = uint_params(x, 8)
         qx = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).to(torch.uint8)
         bias = None if module.bias is None else module.bias.detach().float()
         zeros = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
@@ -253,12 +257,6 @@ class QuantLayer:
                                                list(module.stride), list(module.padding), list(module.dilation),
                                                module.groups, 1.0, 0, torch.float32, "none", [], "")
         return out.to(dtype)
-
-
-def _uint8_params(low: float, high: float) -> tuple[float, int]:
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max(high - low, 1e-8) / 255.0
-    return scale, int(min(255, max(0, round(-low / scale))))
 
 
 def int8_available() -> bool:
@@ -304,10 +302,10 @@ def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig) -> 
             bias = None if module.bias is None else module.bias.detach().float()
             layer.packed = torch.ops.quantized.linear_prepack(q, bias)
         else:
-            x_scale, x_zero = _uint8_params(ranges.in_low, ranges.in_high)
             layer.weight_scale = channel_scale.float()
+            # the input scale given here is only a hint: qconv_pointwise takes each call's own scale
             layer.packed = torch.ops.onednn.qconv_prepack(ints.reshape(weight.shape).to(torch.int8), layer.weight_scale,
-                                                          x_scale, x_zero, list(module.stride), list(module.padding),
+                                                          1.0, 0, list(module.stride), list(module.padding),
                                                           list(module.dilation), module.groups, None)
     else:
         layer.fake_weight = (ints * scale).reshape(weight.shape)

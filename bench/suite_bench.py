@@ -36,7 +36,9 @@ from ..accel.cache_schedule import uniform_with
 from ..accel.cachequant import CacheQuantConfig
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.quant import QuantConfig
+from ..accel.rehash import StepRehashConfig
 from ..accel.schedules import count_full, uniform_schedule
+from ..accel.slicing import SlicingConfig
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_unet import accelerated
 from ..models.calibration import calibration_runs
@@ -86,11 +88,15 @@ def _generate(method: Method) -> tuple[torch.Tensor, float]:
         out = method.peer(work)
         return out, time.perf_counter() - started
     scheduler = make_scheduler("ddim", work.model.scheduler_config)
-    with accelerated(work.model.unet, scheduler, method.configs):
+    with accelerated(work.model.unet, scheduler, method.configs) as handles:
         started = time.perf_counter()
         out = sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps, work.guidance,
                      progress=False)
-        return out, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+    skipped = [h.stats for h in handles if hasattr(h.stats, "skipped_steps")]
+    if skipped and not method.note:  # step rehash: how many steps it skipped
+        method.note = f"skipped {skipped[0].skipped_steps}/{work.steps} steps ({skipped[0].pattern})"
+    return out, seconds
 
 
 def _peak_bytes(method: Method) -> tuple[torch.Tensor, int]:
@@ -134,10 +140,11 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     cache_note = f"cache error on calibration {fixes[0].error_before:.3g} -> {fixes[0].error_after:.3g}"
     quant_note = f"layer quant error on calibration {fixes[1][0]:.3g} -> {fixes[1][1]:.3g}"
     dp_config = DeepCacheConfig(schedule="calibrated", full_steps_override=schedule.full_steps)
+    uniform_dc = DeepCacheConfig(cache_interval=interval)
     methods = [
         Method("uncached fp32", "baseline", work),
         Method("uncached bf16", "baseline", _bf16(work), size_ratio=2.0),
-        Method(f"DeepCache uniform K={k}", "ours", work, (DeepCacheConfig(cache_interval=interval),),
+        Method(f"DeepCache uniform K={k}", "ours", work, (uniform_dc,),
                note="".join("F" if f else "." for f in uniform)),
         Method(f"DeepCache DP K={k}", "ours", work, (dp_config,), note=schedule.describe().split(" (")[0]),
         Method("W8A8", "ours", work, (w8a8,), w8a8.size_ratio, w8a8.backend),
@@ -150,6 +157,14 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     ]
     for bits, plan in dgq.items():
         methods.append(Method(f"DGQ W{bits}A8 log8-attn", "ours", work, (plan,), plan.size_ratio, plan.backend))
+    methods += [
+        Method("step rehash reuse thr 0.1", "ours", work, (StepRehashConfig(),)),
+        Method("slicing batch ×2", "ours", work, (SlicingConfig("batch", 2, False),)),
+        Method(f"stack: W8A8 + DeepCache K={k} + slicing", "ours", work,
+               (w8a8, uniform_dc, SlicingConfig("batch", 2, False)), w8a8.size_ratio),
+        Method(f"stack: CacheQuant K={k} + slicing", "ours", work, (cq, SlicingConfig("batch", 2, False)),
+               cq.quant.size_ratio),
+    ]
     if peers:
         methods += [Method(name, "peer", work, peer=runner) for name, runner in HOOK_PEERS.items()]
     return methods
@@ -157,7 +172,7 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
 
 def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[torch.Tensor], float] | None,
                log: Callable[[str], None]) -> list[Row]:
-    rows = {m.name: Row(work.name, m.name, m.family, size_ratio=m.size_ratio, note=m.note) for m in methods}
+    rows = {m.name: Row(work.name, m.name, m.family, size_ratio=m.size_ratio) for m in methods}
     outputs: dict[str, torch.Tensor] = {}
     peaks: dict[str, int] = {}
     for method in methods:  # warm-up, fidelity output and peak memory
@@ -178,6 +193,7 @@ def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[
     base_peak = peaks["uncached fp32"]
     for method in live:
         row = rows[method.name]
+        row.note = method.note
         row.seconds = statistics.median(row.times)
         row.speed = base_time / row.seconds
         row.peak_mb = peaks[method.name] / 2**20
@@ -195,11 +211,11 @@ def format_table(rows: list[Row]) -> str:
     def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
         return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
 
-    head = (f"{'work':9} {'method':30} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
+    head = (f"{'work':9} {'method':40} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
             f"{'lat PSNR':>8} {'img PSNR':>8} {'SSIM':>6} {'FID*':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.work:9} {r.method:30} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
+        lines.append(f"{r.work:9} {r.method:40} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
                      f"{f(r.peak_mb, '.1f', 8)} {f(r.memory_ratio, '.2f', 6, '×')} {f(r.size_ratio, '.2f', 6, '×')} "
                      f"{f(r.latent_psnr, '.2f', 8)} {f(r.image_psnr, '.2f', 8)} {f(r.image_ssim, '.3f', 6)} "
                      f"{f(r.fid, '.2f', 7)}  {r.note}")
