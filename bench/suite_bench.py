@@ -133,6 +133,11 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim")
     cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), runs, steps, work.name, "ddim", schedule)
     w8a8 = calibrate_quantization(unet, QuantConfig(), runs)
+    bf16 = _bf16(work)
+    bf16_runs = calibration_runs(bf16.model, prompts, calibration_seeds, steps, "ddim", work.guidance,
+                                 height=work.noise.shape[-2], width=work.noise.shape[-1])
+    cq_bf16 = calibrate_cachequant_unet(bf16.model.unet, CacheQuantConfig(k, quant=None), bf16_runs, steps,
+                                        work.name, "ddim", schedule)
     dgq = {bits: calibrate_quantization(unet, QuantConfig("dgq", bits, attention_bits=8), runs) for bits in (8, 6, 4)}
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s on {len(runs)} runs: "
         f"DP schedule {schedule.describe()}")
@@ -143,7 +148,7 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     uniform_dc = DeepCacheConfig(cache_interval=interval)
     methods = [
         Method("uncached fp32", "baseline", work),
-        Method("uncached bf16", "baseline", _bf16(work), size_ratio=2.0),
+        Method("uncached bf16", "baseline", bf16, size_ratio=2.0),
         Method(f"DeepCache uniform K={k}", "ours", work, (uniform_dc,),
                note="".join("F" if f else "." for f in uniform)),
         Method(f"DeepCache DP K={k}", "ours", work, (dp_config,), note=schedule.describe().split(" (")[0]),
@@ -155,6 +160,9 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
         Method("  ablation: quant corr. only", "ours", work, (cq.variant(False, True),), cq.quant.size_ratio,
                quant_note),
     ]
+    methods.append(Method(f"CacheQuant on bf16 K={k} (DP+cache corr, no int8)", "ours", bf16, (cq_bf16,),
+                          2.0, f"cache error on calibration {cq_bf16.cache_correction.error_before:.3g} -> "
+                          f"{cq_bf16.cache_correction.error_after:.3g}"))
     for bits, plan in dgq.items():
         methods.append(Method(f"DGQ W{bits}A8 log8-attn", "ours", work, (plan,), plan.size_ratio, plan.backend))
     methods += [
@@ -211,11 +219,11 @@ def format_table(rows: list[Row]) -> str:
     def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
         return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
 
-    head = (f"{'work':9} {'method':40} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
+    head = (f"{'work':9} {'method':46} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
             f"{'lat PSNR':>8} {'img PSNR':>8} {'SSIM':>6} {'FID*':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.work:9} {r.method:40} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
+        lines.append(f"{r.work:9} {r.method:46} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
                      f"{f(r.peak_mb, '.1f', 8)} {f(r.memory_ratio, '.2f', 6, '×')} {f(r.size_ratio, '.2f', 6, '×')} "
                      f"{f(r.latent_psnr, '.2f', 8)} {f(r.image_psnr, '.2f', 8)} {f(r.image_ssim, '.3f', 6)} "
                      f"{f(r.fid, '.2f', 7)}  {r.note}")
