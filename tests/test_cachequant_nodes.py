@@ -20,7 +20,8 @@ def digits():
     return LoadDiffusersModel().load("embedded:digits")[0]
 
 
-@pytest.mark.parametrize("name, prefix", [("cachequant.json", "cachequant"), ("dgq_api.json", "dgq")])
+@pytest.mark.parametrize("name, prefix", [("cachequant.json", "cachequant"), ("dgq_api.json", "dgq"),
+                                          ("stacked_api.json", "stacked")])
 def test_shipped_workflows_run_headless(tmp_path, name, prefix):
     assert cli_main(["run", str(WORKFLOWS / name), "--output", str(tmp_path)]) == 0
     assert len(sorted(tmp_path.glob(f"{prefix}_*.png"))) == 4
