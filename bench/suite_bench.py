@@ -8,10 +8,11 @@ measured generations do not use), then every method on the same inputs:
   profiled copy gives peak memory), then `--runs` interleaved timed rounds; the median sampling
   time (the sampler loop only: applying a calibrated plan is a one-off) against the fp32
   uncached median of the same work in the same run gives the speed ratio;
-- peak memory: torch's profiler records every CPU allocation of torch's allocator during one
-  generation (activations, caches, temporaries; the weights already exist), and the peak of the
-  running sum is compared with the uncached run's. tracemalloc would miss torch tensors and RSS
-  keeps freed pages, so neither is used. Kernel-internal scratch buffers (oneDNN) are not seen;
+- peak memory: `slicing_bench.peak_memory`: torch's profiler records every CPU allocation and free
+  of torch's allocator during one generation (activations, caches, temporaries; the weights already
+  exist), and the peak of the running sum is compared with the uncached run's. tracemalloc would
+  miss torch tensors and RSS keeps freed pages, so neither is used. Kernel-internal scratch buffers
+  (oneDNN) are not seen;
 - model size ratio: fp32 weight bytes over the bytes the method's weights need (quantized
   weights + scales; the float originals stay in RAM here so the model can be restored);
 - fidelity: latent PSNR against the fp32 uncached latent (peak = its max − min); on the embedded
@@ -47,6 +48,7 @@ from .deepcache_bench import _fid_scorer, plot
 from .hook_peers import HOOK_PEERS
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable
+from .slicing_bench import peak_memory
 from .workloads import Workload, embedded_workload, sd15_workload
 
 
@@ -97,21 +99,6 @@ def _generate(method: Method) -> tuple[torch.Tensor, float]:
     if skipped and not method.note:  # step rehash: how many steps it skipped
         method.note = f"skipped {skipped[0].skipped_steps}/{work.steps} steps ({skipped[0].pattern})"
     return out, seconds
-
-
-def _peak_bytes(method: Method) -> tuple[torch.Tensor, int]:
-    """The latent and the peak of torch's CPU allocations during one generation (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out, _ = _generate(method)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return out, peak
 
 
 def _bf16(work: Workload) -> Workload:
@@ -185,7 +172,7 @@ def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[
     peaks: dict[str, int] = {}
     for method in methods:  # warm-up, fidelity output and peak memory
         try:
-            out, peaks[method.name] = _peak_bytes(method)
+            (out, _), peaks[method.name] = peak_memory(lambda m=method: _generate(m))
         except PeerUnavailable as err:
             rows[method.name].note = str(err)[:240]
             continue
