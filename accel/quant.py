@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -117,11 +116,6 @@ def quantize_weight(weight: torch.Tensor, bits: int, group: int = 0) -> tuple[to
     scale = grouped.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / qmax
     ints = torch.clamp(torch.round(grouped / scale), -qmax, qmax)
     return ints, scale
-
-
-def fake_quant_weight(weight: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
-    ints, scale = quantize_weight(weight, bits, group)
-    return (ints * scale).reshape(weight.shape).to(weight.dtype)
 
 
 def uint_params(x: torch.Tensor, bits: int) -> tuple[float, int]:
@@ -513,14 +507,3 @@ class Quantizer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-
-
-@contextmanager
-def applied(quantizer: Quantizer, root: nn.Module, layers: dict[str, nn.Module],
-            read_level: LevelReader) -> Iterator[Quantizer]:
-    """`with applied(...)`: the quantizer is removed even when the body fails."""
-    quantizer.apply(root, layers, read_level)
-    try:
-        yield quantizer
-    finally:
-        quantizer.remove()

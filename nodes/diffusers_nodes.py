@@ -148,8 +148,10 @@ def _report(stats: object, seconds: float) -> tuple[str, dict]:
                  "skipped_calls": stats.skipped_calls, "seconds": seconds})
     if isinstance(stats, QuantStats):
         return (f"{stats.label}: {stats.quantized_layers} layers, {stats.backend}, weights {stats.size_ratio:.2f}× "
-                f"smaller{', quantization error corrected' if stats.corrected else ''}; {seconds:.2f} s",
-                {"quantized_layers": stats.quantized_layers, "size_ratio": stats.size_ratio, "seconds": seconds})
+                f"smaller{', quantization error corrected' if stats.corrected else ''}; {stats.calls} U-Net calls "
+                f"in {seconds:.2f} s",
+                {"quantized_layers": stats.quantized_layers, "size_ratio": stats.size_ratio, "calls": stats.calls,
+                 "seconds": seconds})
     if isinstance(stats, CacheQuantStats):
         return (f"CacheQuant ({stats.label}): {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
                 f"in {seconds:.2f} s, schedule {stats.schedule}, {stats.backend or 'no quantization'}",
