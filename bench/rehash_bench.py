@@ -2,8 +2,9 @@
 
 Everything runs in one process on the same model, seeds and scheduler: per (work, scheduler) the
 unaccelerated run and each rehash threshold run in interleaved rounds after a warm-up; the time is the
-median over rounds and the speed ratio is against the unaccelerated median of the same scheduler. Beside
-it: steps skipped (of the generation's steps, with the per-step pattern), latent PSNR (peak = max − min
+median over rounds and the speed ratio is against the unaccelerated median of the same scheduler; the
+call ratio (steps / steps that ran the U-Net) is the work saved, which timing noise cannot blur. Beside
+them: steps skipped (of the generation's steps, with the per-step pattern), latent PSNR (peak = max − min
 of the unaccelerated latent), and SSIM — on decoded images for the pixel-space embedded model, on the
 latents mapped to 0..1 by the unaccelerated latent's range for the SD1.5-shaped U-Net (random weights:
 its "images" mean nothing, only closeness to the unaccelerated run does).
@@ -39,6 +40,7 @@ class RehashRow:
     seconds: float | None = None
     speed: float | None = None
     skipped_steps: int | None = None
+    call_ratio: float | None = None  # steps / steps that ran the U-Net: the work saved, free of timing noise
     pattern: str = ""
     latent_psnr: float | None = None
     ssim: float | None = None
@@ -76,6 +78,7 @@ def rehash_rows(work: Workload, scheduler_name: str, steps: int, configs: list[S
         row.seconds = statistics.median(row.times)
         row.speed = base / row.seconds
         row.skipped_steps = row.skipped_steps or 0
+        row.call_ratio = steps / (steps - row.skipped_steps)
         row.latent_psnr = psnr(outputs[name], reference)
         row.ssim = _ssim(work, outputs[name], reference)
     return list(rows.values())
@@ -94,12 +97,13 @@ def format_table(rows: list[RehashRow]) -> str:
         return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
 
     head = (f"{'work':9} {'sched':5} {'steps':>5} {'method':30} {'s/gen':>7} {'speed':>7} {'skipped':>8} "
-            f"{'lat PSNR':>8} {'SSIM':>6}  pattern")
+            f"{'calls':>6} {'lat PSNR':>8} {'SSIM':>6}  pattern")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.work:9} {r.scheduler:5} {r.steps:5d} {r.method:30} {f(r.seconds, '.2f', 7)} "
                      f"{f(r.speed, '.2f', 7, '×')} {f'{r.skipped_steps}/{r.steps}':>8} "
-                     f"{f(r.latent_psnr, '.2f', 8)} {f(r.ssim, '.3f', 6)}  {r.pattern}")
+                     f"{f(r.call_ratio, '.2f', 5, '×')} {f(r.latent_psnr, '.2f', 8)} {f(r.ssim, '.3f', 6)}  "
+                     f"{r.pattern}")
     return "\n".join(lines)
 
 
