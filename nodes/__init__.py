@@ -1,12 +1,16 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
+from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .comfy_nodes import DeepCacheModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
+from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
     "LiveCacheDeepCache": ApplyDeepCache,
+    "LiveCacheStepRehash": ApplyStepRehash,
+    "LiveCacheSlicing": ApplySlicing,
     "LiveCacheSampler": DiffusersSampler,
     "LiveCacheDecode": DecodeImages,
     "LiveCacheSaveImages": SaveImages,
@@ -14,10 +18,16 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheCausalCache": CausalCache,
     "LiveCacheVideoSampler": VideoSampler,
     "LiveCacheDeepCacheModel": DeepCacheModel,
+    "LiveCacheCalibrateSchedule": CalibrateSchedule,
+    "LiveCacheLoadSchedule": LoadSchedule,
+    "LiveCacheCacheQuant": ApplyCacheQuant,
+    "LiveCacheQuantize": Quantize,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
     "LiveCacheDeepCache": "DeepCache (LiveCache)",
+    "LiveCacheStepRehash": "Step Rehash (LiveCache)",
+    "LiveCacheSlicing": "Feature Slicing (LiveCache)",
     "LiveCacheSampler": "Sampler (LiveCache)",
     "LiveCacheDecode": "Decode (LiveCache)",
     "LiveCacheSaveImages": "Save Images (LiveCache)",
@@ -25,4 +35,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheCausalCache": "Causal Cache (LiveCache)",
     "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
     "LiveCacheDeepCacheModel": "DeepCache for MODEL (LiveCache)",
+    "LiveCacheCalibrateSchedule": "Calibrate Cache Schedule (LiveCache)",
+    "LiveCacheLoadSchedule": "Load Cache Schedule (LiveCache)",
+    "LiveCacheCacheQuant": "CacheQuant (LiveCache)",
+    "LiveCacheQuantize": "Quantize W8A8 / DGQ (LiveCache)",
 }
