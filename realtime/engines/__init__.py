@@ -13,6 +13,7 @@ from .base import AvatarEngine
 # name -> (module relative to this package, factory attribute)
 ENGINES: dict[str, tuple[str, str]] = {
     "embedded": (".embedded", "EmbeddedEngine"),
+    "diffusion": (".diffusion", "DiffusionEngine"),
 }
 
 
