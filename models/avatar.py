@@ -258,8 +258,8 @@ class AvatarModel:
 
     def to(self, dtype: torch.dtype) -> AvatarModel:
         """Cast the U-Net and VAE (the audio encoder stays fp32: it is tiny and sees raw log-mels)."""
-        self.unet.to(dtype)
-        self.vae.to(dtype)
+        for module in (self.unet, self.vae):  # nn.Module.to: diffusers' own `to` warns about hub dtypes
+            nn.Module.to(module, dtype)
         self.dtype = dtype
         return self
 

@@ -32,7 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=_bounded(0, 65535), default=8765,
                         help="TCP port for everything (default 8765; 0 = any free)")
     parser.add_argument("--engine", default="embedded",
-                        help="avatar engine (default 'embedded': weight-free, real time on 2 CPU cores)")
+                        help="avatar engine: 'embedded' (default; weight-free, real time on 2 CPU cores) or "
+                             "'diffusion' (the few-step latent diffusion avatar)")
+    parser.add_argument("--weights", help="--engine diffusion: a local avatar weights folder (safetensors; layout in "
+                        "the README's 'Diffusion avatar' section); default: the small model shipped with the pack")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
@@ -48,6 +51,9 @@ def main(args: argparse.Namespace) -> int:
     if args.engine not in available_engines():
         print(f"unknown engine {args.engine!r}; available: {', '.join(available_engines())}", file=sys.stderr)
         return 2
+    if args.weights and args.engine != "diffusion":
+        print("--weights applies to --engine diffusion only", file=sys.stderr)
+        return 2
     if bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
         return 2
@@ -56,6 +62,9 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:  # port in use, address not available, unreadable certificate
         print(f"cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # the engine refused its options or weights (WeightsError names the file)
+        print(f"cannot start the {args.engine} engine: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -70,7 +79,8 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
-    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context).start()
+    options = {"weights": args.weights} if args.weights else {}
+    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context, options).start()
     print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
           f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()

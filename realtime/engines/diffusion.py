@@ -41,6 +41,7 @@ from .embedded import HeadMotion
 DARK = 0.3  # luminance (0..1) below which a lips-box pixel counts as open mouth
 OPEN_FRACTION = 0.3  # dark fraction of the lips box that reads as a fully open mouth
 _REUSE_MEL_FRAMES = 4  # the newest mel frames (~70 ms) decide whether a frame may reuse deep features
+DEFAULT_REUSE = TemporalReuseConfig()
 
 
 def crop_box(layout: FaceLayout, spec: AvatarSpec, size: int) -> tuple[int, int, int]:
@@ -60,11 +61,14 @@ def lips_box(layout: FaceLayout) -> tuple[int, int, int, int]:
 
 
 class DiffusionSession(EngineSession):
+    _serial = itertools.count()
+
     def __init__(self, image: np.ndarray, layout: FaceLayout, spec: AvatarSpec, reference: torch.Tensor,
                  options: SessionOptions) -> None:
         self.image = image
         self.layout = layout
         self.options = options
+        self.key = next(self._serial)  # cache key: unlike id(), never reused by a later session
         self.box = crop_box(layout, spec, image.shape[0])
         self.crop = crop_square(image, self.box, spec.resolution)
         self.reference = reference  # masked reference latent: encoded once, reused by every frame
@@ -135,7 +139,8 @@ class DiffusionEngine(AvatarEngine):
     workers = 1  # one U-Net; concurrency comes from batching and the stage pipeline
 
     def __init__(self, weights: str | Path | None = None, model: AvatarModel | None = None, steps: int | None = None,
-                 bf16: bool = True, reference_cache: bool = True, temporal_cache: TemporalReuseConfig | None = None,
+                 bf16: bool = True, reference_cache: bool = True,
+                 temporal_cache: TemporalReuseConfig | None = DEFAULT_REUSE,
                  max_batch: int = 4, pipeline: bool = True, first_chunk: int = 1, seed: int = 0) -> None:
         if max_batch < 1 or first_chunk < 1:
             raise ValueError(f"max_batch and first_chunk must be >= 1, got {max_batch} and {first_chunk}")
@@ -198,7 +203,7 @@ class DiffusionEngine(AvatarEngine):
         with self._lock:
             tokens = self.model.audio_tokens(chunk.mel)
             if self._cache is not None and self._reuse is not None:
-                key = (tuple(id(r.session) for r in requests), tuple(r.state for r in requests))
+                key = tuple((_session(r).key, r.state) for r in requests)
                 self._cache.begin_frame(self._reuse.decide(key, chunk.mel[:, -_REUSE_MEL_FRAMES:]), key)
             noise = self._noise.expand(len(requests), -1, -1, -1)
             chunk.latents = self.model.denoise(reference, tokens, states, self.steps, noise)
