@@ -7,6 +7,7 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
+    "avatar": (".avatar_bench", "diffusion avatar: stage costs, FPS, first frame, lip sync; each speed-up on/off"),
     "realtime": ("..realtime.bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
 }
 
