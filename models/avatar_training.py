@@ -35,10 +35,10 @@ from .avatar import (
 
 @dataclass(frozen=True)
 class TrainSettings:
-    vae_steps: int = 400
-    unet_steps: int = 1500
-    vae_batch: int = 16
-    batch: int = 32
+    vae_steps: int = 300
+    unet_steps: int = 1000
+    vae_batch: int = 12
+    batch: int = 24
     seed: int = 0
     lr: float = 2e-3
 

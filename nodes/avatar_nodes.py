@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.avatar import AVATAR_DIR
+from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import input_roots, model_roots
 
@@ -128,12 +128,13 @@ class AvatarDiffusion:
             raise ValueError("portrait must be an RGB IMAGE: a float [B, H, W, 3] tensor")
         if int(size) not in SIZES:
             raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+        speech = _mono(audio, AvatarSpec.sample_rate)
         folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
             str(resolve_inside(weights.strip(), model_roots()))
         engine = _engine(folder, steps, temporal_cache, max_batch)
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         session = engine.open_session(rgb, SessionOptions(size=int(size), fps=float(fps)))
-        frames = [f.image for f in engine.render_clip(session, _mono(audio, engine.sample_rate), fps)]
+        frames = [f.image for f in engine.render_clip(session, speech, fps)]
         if not frames:
             raise ValueError(f"the audio is shorter than one frame at {fps} fps")
         return (torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0),)

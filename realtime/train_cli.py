@@ -21,9 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what.help += "; avatar: the diffusion avatar, distilled from the embedded engine animating espeak-ng speech"
     parser.add_argument("--sentences", type=int, default=14,
                         help="`avatar`: espeak-ng sentences rendered by the teacher (default 14)")
-    parser.add_argument("--vae-steps", type=int, default=400, help="`avatar`: VAE optimizer steps (default 400)")
-    parser.add_argument("--unet-steps", type=int, default=1500,
-                        help="`avatar`: U-Net + audio encoder optimizer steps (default 1500)")
+    parser.add_argument("--vae-steps", type=int, default=300, help="`avatar`: VAE optimizer steps (default 300)")
+    parser.add_argument("--unet-steps", type=int, default=1000,
+                        help="`avatar`: U-Net + audio encoder optimizer steps (default 1000)")
 
 
 def main(args: argparse.Namespace) -> int:
