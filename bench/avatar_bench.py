@@ -107,19 +107,27 @@ def _sync(opening: np.ndarray, energy: np.ndarray) -> tuple[float, float, float]
 
 
 def _teacher(audio: np.ndarray, rate: int, fps: float, size: int) -> np.ndarray:
+    """The embedded engine's mouth on the same clip, measured on its pixels exactly like the model's."""
+    from ..models.avatar import AvatarSpec
     from ..realtime.engines.base import RenderRequest, SessionOptions
-    from ..realtime.engines.embedded import EmbeddedEngine
-    from ..realtime.portrait import default_portrait
+    from ..realtime.engines.diffusion import DiffusionSession, crop_box, crop_square
+    from ..realtime.engines.embedded import EmbeddedSession
+    from ..realtime.engines.rig import FaceRig
+    from ..realtime.portrait import default_portrait, prepare
     from ..realtime.states import StateTracker
 
-    engine = EmbeddedEngine()
-    session = engine.open_session(default_portrait(512), SessionOptions(size=size))
-    tracker, ctx, out = StateTracker(rate), int(0.2 * rate), []
+    spec = AvatarSpec()
+    image, layout = prepare(default_portrait(512), size)
+    teacher = EmbeddedSession(FaceRig(image, layout), SessionOptions(size=size))
+    meter = DiffusionSession(image, layout, spec, torch.zeros(1), SessionOptions(size=size))
+    box = crop_box(layout, spec, size)
+    tracker, ctx, out = StateTracker(rate), int(spec.audio_context_s * rate), []
     for k in range(int(len(audio) / rate * fps)):
         t = (k + 1) / fps
         end = int(round(t * rate))
         window = audio[max(0, end - ctx) : end]
-        out.append(engine.render_batch([RenderRequest(session, t, window, tracker.update(t, window))])[0].mouth)
+        frame = teacher.pose(RenderRequest(teacher, t, window, tracker.update(t, window)), rate)
+        out.append(meter.mouth_opening(crop_square(frame, box, spec.resolution).astype(np.float32) / 255.0))
     return np.array(out)
 
 

@@ -80,17 +80,21 @@ class DiffusionSession(EngineSession):
         x0, y0 = self.box[:2]
         self.lips_in_crop = (int((lx - x0) * k), int((ly - y0) * k), max(1, int(lw * k)), max(1, int(lh * k)))
         self.motion = HeadMotion(image.shape[0], np.random.default_rng(options.seed))
+        self._closed = self._dark_share(self.crop.astype(np.float32) / 255.0)  # the lip line of the portrait
 
     @property
     def mouth_box(self) -> tuple[int, int, int, int]:
         return lips_box(self.layout)
 
-    def mouth_opening(self, crop: np.ndarray) -> float:
-        """0..1 from the rendered crop: the share of dark (open-mouth) pixels in the lips box."""
+    def _dark_share(self, crop: np.ndarray) -> float:
         x, y, w, h = self.lips_in_crop
-        lips = crop[y : y + h, x : x + w]
-        luminance = lips @ np.array([0.299, 0.587, 0.114], np.float32)
-        return float(np.clip((luminance < DARK).mean() / OPEN_FRACTION, 0.0, 1.0)) if luminance.size else 0.0
+        luminance = crop[y : y + h, x : x + w] @ np.array([0.299, 0.587, 0.114], np.float32)
+        return float((luminance < DARK).mean()) if luminance.size else 0.0
+
+    def mouth_opening(self, crop: np.ndarray) -> float:
+        """0..1 from the rendered crop (float RGB 0..1): dark (open-mouth) pixels in the lips box beyond
+        those of the closed reference mouth."""
+        return float(np.clip((self._dark_share(crop) - self._closed) / OPEN_FRACTION, 0.0, 1.0))
 
     def paste(self, crop: np.ndarray) -> np.ndarray:
         """The portrait with `crop` (float RGB 0..1 at model resolution) blended in over the mouth."""
