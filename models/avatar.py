@@ -188,6 +188,7 @@ class AvatarModel:
     audio_encoder: AudioEncoder
     scheduler_config: dict[str, Any]
     dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _scheduler: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,13 +229,13 @@ class AvatarModel:
         """Masked reference latents [B, 1 + C, h, w] (mask then latent) from crops [B, 3, H, W] in 0..1."""
         mask = torch.from_numpy(mouth_mask(self.spec, self.spec.resolution))
         masked = (crops * 2 - 1) * (1 - mask)
-        latent = self.vae.encode(masked.to(self.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
-        small = torch.nn.functional.interpolate(mask[None, None], size=latent.shape[-2:], mode="area")
+        latent = self.vae.encode(masked.to(self.device, self.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+        small = torch.nn.functional.interpolate(mask[None, None], size=latent.shape[-2:], mode="area").to(self.device)
         return torch.cat([small.expand(len(latent), -1, -1, -1).to(latent.dtype), latent], dim=1)
 
     @torch.no_grad()
     def audio_tokens(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.audio_encoder(mel.to(torch.float32)).to(self.dtype)
+        return self.audio_encoder(mel.to(self.device, torch.float32)).to(self.dtype)
 
     @torch.no_grad()
     def denoise(self, reference: torch.Tensor, tokens: torch.Tensor, states: torch.Tensor, steps: int,
@@ -242,10 +243,11 @@ class AvatarModel:
         """Clean latents [B, C, h, w] in `steps` LCM steps from `noise`, for each frame's conditioning."""
         generator = torch.Generator().manual_seed(0)  # the noise LCM re-injects between steps: fixed too
         self._scheduler.set_timesteps(steps)
-        sample = noise.to(self.dtype)
+        sample = noise.to(self.device, self.dtype)
+        reference, states = reference.to(self.device, self.dtype), states.to(self.device)
         denoised = sample
         for t in self._scheduler.timesteps:
-            x = torch.cat([sample, reference.to(self.dtype)], dim=1)
+            x = torch.cat([sample, reference], dim=1)
             out = self.unet(x, t, encoder_hidden_states=tokens, class_labels=states).sample
             sample, denoised = self._scheduler.step(out, t, sample, generator=generator, return_dict=False)
         return denoised
@@ -254,12 +256,14 @@ class AvatarModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Crops [B, 3, H, W] in 0..1."""
         image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        return ((image.float() + 1) / 2).clamp(0, 1)
+        return ((image.float().cpu() + 1) / 2).clamp(0, 1)
 
-    def to(self, dtype: torch.dtype) -> AvatarModel:
+    def to(self, dtype: torch.dtype, device: str | torch.device | None = None) -> AvatarModel:
         """Cast the U-Net and VAE (the audio encoder stays fp32: it is tiny and sees raw log-mels)."""
+        self.device = torch.device(device) if device is not None else self.device
         for module in (self.unet, self.vae):  # nn.Module.to: diffusers' own `to` warns about hub dtypes
-            nn.Module.to(module, dtype)
+            nn.Module.to(module, self.device, dtype)
+        self.audio_encoder.to(self.device)
         self.dtype = dtype
         return self
 

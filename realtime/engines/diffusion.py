@@ -145,7 +145,8 @@ class DiffusionEngine(AvatarEngine):
     def __init__(self, weights: str | Path | None = None, model: AvatarModel | None = None, steps: int | None = None,
                  bf16: bool = True, reference_cache: bool = True,
                  temporal_cache: TemporalReuseConfig | None = DEFAULT_REUSE,
-                 max_batch: int = 4, pipeline: bool = True, first_chunk: int = 1, seed: int = 0) -> None:
+                 max_batch: int = 4, pipeline: bool = True, first_chunk: int = 1, seed: int = 0,
+                 device: str | None = None) -> None:
         if max_batch < 1 or first_chunk < 1:
             raise ValueError(f"max_batch and first_chunk must be >= 1, got {max_batch} and {first_chunk}")
         self.model = model if model is not None else load_model(Path(weights) if weights else AVATAR_DIR)
@@ -153,8 +154,8 @@ class DiffusionEngine(AvatarEngine):
         self.steps = spec.steps if steps is None else steps
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be 1..4 (LCM), got {self.steps}")
-        if bf16:
-            self.model.to(torch.bfloat16)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(torch.bfloat16 if bf16 else torch.float32, device)
         self.sample_rate = spec.sample_rate
         self.audio_context_s = spec.audio_context_s
         self.max_batch = max_batch
