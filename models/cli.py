@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["digits", "features"],
-                        help="digits: the embedded diffusion U-Net; features: the FID-style feature extractor")
+def configure(parser: argparse.ArgumentParser, more: dict[str, str] | None = None) -> None:
+    """`more`: further trainable models (name -> help) that a higher layer adds to the same command."""
+    helps = {"digits": "the embedded diffusion U-Net", "features": "the FID-style feature extractor", **(more or {})}
+    parser.add_argument("what", choices=list(helps), help="; ".join(f"{k}: {v}" for k, v in helps.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps for `digits` (default 1500)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")

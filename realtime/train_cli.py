@@ -15,10 +15,8 @@ from ..models import cli as model_cli
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    model_cli.configure(parser)
-    what = next(a for a in parser._actions if a.dest == "what")
-    what.choices = [*what.choices, "avatar"]
-    what.help += "; avatar: the diffusion avatar, distilled from the embedded engine animating espeak-ng speech"
+    model_cli.configure(parser, {"avatar": "the diffusion avatar, distilled from the embedded engine animating "
+                                           "espeak-ng speech"})
     parser.add_argument("--sentences", type=int, default=14,
                         help="`avatar`: espeak-ng sentences rendered by the teacher (default 14)")
     parser.add_argument("--vae-steps", type=int, default=300, help="`avatar`: VAE optimizer steps (default 300)")
