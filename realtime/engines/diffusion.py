@@ -185,7 +185,7 @@ class DiffusionEngine(AvatarEngine):
 
     @property
     def cache_stats(self) -> tuple[int, int]:
-        """(full, reused) U-Net calls since the engine started; (n, 0) without the temporal cache."""
+        """(full, reused) U-Net calls since the engine started; (0, 0) without the temporal cache."""
         return (self._cache.stats.full_calls, self._cache.stats.cached_calls) if self._cache else (0, 0)
 
     # -- stages ------------------------------------------------------------------------------
