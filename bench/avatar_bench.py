@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,23 +146,31 @@ def main(args: argparse.Namespace) -> int:
     audio = _clip(rate)[: int(args.seconds * rate) if args.seconds else None]
     warm = audio[: int(0.5 * rate)]
     outputs: dict[int, list] = {}
-    for engine in engines:  # warm-up: kernels, allocator, first-call costs
-        list(engine.render_clip(engine.open_session(portrait, _options(args)), warm, args.fps))
-    for _ in range(max(1, args.rounds)):
-        for i, (engine, row) in enumerate(zip(engines, rows, strict=True)):
-            engine.clock.seconds.clear()
-            engine.clock.frames.clear()
-            session = engine.open_session(portrait, _options(args))
-            start = time.perf_counter()
-            frames, first = [], None
-            for frame in engine.render_clip(session, audio, args.fps):
-                first = first if first is not None else time.perf_counter() - start
-                frames.append(frame)
-            row.seconds.append(time.perf_counter() - start)
-            row.first_ms.append(1000 * (first or 0.0))
-            row.stage_ms = engine.clock.per_frame_ms()
-            row.frames = len(frames)
-            outputs[i] = (session.box, frames)
+
+    def clip(engine: DiffusionEngine, sound: np.ndarray) -> tuple[list, float, float, tuple[int, int, int]]:
+        session = engine.open_session(portrait, _options(args))
+        start = time.perf_counter()
+        frames, first = [], None
+        for frame in engine.render_clip(session, sound, args.fps):
+            first = first if first is not None else time.perf_counter() - start
+            frames.append(frame)
+        return frames, time.perf_counter() - start, first or 0.0, session.box
+
+    # Rendering runs on a worker thread, as in the server (RenderWorker) and in ComfyUI: torch's main-thread
+    # OpenMP team behaved pathologically on this shared 2-core machine (8x slower per call than a worker).
+    with ThreadPoolExecutor(1, thread_name_prefix="lc-bench") as worker:
+        for engine in engines:  # warm-up: kernels, allocator, first-call costs
+            worker.submit(clip, engine, warm).result()
+        for _ in range(max(1, args.rounds)):
+            for i, (engine, row) in enumerate(zip(engines, rows, strict=True)):
+                engine.clock.seconds.clear()
+                engine.clock.frames.clear()
+                frames, seconds, first, box = worker.submit(clip, engine, audio).result()
+                row.seconds.append(seconds)
+                row.first_ms.append(1000 * first)
+                row.stage_ms = engine.clock.per_frame_ms()
+                row.frames = len(frames)
+                outputs[i] = (box, frames)
     energy = _energy(audio, rate, args.fps, rows[0].frames)
     box, reference = outputs[0]
     x, y, side = box
