@@ -4,8 +4,9 @@ with each acceleration switched on one at a time and all together, in one proces
 The clip is the shipped `workflows/hello_avatar.wav` (espeak-ng speech) twice with pauses, rendered
 offline through `DiffusionEngine.render_clip` exactly as the ComfyUI node renders it. Rows:
 the baseline has every acceleration off (fp32, reference re-encoded per frame, one frame per call, no
-pipeline, no temporal cache); each next row turns one more on; the last row is everything on except
-the short first chunk. Every row runs `--rounds` times interleaved after a warm-up; times are medians.
+pipeline, no temporal cache); each next row turns one more on; then everything on except the short
+first chunk, and everything on with one LCM step instead of `--steps` (a speed/fidelity knob).
+Every row runs `--rounds` times interleaved after a warm-up; times are medians.
 
 - *first frame ms*: from asking for the clip to the first frame, model loaded and session open;
 - *FPS*: frames / seconds for the whole clip; *speed*: baseline seconds / row seconds;
@@ -76,6 +77,7 @@ def _ladder(batch: int) -> list[tuple[str, dict]]:
         current = {**current, **change}
         rows.append((name, dict(current)))
     rows.append((f"all on, first chunk {batch}", {**current, "first_chunk": batch}))
+    rows.append(("all on, 1 LCM step", {**current, "steps": 1}))
     return rows
 
 
@@ -139,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
     portrait = default_portrait(512)
     engines, rows = [], []
     for name, options in _ladder(args.batch):
-        engine = DiffusionEngine(model=load_model(args.weights), steps=args.steps, **options)
+        engine = DiffusionEngine(model=load_model(args.weights), **{"steps": args.steps, **options})
         engines.append(engine)
         rows.append(Row(name, {k: (v is not None if k == "temporal_cache" else v) for k, v in options.items()}))
     rate = engines[0].sample_rate
