@@ -26,11 +26,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .forward_override import Forward, ForwardOverrides
+from .forward_override import Forward, ForwardOverrides, has_approximate_override
 from .schedules import Schedule, format_schedule, nonuniform_schedule, uniform_schedule
-from .step_clock import StepClock, Tick
+from .step_clock import StepClock, Tick, call_signature
 
-ScheduleKind = Literal["uniform", "non-uniform"]
+ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
 LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
 
 
@@ -45,20 +45,34 @@ class DeepCacheConfig:
     end: float = 1.0
     center: float = 0.0
     power: float = 1.4
+    # schedule="calibrated": the exact full steps (e.g. chosen by `cache_schedule.dp_schedule`); the
+    # generation must then have len(full_steps_override) steps, and cache_interval/start/end are unused
+    full_steps_override: Schedule | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache_interval, int) or self.cache_interval < 1:
             raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
         if not isinstance(self.cache_branch_id, int) or self.cache_branch_id < 0:
             raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
-        if self.schedule not in ("uniform", "non-uniform"):
-            raise ValueError(f"schedule must be 'uniform' or 'non-uniform', got {self.schedule!r}")
+        if self.schedule not in ("uniform", "non-uniform", "calibrated"):
+            raise ValueError(f"schedule must be 'uniform', 'non-uniform' or 'calibrated', got {self.schedule!r}")
+        if (self.schedule == "calibrated") != (self.full_steps_override is not None):
+            raise ValueError("schedule='calibrated' needs full_steps_override (one bool per step), and "
+                             "full_steps_override needs schedule='calibrated'")
+        if self.full_steps_override is not None and not (self.full_steps_override and self.full_steps_override[0]):
+            raise ValueError("a calibrated schedule needs at least one step, and step 0 must be a full step")
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"need 0 <= start < end <= 1, got start={self.start}, end={self.end}")
-        self.full_steps(1)  # validates center and power through the schedule builder
+        if self.full_steps_override is None:
+            self.full_steps(1)  # validates center and power through the schedule builder
 
     def full_steps(self, total: int) -> Schedule:
         """The schedule for a generation of `total` steps."""
+        if self.full_steps_override is not None:
+            if total != len(self.full_steps_override):
+                raise ValueError(f"this calibrated schedule is for {len(self.full_steps_override)} steps, but the "
+                                 f"sampler runs {total}: calibrate again for {total} steps")
+            return tuple(self.full_steps_override)
         if self.schedule == "uniform":
             return uniform_schedule(total, self.cache_interval, self.start, self.end)
         return nonuniform_schedule(total, self.cache_interval, self.start, self.end, self.center, self.power)
@@ -92,6 +106,7 @@ class DeepCache:
         self._reuse = False
         self._slot: _SlotCache | None = None
         self._schedule: Schedule | None = None
+        self.tick: Tick | None = None  # where the current root call sits (read by stacked corrections)
 
     # -- lifecycle -------------------------------------------------------------------------
     def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], read_level: LevelReader) -> DeepCache:
@@ -100,7 +115,7 @@ class DeepCache:
             raise RuntimeError("this DeepCache is already applied; remove() it first")
         if not deep_modules:
             raise ValueError("the adapter named no deep modules to cache")
-        overridden = [type(m).__name__ for m in deep_modules if "forward" in m.__dict__]
+        overridden = [type(m).__name__ for m in deep_modules if has_approximate_override(m)]
         if overridden:
             raise ValueError(f"{overridden[0]} already has an override of its forward: another feature cache is "
                              "applied to this model; remove it first (two caches on one block cannot both hold)")
@@ -139,13 +154,15 @@ class DeepCache:
 
     # -- per call --------------------------------------------------------------------------
     def _on_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        tick = self.clock.tick(level)
+        tick = self.tick = self.clock.tick(level)
         if tick.step == 0 and tick.slot == 0:
             self._slots.clear()
-        signature = _signature(args, kwargs)
+        signature = call_signature(args, kwargs)
         slot = self._slots.setdefault(tick.slot, _SlotCache())
         self._reuse = self._is_cached_step(tick) and slot.signature == signature and bool(slot.outputs)
-        if not self._reuse:
+        if slot.signature != signature:
+            # Another kind of call: nothing kept is valid. Otherwise a full step overwrites every entry as
+            # its deep modules run, so a step an outer technique skips (step rehash) keeps the last features.
             slot.outputs = {}
             slot.signature = signature
         self._slot = slot
@@ -154,9 +171,17 @@ class DeepCache:
         else:
             self.stats.full_calls += 1
 
+    @property
+    def reusing(self) -> bool:
+        """True while the current root call returns cached deep features (stacked cores read it)."""
+        return self._slot is not None and self._reuse
+
     def _is_cached_step(self, tick: Tick) -> bool:
         if self._schedule is not None:
             return tick.step < len(self._schedule) and not self._schedule[tick.step]
+        if self.config.full_steps_override is not None:
+            override = self.config.full_steps_override
+            return tick.step < len(override) and not override[tick.step]
         if self.config.schedule != "uniform" or self.config.start > 0.0 or self.config.end < 1.0:
             return False  # without the generation's length only the plain uniform schedule is known
         return tick.step % self.config.cache_interval != 0
@@ -174,9 +199,3 @@ class DeepCache:
 
         return forward
 
-
-def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Shapes, dtypes and devices of the tensor inputs: a cache is only reused for the same kind of call."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    tensors += [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)

@@ -10,6 +10,9 @@ one starts a new generation. Front ends that know when a generation starts call 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,11 @@ class StepClock:
             self._slot += 1
         self._last_level = level
         return Tick(self._step, self._slot, self.total_steps)
+
+
+def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Shapes, dtypes and devices of a call's tensor inputs: state kept for one call slot is only
+    reused by a later call of the same kind (a slot whose batch or resolution changed recomputes)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)

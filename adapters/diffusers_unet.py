@@ -10,7 +10,7 @@ named where a block is entirely deep, so a cached step does not even concatenate
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..accel.compose import application_order
 from ..accel.deepcache import DeepCache, DeepCacheConfig
+from ..accel.rehash import StepRehashConfig
+from ..accel.slicing import SlicingConfig
 
 
 @dataclass(frozen=True)
@@ -130,21 +133,42 @@ def apply_deepcache(target: Any, config: DeepCacheConfig) -> DeepCacheHandle:
     return DeepCacheHandle(core, scheduler)
 
 
+def _appliers() -> dict[type, Callable[[Any, Any], Any]]:
+    """Config type -> function applying it to a `SimpleNamespace(unet=, scheduler=)`.
+
+    Imported on use because the rehash and slicing adapters read this module's layer map.
+    """
+    from ..accel.cachequant import CacheQuantPlan
+    from ..accel.quant import QuantPlan
+    from .diffusers_quant import apply_cachequant, apply_quantization
+    from .diffusers_rehash import apply_rehash
+    from .diffusers_slicing import apply_slicing
+
+    return {DeepCacheConfig: apply_deepcache, StepRehashConfig: apply_rehash, SlicingConfig: apply_slicing,
+            CacheQuantPlan: lambda t, plan: apply_cachequant(t.unet, t.scheduler, plan),
+            QuantPlan: lambda t, plan: apply_quantization(t.unet, plan)}
+
+
 @contextmanager
-def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[DeepCacheHandle]]:
+def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[Any]]:
     """Apply each acceleration config to `unet` (and `scheduler`) for the duration of a `with` block.
 
-    Removal runs even when sampling fails, in reverse order, so the U-Net leaves the block exactly as
-    it entered — which is what lets node classes share one loaded model without mutating it.
+    The configs are checked and ordered by `accel.compose` (one per technique; slicing innermost, then
+    DeepCache, then step rehash outermost) whatever order they are given in; the handles (`.stats`,
+    `.remove()`) come back in the order of `configs`. Removal runs even when sampling fails, in reverse
+    order of application, so the U-Net leaves the block exactly as it entered — which is what lets node
+    classes share one loaded model without mutating it.
     """
-    target = SimpleNamespace(unet=unet, scheduler=scheduler)
-    handles: list[DeepCacheHandle] = []
+    target = SimpleNamespace(unet=unet, scheduler=scheduler, configs=tuple(configs))
+    appliers = _appliers()
+    unknown = [type(c).__name__ for c in configs if type(c) not in appliers]
+    if unknown:
+        raise TypeError(f"no diffusers adapter for {unknown[0]}")
+    applied: list[tuple[Any, Any]] = []
     try:
-        for config in configs:
-            if not isinstance(config, DeepCacheConfig):
-                raise TypeError(f"no diffusers adapter for {type(config).__name__}")
-            handles.append(apply_deepcache(target, config))
-        yield handles
+        for config in application_order(configs):
+            applied.append((config, appliers[type(config)](target, config)))
+        yield [next(h for c, h in applied if c is config) for config in configs]
     finally:
-        for handle in reversed(handles):
+        for _, handle in reversed(applied):
             handle.remove()

@@ -37,7 +37,8 @@ class Workload:
     is_image: bool  # pixel-space: the sample is the image (image PSNR/SSIM and the FID-style score apply)
 
 
-def sd15_workload(steps: int = 20, tiny: bool = False, dtype: torch.dtype = torch.float32) -> Workload:
+def sd15_workload(steps: int = 20, tiny: bool = False, dtype: torch.dtype = torch.float32, size: int = 32) -> Workload:
+    """`size` is the latent side (32 by default; smaller runs faster with the same network)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def sd15_workload(steps: int = 20, tiny: bool = False, dtype: torch.dtype = torc
     generator = torch.Generator().manual_seed(1)
     cond = torch.randn(1, 77, dim, generator=generator).to(dtype)
     uncond = torch.randn(1, 77, dim, generator=generator).to(dtype)
-    noise = torch.randn(1, 4, 32, 32, generator=generator).to(dtype)
+    noise = torch.randn(1, 4, size, size, generator=generator).to(dtype)
     model = DiffusionModel("sd15-tiny" if tiny else "sd15", unet, dict(SD15_SCHEDULER), lambda p: cond)
     return Workload(model.name, model, cond, uncond, noise, steps, 7.5, is_image=False)
 

@@ -1,25 +1,39 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
+from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
+from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
     "LiveCacheDeepCache": ApplyDeepCache,
+    "LiveCacheStepRehash": ApplyStepRehash,
+    "LiveCacheSlicing": ApplySlicing,
     "LiveCacheSampler": DiffusersSampler,
     "LiveCacheDecode": DecodeImages,
     "LiveCacheSaveImages": SaveImages,
     "LiveCacheLoadAudio": LoadAudioFile,
     "LiveCacheDefaultPortrait": DefaultPortrait,
     "LiveCacheAvatarDiffusion": AvatarDiffusion,
+    "LiveCacheCalibrateSchedule": CalibrateSchedule,
+    "LiveCacheLoadSchedule": LoadSchedule,
+    "LiveCacheCacheQuant": ApplyCacheQuant,
+    "LiveCacheQuantize": Quantize,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
     "LiveCacheDeepCache": "DeepCache (LiveCache)",
+    "LiveCacheStepRehash": "Step Rehash (LiveCache)",
+    "LiveCacheSlicing": "Feature Slicing (LiveCache)",
     "LiveCacheSampler": "Sampler (LiveCache)",
     "LiveCacheDecode": "Decode (LiveCache)",
     "LiveCacheSaveImages": "Save Images (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
     "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
     "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",
+    "LiveCacheCalibrateSchedule": "Calibrate Cache Schedule (LiveCache)",
+    "LiveCacheLoadSchedule": "Load Cache Schedule (LiveCache)",
+    "LiveCacheCacheQuant": "CacheQuant (LiveCache)",
+    "LiveCacheQuantize": "Quantize W8A8 / DGQ (LiveCache)",
 }

@@ -26,6 +26,12 @@ def tiny_unet():
     return make_tiny_unet()
 
 
+@pytest.fixture(scope="session")
+def unet_factory():
+    """`make_tiny_unet` for tests that need several models (other seeds, other precisions)."""
+    return make_tiny_unet
+
+
 class DeepCallCounter:
     """Counts how often the deep blocks really compute (the mid block's first resnet)."""
 

@@ -1,0 +1,338 @@
+"""Calibrated cache schedules (CacheQuant, part a) and the per-channel cache-error correction (part c).
+
+Why calibrate: uniform or front-loaded schedules are priors; how much reusing step i's deep
+features at step j costs depends on the model and sampler. Calibration measures it:
+
+1. `FeatureRecorder` records, during a few *uncached* calibration generations (prompts/seeds), the
+   output of the module whose cached value the shallow branch consumes (the adapter names it; for
+   a diffusers U-Net at branch 0 it is the last deep up-layer). One tensor per step.
+2. `PairStats` turns each run into sums for every pair of steps i < j: the relative squared error
+   of using F_i in place of F_j (`errors[i, j]`), and per-channel least-squares sums (Σx, Σy, Σxx,
+   Σxy, Σyy with x = F_i, y = F_j). Only sums are kept, so memory does not grow with the run count.
+3. `dp_schedule` picks the K full steps that minimise the total reuse error by dynamic programming
+   over segments: a full step at i followed by cached steps i+1..j costs Σ_{k=i+1..j} errors[i, k];
+   step 0 is always full. The result is optimal for that objective, hence never worse than the
+   uniform schedule with the same K on the calibration data.
+4. `CalibratedSchedule` is the artefact: steps, scheduler, K, the full steps, the error matrix and
+   the model fingerprint, saved as a small JSON file a user can read; loading it for another
+   model or step count fails with a message naming the mismatch.
+5. `CacheCorrection` solves, for every cached step j of the chosen schedule (source step i), the
+   per-channel affine map y ≈ a·x + b from the same sums: the *cache* half of CacheQuant's
+   decoupled error correction, applied step by step on the reused features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .schedules import Schedule, count_full, format_schedule, uniform_schedule
+from .step_clock import StepClock
+
+SCHEDULE_FORMAT = "livecache.cache_schedule/1"
+LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
+
+
+def model_fingerprint(module: nn.Module) -> str:
+    """A short hash of parameter names, shapes and magnitudes: tells checkpoints apart, not fp32 from bf16.
+
+    Why magnitudes of the bf16-rounded weights: the same checkpoint in fp32 and bf16 must match (a
+    schedule calibrated in one precision serves the other), and rounding to bf16 first makes both
+    sum exactly the same numbers; two different checkpoints do not.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            magnitude = float(param.detach().to(torch.bfloat16).float().abs().sum())
+            digest.update(f"{name}:{tuple(param.shape)}:{magnitude!r};".encode())
+    return digest.hexdigest()[:16]
+
+
+class FeatureRecorder:
+    """Records one module's output per denoising step while calibration generations run.
+
+    Calls inside one step (CFG halves run separately, several batches) are concatenated along the
+    batch axis, so a step's tensor covers everything the sampler evaluated at that noise level.
+    """
+
+    def __init__(self, root: nn.Module, feature_module: nn.Module, read_level: LevelReader) -> None:
+        self._clock = StepClock()
+        self._steps: list[list[torch.Tensor]] = []
+        self._handles = [
+            root.register_forward_pre_hook(lambda _m, a, k: self._tick(read_level(a, k)), with_kwargs=True),
+            feature_module.register_forward_hook(lambda _m, _a, out: self._record(out)),
+        ]
+        self._step = -1
+
+    def _tick(self, level: float) -> None:
+        self._step = self._clock.tick(level).step
+
+    def _record(self, out: Any) -> None:
+        tensor = out[0] if isinstance(out, tuple) else out
+        while len(self._steps) <= self._step:
+            self._steps.append([])
+        self._steps[self._step].append(tensor.detach().float().clone())
+
+    def take_run(self) -> list[torch.Tensor]:
+        """The finished generation's features, one [N, C, ...] tensor per step; the recorder restarts."""
+        run = [torch.cat(chunks) for chunks in self._steps]
+        self._steps = []
+        self._clock.begin(None)
+        self._step = -1
+        return run
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class PairStats:
+    """Sums over calibration runs for every step pair i < j (x = features of step i, y = of step j)."""
+
+    steps: int
+    sq_err: torch.Tensor = field(init=False)  # [T, T] Σ (y - x)^2
+    sq_ref: torch.Tensor = field(init=False)  # [T, T] Σ y^2
+    channel: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (i, j) -> [6, C] sums
+    runs: int = 0
+
+    def __post_init__(self) -> None:
+        self.sq_err = torch.zeros(self.steps, self.steps, dtype=torch.float64)
+        self.sq_ref = torch.zeros(self.steps, self.steps, dtype=torch.float64)
+
+    def add_run(self, features: Sequence[torch.Tensor]) -> None:
+        if len(features) != self.steps:
+            raise ValueError(f"calibration run has {len(features)} steps, expected {self.steps} "
+                             "(every calibration run must use the same number of steps)")
+        flat = [_channels_first_flat(f) for f in features]  # [C, N] per step
+        for i in range(self.steps):
+            x = flat[i]
+            for j in range(i + 1, self.steps):
+                y = flat[j]
+                if y.shape != x.shape:
+                    raise ValueError(f"features of steps {i} and {j} differ in shape: "
+                                     f"{tuple(x.shape)} vs {tuple(y.shape)}")
+                self.sq_err[i, j] += float(((y - x) ** 2).sum())
+                self.sq_ref[i, j] += float((y**2).sum())
+                sums = torch.stack([torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64), x.sum(1),
+                                    y.sum(1), (x * x).sum(1), (x * y).sum(1), (y * y).sum(1)])
+                self.channel[(i, j)] = self.channel.get((i, j), 0) + sums
+        self.runs += 1
+
+    def errors(self) -> torch.Tensor:
+        """errors[i, j]: relative squared error of reusing step i's features at step j (0 on/below the diagonal)."""
+        if not self.runs:
+            raise ValueError("no calibration runs recorded")
+        return torch.where(self.sq_ref > 0, self.sq_err / self.sq_ref.clamp_min(1e-30), torch.zeros(()))
+
+
+def _channels_first_flat(feature: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [C, N·rest] in float64: channel statistics are sums over batch and space."""
+    if feature.ndim < 2:
+        raise ValueError(f"features must be at least [N, C], got shape {tuple(feature.shape)}")
+    return feature.double().transpose(0, 1).reshape(feature.shape[1], -1)
+
+
+def schedule_cost(errors: torch.Tensor, schedule: Schedule) -> float:
+    """Total reuse error of `schedule`: each cached step pays errors[last full step, this step]."""
+    if len(schedule) != errors.shape[0] or not schedule[0]:
+        raise ValueError(f"schedule must have {errors.shape[0]} steps and start with a full step")
+    total, source = 0.0, 0
+    for k, full in enumerate(schedule):
+        if full:
+            source = k
+        else:
+            total += float(errors[source, k])
+    return total
+
+
+def dp_schedule(errors: torch.Tensor, full_steps: int) -> Schedule:
+    """The `full_steps` full steps (step 0 included) that minimise `schedule_cost` — O(K·T²)."""
+    steps = errors.shape[0]
+    if not 1 <= full_steps <= steps:
+        raise ValueError(f"full_steps must be in [1, {steps}], got {full_steps}")
+    errors = errors.double()
+    # seg[i, j]: cost of a full step at i serving cached steps i+1..j (inclusive)
+    cumulative = torch.cumsum(errors, dim=1)
+    seg = cumulative - torch.diagonal(cumulative).unsqueeze(1)
+    inf = math.inf
+    # best[k][j]: min cost covering steps 0..j with k full steps, the last segment ending at j
+    best = [[inf] * steps for _ in range(full_steps + 1)]
+    choice = [[-1] * steps for _ in range(full_steps + 1)]
+    for j in range(steps):
+        best[1][j] = float(seg[0, j])
+    for k in range(2, full_steps + 1):
+        for j in range(k - 1, steps):
+            for i in range(k - 1, j + 1):  # the k-th full step sits at i, serving i..j
+                cost = best[k - 1][i - 1] + float(seg[i, j])
+                if cost < best[k][j]:
+                    best[k][j], choice[k][j] = cost, i
+    full = [False] * steps
+    j, k = steps - 1, full_steps
+    while k > 1:
+        i = choice[k][j]
+        full[i] = True
+        j, k = i - 1, k - 1
+    full[0] = True
+    return tuple(full)
+
+
+def uniform_with(steps: int, full_steps: int) -> Schedule:
+    """The uniform schedule with exactly `full_steps` full steps (the baseline a DP schedule must beat)."""
+    for interval in range(1, steps + 1):
+        schedule = uniform_schedule(steps, interval)
+        if count_full(schedule) == full_steps:
+            return schedule
+    # no interval gives that count exactly: spread the full steps evenly
+    picks = {round(i * steps / full_steps) for i in range(full_steps)}
+    return tuple(k in picks for k in range(steps))
+
+
+@dataclass(frozen=True)
+class CalibratedSchedule:
+    """The saved artefact: which steps run the whole network, for which model, steps and sampler."""
+
+    fingerprint: str
+    model: str
+    steps: int
+    scheduler: str
+    full_steps: Schedule
+    errors: tuple[tuple[float, ...], ...]  # the calibration error matrix (row i: reusing step i at step j)
+    uniform_cost: float
+    cost: float
+    calibration: dict[str, Any] = field(default_factory=dict)  # prompts, seeds, guidance: how it was measured
+
+    @property
+    def k(self) -> int:
+        return count_full(self.full_steps)
+
+    def describe(self) -> str:
+        gain = "" if self.uniform_cost == 0 else f", {self.cost / self.uniform_cost:.0%} of uniform's"
+        return (f"{format_schedule(self.full_steps)} ({self.k}/{self.steps} full steps, {self.scheduler}, "
+                f"model {self.model} #{self.fingerprint}; calibrated reuse error {self.cost:.4g}{gain})")
+
+    def check(self, fingerprint: str, steps: int | None = None, scheduler: str | None = None) -> None:
+        """Refuse to serve a model, step count or scheduler this schedule was not calibrated for."""
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"this cache schedule was calibrated for model {self.model} (#{self.fingerprint}), "
+                             f"not this model (#{fingerprint}): calibrate it for this model")
+        if steps is not None and steps != self.steps:
+            raise ValueError(f"this cache schedule is for {self.steps} steps, the sampler runs {steps}: "
+                             f"calibrate again for {steps} steps")
+        if scheduler is not None and scheduler != self.scheduler:
+            raise ValueError(f"this cache schedule was calibrated with the {self.scheduler} scheduler, "
+                             f"the sampler uses {scheduler}")
+
+    def to_json(self) -> str:
+        data = {"format": SCHEDULE_FORMAT, **asdict(self), "schedule": format_schedule(self.full_steps)}
+        data["full_steps"] = [int(x) for x in self.full_steps]
+        return json.dumps(data, indent=1) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedSchedule:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ValueError(f"{path}: no such cache schedule file") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not a cache schedule (invalid JSON: {err})") from err
+        if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT:
+            raise ValueError(f"{path}: not a cache schedule (expected format {SCHEDULE_FORMAT!r})")
+        try:
+            full = tuple(bool(x) for x in data["full_steps"])
+            errors = tuple(tuple(float(v) for v in row) for row in data["errors"])
+            schedule = cls(str(data["fingerprint"]), str(data["model"]), int(data["steps"]), str(data["scheduler"]),
+                           full, errors, float(data["uniform_cost"]), float(data["cost"]),
+                           dict(data.get("calibration", {})))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: cache schedule file is missing or has a bad field ({err})") from err
+        if len(full) != schedule.steps or not full[0] or len(errors) != schedule.steps:
+            raise ValueError(f"{path}: cache schedule is inconsistent ({len(full)} flags for {schedule.steps} steps)")
+        return schedule
+
+
+def calibrated_schedule(stats: PairStats, full_steps: int, fingerprint: str, model: str, scheduler: str,
+                        calibration: dict[str, Any] | None = None) -> CalibratedSchedule:
+    """Choose the DP schedule from calibration sums and wrap it as the saved artefact."""
+    errors = torch.round(stats.errors() * 1e6) / 1e6  # 6 decimals: a small, readable file that reloads exactly
+    chosen = dp_schedule(errors, full_steps)
+    uniform = uniform_with(stats.steps, full_steps)
+    return CalibratedSchedule(fingerprint, model, stats.steps, scheduler, chosen,
+                              tuple(tuple(float(v) for v in row) for row in errors),
+                              schedule_cost(errors, uniform), schedule_cost(errors, chosen), dict(calibration or {}))
+
+
+@dataclass(frozen=True)
+class CacheCorrection:
+    """Per-channel affine corrections of reused features, one per cached step: fresh ≈ scale·cached + shift."""
+
+    scale: dict[int, torch.Tensor]  # step -> [C]
+    shift: dict[int, torch.Tensor]
+    error_before: float  # relative squared error on the calibration data, summed over cached steps
+    error_after: float
+
+    def apply(self, step: int, cached: Any) -> Any:
+        """The corrected feature for `step` (unchanged where no correction was calibrated).
+
+        Blocks return a tensor or a tuple whose first item is the features (diffusers' transformer
+        blocks with `return_dict=False`); the tuple's other items pass through.
+        """
+        if step not in self.scale:
+            return cached
+        if isinstance(cached, tuple):
+            return (self.apply(step, cached[0]), *cached[1:])
+        view = (1, -1) + (1,) * (cached.ndim - 2)
+        scale = self.scale[step].to(cached.dtype).view(view)
+        return cached * scale + self.shift[step].to(cached.dtype).view(view)
+
+
+def cache_correction(stats: PairStats, schedule: Schedule) -> CacheCorrection:
+    """Least-squares per-channel scale and shift for every cached step of `schedule`."""
+    if len(schedule) != stats.steps:
+        raise ValueError(f"schedule has {len(schedule)} steps, calibration {stats.steps}")
+    scale: dict[int, torch.Tensor] = {}
+    shift: dict[int, torch.Tensor] = {}
+    before = after = 0.0
+    source = 0
+    for j, full in enumerate(schedule):
+        if full:
+            source = j
+            continue
+        n, sx, sy, sxx, sxy, syy = stats.channel[(source, j)]
+        a, b = fit_affine(n, sx, sy, sxx, sxy)
+        ref = float(syy.sum())
+        before += float((syy - 2 * sxy + sxx).sum()) / max(ref, 1e-30)
+        after += float(affine_residual(n, sx, sy, sxx, sxy, syy, a, b).sum()) / max(ref, 1e-30)
+        scale[j], shift[j] = a.float(), b.float()
+    return CacheCorrection(scale, shift, before, after)
+
+
+def fit_affine(n: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, sxx: torch.Tensor,
+               sxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel least squares y ≈ a·x + b from sums; a channel with (near) constant x keeps a = 1."""
+    var = n * sxx - sx * sx
+    cov = n * sxy - sx * sy
+    degenerate = var <= 1e-12 * (n * sxx).clamp_min(1e-30)
+    a = torch.where(degenerate, torch.ones_like(var), cov / torch.where(degenerate, torch.ones_like(var), var))
+    b = (sy - a * sx) / n
+    return a, b
+
+
+def affine_residual(n, sx, sy, sxx, sxy, syy, a, b) -> torch.Tensor:
+    """Σ (y − a·x − b)² per channel, from the same sums (no data kept)."""
+    return (syy + a * a * sxx + n * b * b - 2 * a * sxy - 2 * b * sy + 2 * a * b * sx).clamp_min(0)

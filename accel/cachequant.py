@@ -1,0 +1,207 @@
+"""CacheQuant: a calibrated DeepCache schedule + W8A8 quantization + decoupled error correction.
+
+The three parts compose in one core, each reusing its own module:
+- the cache: the DeepCache core with an explicit schedule chosen by dynamic programming
+  (`cache_schedule.dp_schedule`) from calibration runs;
+- the quantization: a `QuantPlan` (`quant.py`) applied to the Linear/Conv2d layers; on cached
+  steps the deep layers do not run, so quantization and caching save different work and stack;
+- the *decoupled* correction: two independent sets of per-channel affine maps, each fitted by
+  least squares against the float, uncached model on calibration data: the cache correction acts
+  on the reused deep feature at each cached step (`CacheCorrection`), the quantization correction
+  on each quantized layer's output at each noise level (`QuantPlan` corrections). Fitting them
+  separately keeps each one a small, well-posed regression on the error it targets, and the
+  ablation switches (`correct_cache`, `correct_quant`) turn each off without recalibrating.
+
+`calibrate_cachequant` runs the calibration generations it is given (one callable per prompt/seed,
+with a progress bar): one uncached pass records the deep features per step (schedule + cache
+correction) and the activation ranges, and with quantization correction a second pass compares
+each quantized layer with its float output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .cache_schedule import (
+    CacheCorrection,
+    CalibratedSchedule,
+    FeatureRecorder,
+    PairStats,
+    cache_correction,
+    calibrated_schedule,
+)
+from .deepcache import DeepCache, DeepCacheConfig
+from .quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant
+from .schedules import format_schedule
+
+LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
+
+
+@dataclass(frozen=True)
+class CacheQuantConfig:
+    """What a user picks for CacheQuant; validated on creation."""
+
+    full_steps: int = 4  # K: steps that run the whole U-Net (used when no schedule is given)
+    cache_branch_id: int = 0
+    quant: QuantConfig | None = QuantConfig()  # None: calibrated caching + cache correction only
+    correct_cache: bool = True
+    correct_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.full_steps, int) or self.full_steps < 1:
+            raise ValueError(f"full_steps must be an integer >= 1, got {self.full_steps!r}")
+        if not isinstance(self.cache_branch_id, int) or self.cache_branch_id < 0:
+            raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
+        if self.quant is not None and self.quant.method != "w8a8":
+            raise ValueError(f"CacheQuant quantizes with W8A8, got method {self.quant.method!r} (DGQ runs on its own)")
+
+
+@dataclass(frozen=True)
+class CacheQuantPlan:
+    """A calibrated CacheQuant for one model: apply it any number of times (`LC_PIPE` acceleration)."""
+
+    config: CacheQuantConfig
+    schedule: CalibratedSchedule
+    cache_correction: CacheCorrection | None
+    quant: QuantPlan | None
+
+    @property
+    def deepcache(self) -> DeepCacheConfig:
+        return DeepCacheConfig(cache_branch_id=self.config.cache_branch_id, schedule="calibrated",
+                               full_steps_override=self.schedule.full_steps)
+
+    def variant(self, correct_cache: bool, correct_quant: bool) -> CacheQuantPlan:
+        """The same calibration with corrections switched (the ablations)."""
+        return replace(self, config=replace(self.config, correct_cache=correct_cache, correct_quant=correct_quant))
+
+    def label(self) -> str:
+        parts = [f"DP cache K={self.schedule.k}/{self.schedule.steps}"]
+        if self.quant is not None:
+            parts.append(self.quant.config.label())
+        fixes = [n for n, on in (("cache", self.config.correct_cache and self.cache_correction is not None),
+                                 ("quant", self.config.correct_quant and self.quant is not None
+                                  and self.quant.correction_error is not None)) if on]
+        parts.append(f"correction: {'+'.join(fixes) or 'none'}")
+        return " + ".join(parts)
+
+
+@dataclass
+class CacheQuantStats:
+    full_calls: int = 0
+    cached_calls: int = 0
+    schedule: str = ""
+    label: str = ""
+    backend: str = ""
+    size_ratio: float = 1.0
+
+
+class CacheQuant:
+    """The CacheQuant core applied to one model through the modules an adapter names."""
+
+    def __init__(self, plan: CacheQuantPlan) -> None:
+        self.plan = plan
+        self.deepcache = DeepCache(plan.deepcache)
+        self.quantizer = None if plan.quant is None else Quantizer(plan.quant, correct=plan.config.correct_quant)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], feature_module: nn.Module,
+              quant_layers: dict[str, nn.Module], read_level: LevelReader) -> CacheQuant:
+        self.deepcache.apply(root, deep_modules, read_level)
+        try:
+            if self.quantizer is not None:
+                self.quantizer.apply(root, quant_layers, read_level)
+        except Exception:
+            self.deepcache.remove()
+            raise
+        if self.plan.config.correct_cache and self.plan.cache_correction is not None:
+            self._hooks.append(feature_module.register_forward_hook(lambda _m, _a, out: self._correct(out)))
+        return self
+
+    def _correct(self, out: torch.Tensor) -> torch.Tensor | None:
+        tick = self.deepcache.tick
+        if not self.deepcache.reusing or tick is None:
+            return None  # a full step: the fresh feature needs no correction
+        return self.plan.cache_correction.apply(tick.step, out)
+
+    def reset(self, total_steps: int | None) -> None:
+        self.deepcache.reset(total_steps)
+
+    @property
+    def stats(self) -> CacheQuantStats:
+        dc = self.deepcache.stats
+        quant = self.quantizer.stats if self.quantizer is not None else None
+        schedule = dc.schedule or format_schedule(self.plan.schedule.full_steps)
+        return CacheQuantStats(dc.full_calls, dc.cached_calls, schedule, self.plan.label(),
+                               "" if quant is None else quant.backend,
+                               1.0 if quant is None else quant.size_ratio)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.quantizer is not None:
+            self.quantizer.remove()
+        self.deepcache.remove()
+
+
+def record_features(root: nn.Module, feature_module: nn.Module, read_level: LevelReader, steps: int,
+                    runs: Sequence[Callable[[], Any]], desc: str = "calibrating cache") -> PairStats:
+    """Run the calibration generations uncached and sum their per-step feature statistics."""
+    stats = PairStats(steps)
+    recorder = FeatureRecorder(root, feature_module, read_level)
+    try:
+        for run in tqdm(runs, desc=desc, unit="run"):
+            run()
+            stats.add_run(recorder.take_run())
+    finally:
+        recorder.close()
+    return stats
+
+
+def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_module: nn.Module,
+                         quant_layers: dict[str, nn.Module], read_level: LevelReader, steps: int,
+                         runs: Sequence[Callable[[], Any]], fingerprint: str, model: str, scheduler: str,
+                         schedule: CalibratedSchedule | None = None,
+                         calibration: dict[str, Any] | None = None) -> CacheQuantPlan:
+    """Calibrate every part of CacheQuant from `runs` (one callable per calibration generation).
+
+    A given `schedule` (loaded from a file) is checked against the model and step count and
+    kept; otherwise the DP schedule with `config.full_steps` full steps is chosen here.
+    """
+    if schedule is not None:
+        schedule.check(fingerprint, steps)
+    if not runs:
+        raise ValueError("CacheQuant calibration needs at least one calibration run")
+    stats = PairStats(steps)
+    passes = {"n": 0}
+
+    def run_all() -> None:
+        first = passes["n"] == 0
+        passes["n"] += 1
+        recorder = FeatureRecorder(root, feature_module, read_level) if first else None
+        desc = "calibrating cache + ranges" if first else "calibrating quantization correction"
+        try:
+            for run in tqdm(runs, desc=desc, unit="run"):
+                run()
+                if recorder is not None:
+                    stats.add_run(recorder.take_run())
+        finally:
+            if recorder is not None:
+                recorder.close()
+
+    quant_plan = None
+    if config.quant is not None:
+        quant_config = replace(config.quant, correct=config.correct_quant)
+        quant_plan = calibrate_quant(quant_config, root, quant_layers, read_level, run_all, fingerprint)
+    else:
+        run_all()
+    if schedule is None:
+        schedule = calibrated_schedule(stats, config.full_steps, fingerprint, model, scheduler, calibration)
+    correction = cache_correction(stats, schedule.full_steps) if config.correct_cache else None
+    return CacheQuantPlan(config, schedule, correction, quant_plan)

@@ -1,0 +1,147 @@
+"""`livecache bench rehash`: step rehash on LCM 4-step and DDIM 20-step sampling, against unaccelerated.
+
+Everything runs in one process on the same model, seeds and scheduler: per (work, scheduler) the
+unaccelerated run and each rehash threshold run in interleaved rounds after a warm-up; the time is the
+median over rounds and the speed ratio is against the unaccelerated median of the same scheduler. Beside
+it: steps skipped (of the generation's steps, with the per-step pattern), latent PSNR (peak = max − min
+of the unaccelerated latent), and SSIM — on decoded images for the pixel-space embedded model, on the
+latents mapped to 0..1 by the unaccelerated latent's range for the SD1.5-shaped U-Net (random weights:
+its "images" mean nothing, only closeness to the unaccelerated run does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..accel.rehash import StepRehashConfig
+from ..adapters.diffusers_unet import accelerated
+from ..models.sampling import decode, make_scheduler, sample
+from .metrics import psnr, ssim
+from .workloads import Workload, embedded_workload, sd15_workload
+
+PLANS: dict[str, int] = {"lcm": 4, "ddim": 20}  # scheduler -> steps
+
+
+@dataclass
+class RehashRow:
+    work: str
+    scheduler: str
+    steps: int
+    method: str
+    seconds: float | None = None
+    speed: float | None = None
+    skipped_steps: int | None = None
+    pattern: str = ""
+    latent_psnr: float | None = None
+    ssim: float | None = None
+    times: list[float] = field(default_factory=list)
+
+
+def _run(work: Workload, scheduler_name: str, steps: int, config: StepRehashConfig | None):
+    scheduler = make_scheduler(scheduler_name, work.model.scheduler_config)
+    with accelerated(work.model.unet, scheduler, [config] if config else []) as handles:
+        out = sample(work.model, scheduler, work.cond, work.uncond, work.noise, steps, work.guidance, progress=False)
+    return out, (handles[0].stats if handles else None)
+
+
+def rehash_rows(work: Workload, scheduler_name: str, steps: int, configs: list[StepRehashConfig], runs: int = 2,
+                progress: Callable[[str], None] = print) -> list[RehashRow]:
+    """Unaccelerated plus one row per config on `work`: what `livecache bench suite` calls too."""
+    plan: list[tuple[str, StepRehashConfig | None]] = [("unaccelerated", None)]
+    plan += [(f"rehash τ={c.threshold:g} max {c.max_skips} {c.mode}", c) for c in configs]
+    rows = {name: RehashRow(work.name, scheduler_name, steps, name) for name, _ in plan}
+    outputs: dict[str, torch.Tensor] = {}
+    _run(work, scheduler_name, min(steps, 2), None)  # warm-up: allocator, oneDNN primitives
+    for round_index in range(runs):
+        for name, config in plan:
+            started = time.perf_counter()
+            out, stats = _run(work, scheduler_name, steps, config)
+            rows[name].times.append(time.perf_counter() - started)
+            outputs.setdefault(name, out.float())
+            if stats is not None:
+                rows[name].skipped_steps, rows[name].pattern = stats.skipped_steps, stats.pattern
+            progress(f"  [{work.name} {scheduler_name} {steps} round {round_index + 1}/{runs}] {name}: "
+                     f"{rows[name].times[-1]:.2f} s")
+    reference = outputs["unaccelerated"]
+    base = statistics.median(rows["unaccelerated"].times)
+    for name, row in rows.items():
+        row.seconds = statistics.median(row.times)
+        row.speed = base / row.seconds
+        row.skipped_steps = row.skipped_steps or 0
+        row.latent_psnr = psnr(outputs[name], reference)
+        row.ssim = _ssim(work, outputs[name], reference)
+    return list(rows.values())
+
+
+def _ssim(work: Workload, out: torch.Tensor, reference: torch.Tensor) -> float:
+    if work.is_image:
+        return ssim(decode(work.model, out), decode(work.model, reference))
+    low, span = reference.min(), (reference.max() - reference.min()).clamp_min(1e-12)
+    as_image = lambda t: ((t - low) / span).clamp(0, 1).permute(0, 2, 3, 1)  # noqa: E731
+    return ssim(as_image(out), as_image(reference))
+
+
+def format_table(rows: list[RehashRow]) -> str:
+    def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
+        return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
+
+    head = (f"{'work':9} {'sched':5} {'steps':>5} {'method':30} {'s/gen':>7} {'speed':>7} {'skipped':>8} "
+            f"{'lat PSNR':>8} {'SSIM':>6}  pattern")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.work:9} {r.scheduler:5} {r.steps:5d} {r.method:30} {f(r.seconds, '.2f', 7)} "
+                     f"{f(r.speed, '.2f', 7, '×')} {f'{r.skipped_steps}/{r.steps}':>8} "
+                     f"{f(r.latent_psnr, '.2f', 8)} {f(r.ssim, '.3f', 6)}  {r.pattern}")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default="embedded,sd15", help="comma list: embedded, sd15, sd15-tiny")
+    parser.add_argument("--schedulers", default="lcm,ddim", help="comma list of lcm (4 steps), ddim (20 steps)")
+    parser.add_argument("--thresholds", default="0.03,0.05,0.1,1", help="rehash thresholds to measure")
+    parser.add_argument("--max-skips", type=int, default=1, help="consecutive skipped steps allowed (default 1)")
+    parser.add_argument("--mode", default="reuse", choices=["reuse", "extrapolate"], help="what a skipped step returns")
+    parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
+    parser.add_argument("--per-class", type=int, default=4, help="embedded: samples per digit (default 4)")
+    parser.add_argument("--json", type=Path, default=None, help="write all rows as JSON here")
+
+
+def main(args: argparse.Namespace) -> int:
+    schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    bad = [s for s in schedulers if s not in PLANS]
+    if bad or args.runs < 1:
+        raise SystemExit(f"bad options: schedulers {bad or schedulers} (use {', '.join(PLANS)}), runs {args.runs}")
+    try:
+        configs = [StepRehashConfig(float(t), args.max_skips, args.mode) for t in args.thresholds.split(",") if t]
+    except ValueError as err:
+        raise SystemExit(f"bad options: {err}") from err
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} rounds, median reported")
+    rows: list[RehashRow] = []
+    for work_name in [w.strip() for w in args.work.split(",") if w.strip()]:
+        for scheduler_name in schedulers:
+            steps = PLANS[scheduler_name]
+            if work_name in ("sd15", "sd15-tiny"):
+                work = sd15_workload(steps, tiny=work_name == "sd15-tiny")
+            elif work_name == "embedded":
+                work = embedded_workload(steps, args.per_class)
+            else:
+                raise SystemExit(f"unknown work {work_name!r}: use embedded, sd15 or sd15-tiny")
+            work_rows = rehash_rows(work, scheduler_name, steps, configs, args.runs)
+            print(format_table(work_rows), flush=True)
+            rows += work_rows
+    print()
+    print(format_table(rows))
+    print("skipped = steps whose U-Net evaluation step rehash skipped (pattern: F computed, . skipped); "
+          "PSNR/SSIM against the unaccelerated run with the same scheduler and steps")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,271 @@
+"""`livecache bench suite`: every technique of the acceleration suite and diffusers' cache hooks, one table.
+
+One process, per work (the SD1.5-shaped U-Net at a reduced latent/step count, and the trained
+embedded digits model): calibration first (DP schedule, CacheQuant, W8A8, DGQ; on seeds the
+measured generations do not use), then every method on the same inputs:
+
+- timing: each method runs once untimed (warm-up; its output gives the fidelity columns and a
+  profiled copy gives peak memory), then `--runs` interleaved timed rounds; the median sampling
+  time (the sampler loop only: applying a calibrated plan is a one-off) against the fp32
+  uncached median of the same work in the same run gives the speed ratio;
+- peak memory: `slicing_bench.peak_memory`: torch's profiler records every CPU allocation and free
+  of torch's allocator during one generation (activations, caches, temporaries; the weights already
+  exist), and the peak of the running sum is compared with the uncached run's. tracemalloc would
+  miss torch tensors and RSS keeps freed pages, so neither is used. Kernel-internal scratch buffers
+  (oneDNN) are not seen;
+- model size ratio: fp32 weight bytes over the bytes the method's weights need (quantized
+  weights + scales; the float originals stay in RAM here so the model can be restored);
+- fidelity: latent PSNR against the fp32 uncached latent (peak = its max − min); on the embedded
+  model image PSNR/SSIM and the FID-style score against the real digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..accel.cache_schedule import uniform_with
+from ..accel.cachequant import CacheQuantConfig
+from ..accel.deepcache import DeepCacheConfig
+from ..accel.quant import QuantConfig
+from ..accel.rehash import StepRehashConfig
+from ..accel.schedules import count_full, uniform_schedule
+from ..accel.slicing import SlicingConfig
+from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
+from ..adapters.diffusers_unet import accelerated
+from ..models.calibration import calibration_runs
+from ..models.sampling import decode, make_scheduler, sample
+from .deepcache_bench import _fid_scorer, plot
+from .hook_peers import HOOK_PEERS
+from .metrics import psnr, ssim
+from .peers import PeerUnavailable
+from .slicing_bench import peak_memory
+from .workloads import Workload, embedded_workload, sd15_workload
+
+
+@dataclass
+class Row:
+    work: str
+    method: str
+    family: str  # baseline / ours / peer (plot markers)
+    dtype: str = "suite"
+    seconds: float | None = None
+    speed: float | None = None
+    peak_mb: float | None = None
+    memory_ratio: float | None = None
+    size_ratio: float = 1.0
+    latent_psnr: float | None = None
+    image_psnr: float | None = None
+    image_ssim: float | None = None
+    fid: float | None = None
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Method:
+    name: str
+    family: str
+    work: Workload
+    configs: tuple[Any, ...] = ()
+    size_ratio: float = 1.0
+    note: str = ""
+    peer: Callable[[Workload], torch.Tensor] | None = None
+
+
+def _generate(method: Method) -> tuple[torch.Tensor, float]:
+    """One generation; returns the latent and the seconds spent in the sampler loop."""
+    work = method.work
+    if method.peer is not None:
+        started = time.perf_counter()
+        out = method.peer(work)
+        return out, time.perf_counter() - started
+    scheduler = make_scheduler("ddim", work.model.scheduler_config)
+    with accelerated(work.model.unet, scheduler, method.configs) as handles:
+        started = time.perf_counter()
+        out = sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps, work.guidance,
+                     progress=False)
+        seconds = time.perf_counter() - started
+    skipped = [h.stats for h in handles if hasattr(h.stats, "skipped_steps")]
+    if skipped and not method.note:  # step rehash: how many steps it skipped
+        method.note = f"skipped {skipped[0].skipped_steps}/{work.steps} steps ({skipped[0].pattern})"
+    return out, seconds
+
+
+def _bf16(work: Workload) -> Workload:
+    model = replace(work.model, unet=copy.deepcopy(work.model.unet).to(torch.bfloat16))
+    return replace(work, model=model, cond=work.cond.bfloat16(), uncond=work.uncond.bfloat16(),
+                   noise=work.noise.bfloat16())
+
+
+def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], peers: bool,
+                 log: Callable[[str], None]) -> list[Method]:
+    """Calibrate everything for `work` and list the methods of its table."""
+    steps, unet = work.steps, work.model.unet
+    prompts = [str(d) for d in range(10)] if work.is_image else ["calibration"]
+    runs = calibration_runs(work.model, prompts, calibration_seeds, steps, "ddim", work.guidance,
+                            height=work.noise.shape[-2], width=work.noise.shape[-1])
+    k = count_full(uniform_schedule(steps, interval))
+    uniform = uniform_with(steps, k)
+    started = time.perf_counter()
+    schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim")
+    cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), runs, steps, work.name, "ddim", schedule)
+    w8a8 = calibrate_quantization(unet, QuantConfig(), runs)
+    bf16 = _bf16(work)
+    bf16_runs = calibration_runs(bf16.model, prompts, calibration_seeds, steps, "ddim", work.guidance,
+                                 height=work.noise.shape[-2], width=work.noise.shape[-1])
+    cq_bf16 = calibrate_cachequant_unet(bf16.model.unet, CacheQuantConfig(k, quant=None), bf16_runs, steps,
+                                        work.name, "ddim", schedule)
+    dgq = {bits: calibrate_quantization(unet, QuantConfig("dgq", bits, attention_bits=8), runs) for bits in (8, 6, 4)}
+    log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s on {len(runs)} runs: "
+        f"DP schedule {schedule.describe()}")
+    fixes = cq.cache_correction, cq.quant.correction_error
+    cache_note = f"cache error on calibration {fixes[0].error_before:.3g} -> {fixes[0].error_after:.3g}"
+    quant_note = f"layer quant error on calibration {fixes[1][0]:.3g} -> {fixes[1][1]:.3g}"
+    dp_config = DeepCacheConfig(schedule="calibrated", full_steps_override=schedule.full_steps)
+    uniform_dc = DeepCacheConfig(cache_interval=interval)
+    methods = [
+        Method("uncached fp32", "baseline", work),
+        Method("uncached bf16", "baseline", bf16, size_ratio=2.0),
+        Method(f"DeepCache uniform K={k}", "ours", work, (uniform_dc,),
+               note="".join("F" if f else "." for f in uniform)),
+        Method(f"DeepCache DP K={k}", "ours", work, (dp_config,), note=schedule.describe().split(" (")[0]),
+        Method("W8A8", "ours", work, (w8a8,), w8a8.size_ratio, w8a8.backend),
+        Method(f"CacheQuant K={k}", "ours", work, (cq,), cq.quant.size_ratio, f"{cache_note}; {quant_note}"),
+        Method("  ablation: no correction", "ours", work, (cq.variant(False, False),), cq.quant.size_ratio),
+        Method("  ablation: cache corr. only", "ours", work, (cq.variant(True, False),), cq.quant.size_ratio,
+               cache_note),
+        Method("  ablation: quant corr. only", "ours", work, (cq.variant(False, True),), cq.quant.size_ratio,
+               quant_note),
+    ]
+    methods.append(Method(f"CacheQuant on bf16 K={k} (DP+cache corr, no int8)", "ours", bf16, (cq_bf16,),
+                          2.0, f"cache error on calibration {cq_bf16.cache_correction.error_before:.3g} -> "
+                          f"{cq_bf16.cache_correction.error_after:.3g}"))
+    for bits, plan in dgq.items():
+        methods.append(Method(f"DGQ W{bits}A8 log8-attn", "ours", work, (plan,), plan.size_ratio, plan.backend))
+    methods += [
+        Method("step rehash reuse thr 0.1", "ours", work, (StepRehashConfig(),)),
+        Method("slicing batch ×2", "ours", work, (SlicingConfig("batch", 2, False),)),
+        Method(f"stack: W8A8 + DeepCache K={k} + slicing", "ours", work,
+               (w8a8, uniform_dc, SlicingConfig("batch", 2, False)), w8a8.size_ratio),
+        Method(f"stack: CacheQuant K={k} + slicing", "ours", work, (cq, SlicingConfig("batch", 2, False)),
+               cq.quant.size_ratio),
+    ]
+    if peers:
+        methods += [Method(name, "peer", work, peer=runner) for name, runner in HOOK_PEERS.items()]
+    return methods
+
+
+def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[torch.Tensor], float] | None,
+               log: Callable[[str], None]) -> list[Row]:
+    rows = {m.name: Row(work.name, m.name, m.family, size_ratio=m.size_ratio) for m in methods}
+    outputs: dict[str, torch.Tensor] = {}
+    peaks: dict[str, int] = {}
+    for method in methods:  # warm-up, fidelity output and peak memory
+        try:
+            (out, _), peaks[method.name] = peak_memory(lambda m=method: _generate(m))
+        except PeerUnavailable as err:
+            rows[method.name].note = str(err)[:240]
+            continue
+        outputs[method.name] = out.float()
+    live = [m for m in methods if m.name in outputs]
+    for round_index in range(runs):
+        for method in live:
+            _, seconds = _generate(method)
+            rows[method.name].times.append(seconds)
+            log(f"  [{work.name} round {round_index + 1}/{runs}] {method.name.strip()}: {seconds:.2f} s")
+    reference = outputs["uncached fp32"]
+    base_time = statistics.median(rows["uncached fp32"].times)
+    base_peak = peaks["uncached fp32"]
+    for method in live:
+        row = rows[method.name]
+        row.note = method.note
+        row.seconds = statistics.median(row.times)
+        row.speed = base_time / row.seconds
+        row.peak_mb = peaks[method.name] / 2**20
+        row.memory_ratio = peaks[method.name] / base_peak if base_peak else None
+        row.latent_psnr = psnr(outputs[method.name], reference)
+        if work.is_image:
+            image, ref_image = decode(work.model, outputs[method.name]), decode(work.model, reference)
+            row.image_psnr, row.image_ssim = psnr(image, ref_image, peak=1.0), ssim(image, ref_image)
+            if fid is not None:
+                row.fid = fid(outputs[method.name])
+    return list(rows.values())
+
+
+def format_table(rows: list[Row]) -> str:
+    def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
+        return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
+
+    head = (f"{'work':9} {'method':46} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
+            f"{'lat PSNR':>8} {'img PSNR':>8} {'SSIM':>6} {'FID*':>7}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.work:9} {r.method:46} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
+                     f"{f(r.peak_mb, '.1f', 8)} {f(r.memory_ratio, '.2f', 6, '×')} {f(r.size_ratio, '.2f', 6, '×')} "
+                     f"{f(r.latent_psnr, '.2f', 8)} {f(r.image_psnr, '.2f', 8)} {f(r.image_ssim, '.3f', 6)} "
+                     f"{f(r.fid, '.2f', 7)}  {r.note}")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default="sd15,embedded", help="comma list: sd15, sd15-tiny, embedded")
+    parser.add_argument("--sd15-steps", type=int, default=10, help="DDIM steps on the SD1.5-shaped U-Net (default 10)")
+    parser.add_argument("--sd15-size", type=int, default=16, help="latent side on the SD1.5-shaped U-Net (default 16)")
+    parser.add_argument("--embedded-steps", type=int, default=20, help="DDIM steps on the embedded model (default 20)")
+    parser.add_argument("--per-class", type=int, default=10, help="embedded: samples per digit (FID-style score)")
+    parser.add_argument("--interval", type=int, default=3,
+                        help="uniform DeepCache interval N; K = its number of full steps, used by every cached row")
+    parser.add_argument("--calibration-seeds", default="101,102", help="noise seeds of the calibration runs")
+    parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers' cache hooks")
+    parser.add_argument("--json", type=Path, default=None, help="write all rows as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="speed-vs-PSNR PNG (default: beside --json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.calibration_seeds.split(",") if s.strip()]
+    if args.runs < 1 or args.interval < 2 or not seeds:
+        raise SystemExit(f"bad options: runs {args.runs} (>= 1), interval {args.interval} (>= 2), seeds {seeds}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} timed rounds, median reported")
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for name in [w.strip() for w in args.work.split(",") if w.strip()]:
+        if name in ("sd15", "sd15-tiny"):
+            work, fid = sd15_workload(args.sd15_steps, tiny=name == "sd15-tiny", size=args.sd15_size), None
+        elif name == "embedded":
+            work, fid = embedded_workload(args.embedded_steps, args.per_class), _fid_scorer()
+        else:
+            raise SystemExit(f"unknown work {name!r}: use sd15, sd15-tiny or embedded")
+        methods = plan_methods(work, args.interval, seeds, not args.no_peers, print)
+        work_rows = bench_work(work, methods, args.runs, fid, print)
+        print(format_table(work_rows), flush=True)
+        rows += work_rows
+    print()
+    print(format_table(rows))
+    print(f"total {time.perf_counter() - started:.0f} s. speed: sampler-loop time vs uncached fp32 of the same work; "
+          "mem: peak torch CPU allocations during a generation vs uncached fp32; size: fp32 weight bytes / the "
+          "method's; PSNR vs uncached fp32 (latent peak = max − min); FID* = Fréchet distance of our digit-classifier "
+          "features to the real digits (lower is better)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "args": {
+            k: str(v) for k, v in vars(args).items() if not k.startswith("_")}}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    plot_path = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if plot_path:
+        plot(rows, plot_path)
+        print(f"wrote {plot_path}")
+    return 0

@@ -1,0 +1,203 @@
+"""Nodes for CacheQuant and quantization: calibrate/load a DP cache schedule, CacheQuant, W8A8/DGQ.
+
+Each node validates its inputs, runs one calibration through the adapter, and returns a new
+value: an `LC_SCHEDULE` (a `CalibratedSchedule`) or an `LC_PIPE` carrying one more acceleration
+(a `CacheQuantPlan` or `QuantPlan`). Calibration runs the model as loaded (no acceleration), so
+the input model is never changed; schedules are saved and loaded inside the output folder only.
+Stacking rules (`accel.compose.check_stack`) refuse combinations that cannot work, e.g. CacheQuant
+on a model that already has DeepCache (two feature caches on one U-Net).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
+from ..accel.cachequant import CacheQuantConfig
+from ..accel.compose import check_stack
+from ..accel.quant import QuantConfig
+from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
+from ..adapters.diffusers_unet import deep_modules
+from ..models.calibration import calibration_runs
+from ..models.pipeline import DiffusionModel
+from ..models.sampling import SCHEDULERS
+from .context import output_dir
+
+CALIBRATION_INPUTS = {
+    "calibration_prompts": ("STRING", {"default": "0, 3, 7", "multiline": False,
+                                       "tooltip": "Comma-separated prompts the calibration generations draw "
+                                                  "(a few that resemble your real prompts)."}),
+    "calibration_seeds": ("INT", {"default": 2, "min": 1, "max": 16, "step": 1,
+                                  "tooltip": "Seeds per prompt (seeds 0..N-1); more runs, steadier statistics."}),
+    "steps": ("INT", {"default": 20, "min": 2, "max": 200, "step": 1,
+                      "tooltip": "Steps of the generations this serves: the sampler must use the same count."}),
+    "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": "Sampler family the calibration runs with."}),
+    "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                           "tooltip": "Classifier-free guidance of the calibration generations."}),
+}
+
+
+def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
+          guidance: float):
+    return calibration_runs(model, calibration_prompts.split(","), list(range(calibration_seeds)), steps, scheduler,
+                            guidance)
+
+
+def _info(calibration_prompts: str, calibration_seeds: int, guidance: float) -> dict:
+    return {"prompts": [p.strip() for p in calibration_prompts.split(",") if p.strip()],
+            "seeds": calibration_seeds, "guidance": guidance}
+
+
+def _schedule_path(path: str) -> Path:
+    """`path` inside the output folder (no absolute paths, no `..`), with a .json suffix."""
+    relative = Path(path.strip())
+    if not path.strip() or relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"schedule path {path!r} must be a relative path inside the output folder")
+    return output_dir() / relative.with_suffix(".json")
+
+
+class CalibrateSchedule:
+    """Choose the K full-compute steps of a cache schedule by dynamic programming on calibration runs."""
+
+    CATEGORY = "LiveCache/calibrate"
+    RETURN_TYPES = ("LC_SCHEDULE",)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "calibrate"
+    DESCRIPTION = ("Runs a few uncached calibration generations, measures the error of reusing each step's deep "
+                   "features at every later step, and picks the full steps that minimise it (CacheQuant's DP).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {"tooltip": "The model to calibrate for (the schedule only fits this model)."}),
+            "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
+                                   "tooltip": "K: how many steps run the whole U-Net; the rest reuse deep features."}),
+            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
+                                        "tooltip": "The DeepCache skip branch whose deep features are reused."}),
+            **CALIBRATION_INPUTS,
+            "save_as": ("STRING", {"default": "", "tooltip": "Optional file name inside the output folder "
+                                                             "(e.g. schedules/my_model.json); empty: not saved."}),
+        }}
+
+    def calibrate(self, model: DiffusionModel, full_steps: int, cache_branch_id: int, calibration_prompts: str,
+                  calibration_seeds: int, steps: int, scheduler: str, guidance: float,
+                  save_as: str) -> tuple[CalibratedSchedule]:
+        if full_steps > steps:
+            raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
+        deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
+        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+        schedule = calibrate_schedule(model.unet, runs, steps, full_steps, cache_branch_id, model.name, scheduler,
+                                      _info(calibration_prompts, calibration_seeds, guidance))
+        if save_as.strip():
+            schedule.save(_schedule_path(save_as))
+        return (schedule,)
+
+
+class LoadSchedule:
+    """Load a saved cache schedule and check that it was calibrated for this model."""
+
+    CATEGORY = "LiveCache/calibrate"
+    RETURN_TYPES = ("LC_SCHEDULE",)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a cache schedule JSON from the output folder; refuses one calibrated for another model."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {"tooltip": "The model the schedule will serve (checked by fingerprint)."}),
+            "path": ("STRING", {"default": "schedules/digits.json",
+                                "tooltip": "File inside the output folder, as written by Calibrate Cache Schedule."}),
+        }}
+
+    def load(self, model: DiffusionModel, path: str) -> tuple[CalibratedSchedule]:
+        schedule = CalibratedSchedule.load(_schedule_path(path))
+        schedule.check(model_fingerprint(model.unet))
+        return (schedule,)
+
+
+class ApplyCacheQuant:
+    """CacheQuant: calibrated DP cache schedule + W8A8 + decoupled per-channel error correction."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("LC_PIPE",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Caching and quantization optimised together: a DP cache schedule (given, or calibrated here), "
+                   "W8A8 layers, and least-squares corrections of the cache and quantization errors.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
+            "quantization": (["w8a8", "none"], {"default": "w8a8",
+                                                "tooltip": "w8a8: int8 weights and activations (real int8 kernels "
+                                                           "on x86 CPUs); none: calibrated caching only."}),
+            "correct_cache": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Correct the reused deep features per channel (calibrated)."}),
+            "correct_quant": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Correct each quantized layer's output per channel."}),
+            "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
+                                   "tooltip": "K full-compute steps, when no schedule is connected."}),
+            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
+                                        "tooltip": "The DeepCache skip branch whose deep features are reused."}),
+            **CALIBRATION_INPUTS,
+        }, "optional": {
+            "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
+        }}
+
+    def apply(self, model: DiffusionModel, quantization: str, correct_cache: bool, correct_quant: bool,
+              full_steps: int, cache_branch_id: int, calibration_prompts: str, calibration_seeds: int, steps: int,
+              scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None) -> tuple[DiffusionModel]:
+        if schedule is not None:
+            schedule.check(model_fingerprint(model.unet))
+            steps, scheduler = schedule.steps, schedule.scheduler
+        elif full_steps > steps:
+            raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
+        deep_modules(model.unet, cache_branch_id)
+        config = CacheQuantConfig(full_steps, cache_branch_id, QuantConfig() if quantization == "w8a8" else None,
+                                  correct_cache, correct_quant)
+        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+        plan = calibrate_cachequant_unet(model.unet, config, runs, steps, model.name, scheduler, schedule,
+                                         _info(calibration_prompts, calibration_seeds, guidance))
+        check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
+        return (model.with_acceleration(plan),)
+
+
+class Quantize:
+    """W8A8 or DGQ (distribution-aware group quantization) of the U-Net's Linear/Conv2d layers."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("LC_PIPE",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Post-training quantization calibrated on a few generations: W8A8 (real int8 on x86 CPUs) or DGQ "
+                   "(8/6/4-bit weights, group-wise activations with float outliers, log2 cross-attention scores).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("LC_PIPE", {"tooltip": "The model to quantize; it is not modified, a copy is returned."}),
+            "method": (["w8a8", "dgq"], {"default": "w8a8",
+                                         "tooltip": "w8a8: per-tensor int8 activations, int8 weights; dgq: group-wise "
+                                                    "activations keeping outliers in float (simulated)."}),
+            "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 2,
+                                    "tooltip": "8, 6 or 4 (DGQ); W8A8 needs 8."}),
+            "act_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 1,
+                                 "tooltip": "Activation bits (W8A8 needs 8)."}),
+            "attention_bits": ("INT", {"default": 0, "min": 0, "max": 8, "step": 1,
+                                       "tooltip": "DGQ: log2-quantize cross-attention scores to this many bits "
+                                                  "(0 = off)."}),
+            "correct": ("BOOLEAN", {"default": False,
+                                    "tooltip": "Calibrate per-channel corrections of each layer's quant error."}),
+            **CALIBRATION_INPUTS,
+        }}
+
+    def apply(self, model: DiffusionModel, method: str, weight_bits: int, act_bits: int, attention_bits: int,
+              correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
+              guidance: float) -> tuple[DiffusionModel]:
+        config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
+        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+        plan = calibrate_quantization(model.unet, config, runs)
+        check_stack(model.accelerations + (plan,))
+        return (model.with_acceleration(plan),)

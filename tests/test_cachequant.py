@@ -1,0 +1,208 @@
+"""CacheQuant, the DP cache schedule, W8A8 and DGQ on a tiny SD-shaped U-Net built in code."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from livecache.accel.cache_schedule import (
+    CalibratedSchedule,
+    dp_schedule,
+    model_fingerprint,
+    schedule_cost,
+    uniform_with,
+)
+from livecache.accel.cachequant import CacheQuantConfig
+from livecache.accel.deepcache import DeepCacheConfig
+from livecache.accel.quant import QuantConfig, group_fake_quant, int8_available, log2_quantize, quantize_weight
+from livecache.adapters.diffusers_quant import (
+    calibrate_cachequant_unet,
+    calibrate_quantization,
+    calibrate_schedule,
+    cross_attentions,
+)
+from livecache.adapters.diffusers_unet import accelerated
+from livecache.bench.metrics import psnr
+from livecache.bench.workloads import SD15_SCHEDULER
+from livecache.models.calibration import calibration_runs
+from livecache.models.pipeline import DiffusionModel
+from livecache.models.sampling import initial_noise, make_scheduler, sample
+
+STEPS = 8
+
+
+def tiny_model(make_unet, seed=0):
+    g = torch.Generator().manual_seed(7)
+    prompts = {p: torch.randn(1, 3, 32, generator=g) for p in ("a", "b", "")}
+    return DiffusionModel("tiny", make_unet(seed), dict(SD15_SCHEDULER), lambda p: prompts[p])
+
+
+@pytest.fixture(scope="module")
+def model(unet_factory):
+    return tiny_model(unet_factory)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    return calibration_runs(model, ["a", "b"], [0], STEPS, "ddim", 5.0)
+
+
+def generate(model, configs, steps=STEPS, seed=3):
+    scheduler = make_scheduler("ddim", model.scheduler_config)
+    with accelerated(model.unet, scheduler, configs) as handles:
+        out = sample(model, scheduler, model.encode_prompt("a"), model.encode_prompt(""), initial_noise(model, 1, seed),
+                     steps, 5.0, progress=False)
+    return out, handles
+
+
+def brute_force(errors, k):
+    steps = errors.shape[0]
+    best = float("inf")
+    for rest in itertools.combinations(range(1, steps), k - 1):
+        schedule = tuple(i == 0 or i in rest for i in range(steps))
+        best = min(best, schedule_cost(errors, schedule))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_schedule_is_optimal_and_never_worse_than_uniform(seed):
+    g = torch.Generator().manual_seed(seed)
+    errors = torch.rand(9, 9, generator=g, dtype=torch.float64).triu(1).cumsum(1).triu(1)
+    for k in (1, 3, 5, 9):
+        chosen = dp_schedule(errors, k)
+        assert sum(chosen) == k and chosen[0]
+        assert schedule_cost(errors, chosen) == pytest.approx(brute_force(errors, k))
+        assert schedule_cost(errors, chosen) <= schedule_cost(errors, uniform_with(9, k)) + 1e-12
+
+
+def test_calibrated_schedule_beats_uniform_on_calibration_data(model, runs):
+    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim")
+    errors = torch.tensor(schedule.errors)
+    uniform = uniform_with(STEPS, 3)
+    assert sum(uniform) == schedule.k == 3
+    assert schedule.cost == pytest.approx(schedule_cost(errors, schedule.full_steps))
+    assert schedule_cost(errors, schedule.full_steps) <= schedule_cost(errors, uniform)
+    assert (errors.triu(1) > 0).sum() == STEPS * (STEPS - 1) // 2  # every reuse pair was measured
+    _, handles = generate(model, [DeepCacheConfig(schedule="calibrated", full_steps_override=schedule.full_steps)])
+    assert handles[0].stats.full_calls == 3 and handles[0].stats.cached_calls == STEPS - 3
+
+
+def test_schedule_file_round_trip_and_clear_mismatch_errors(model, runs, tmp_path, unet_factory):
+    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim", {"prompts": ["a", "b"]})
+    path = schedule.save(tmp_path / "s.json")
+    data = json.loads(path.read_text())
+    assert data["schedule"].count("F") == 3 and data["steps"] == STEPS and data["calibration"]["prompts"] == ["a", "b"]
+    loaded = CalibratedSchedule.load(path)
+    assert loaded == schedule
+    loaded.check(model_fingerprint(model.unet), STEPS, "ddim")
+    with pytest.raises(ValueError, match="calibrated for model tiny"):
+        loaded.check(model_fingerprint(unet_factory(seed=1)))
+    with pytest.raises(ValueError, match=f"is for {STEPS} steps, the sampler runs 12"):
+        loaded.check(model_fingerprint(model.unet), 12)
+    config = DeepCacheConfig(schedule="calibrated", full_steps_override=loaded.full_steps)
+    with pytest.raises(ValueError, match=f"calibrated schedule is for {STEPS} steps, but the sampler runs 5"):
+        generate(model, [config], steps=5)
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a cache schedule"):
+        CalibratedSchedule.load(path)
+
+
+def test_fingerprint_ignores_precision_but_not_weights(unet_factory):
+    unet = unet_factory()
+    assert model_fingerprint(unet) == model_fingerprint(unet_factory().to(torch.bfloat16))
+    assert model_fingerprint(unet) != model_fingerprint(unet_factory(seed=1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "calibrated"}, "needs full_steps_override"),
+    ({"full_steps_override": (True, False)}, "needs schedule='calibrated'"),
+    ({"schedule": "calibrated", "full_steps_override": (False, True)}, "step 0 must be a full step"),
+])
+def test_deepcache_calibrated_config_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeepCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "dgq", "weight_bits": 5}, "weight_bits must be 8, 6 or 4, got 5"),
+    ({"method": "dgq", "weight_bits": 16}, "weight_bits must be 8, 6 or 4"),
+    ({"weight_bits": 4}, "W8A8 means 8-bit weights and activations"),
+    ({"method": "dgq", "act_bits": 3}, r"act_bits must be an integer in \[4, 8\]"),
+    ({"method": "dgq", "backend": "int8"}, "DGQ .* has no int8 kernel"),
+    ({"method": "int2"}, "method must be 'w8a8' or 'dgq'"),
+    ({"method": "dgq", "outlier_channels": 0.7}, r"outlier_channels must be a fraction in \[0, 0.5\)"),
+    ({"method": "dgq", "attention_bits": 1}, "attention_bits must be 0"),
+])
+def test_quant_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+    with pytest.raises(ValueError, match="W8A8"):
+        CacheQuantConfig(quant=QuantConfig("dgq", 4))
+
+
+def test_quantizers():
+    probs = torch.softmax(torch.randn(4, 16) * 3, dim=-1)
+    q = log2_quantize(probs, 6)
+    nonzero = q[q > 0]
+    assert torch.equal(torch.log2(nonzero), torch.round(torch.log2(nonzero)))  # powers of two only
+    assert ((q - probs).abs() <= probs / 2 + 2.0**-63).all()  # within a factor sqrt(2) or flushed to 0
+    x = torch.randn(64, 32)
+    x[:, 5] *= 100  # a channel outlier
+    keep = torch.zeros(64, 32, dtype=torch.bool)
+    keep[:, 5] = True
+    out = group_fake_quant(x, 4, 8, keep, 0.0)
+    assert torch.equal(out[:, 5], x[:, 5])
+    rel = ((out - x).norm() / x[:, torch.arange(32) != 5].norm()).item()
+    assert rel < 0.15  # the outlier did not inflate its group's scale
+    w = torch.randn(16, 128)
+    for bits, bound in ((8, 0.01), (6, 0.04), (4, 0.2)):
+        ints, scale = quantize_weight(w, bits, group=64)
+        assert ints.abs().max() <= 2 ** (bits - 1) - 1
+        assert ((ints * scale).reshape(w.shape) - w).norm() / w.norm() < bound
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return generate(model, [])[0]
+
+
+def test_w8a8_is_close_to_float_and_removal_restores_the_model(model, runs, reference):
+    plan = calibrate_quantization(model.unet, QuantConfig(), runs)
+    out, handles = generate(model, [plan])
+    assert psnr(out, reference) > 30
+    assert plan.size_ratio > 3.4
+    if int8_available():
+        assert handles[0].stats.backend.startswith("int8")
+    assert torch.equal(generate(model, [])[0], reference)  # removed: bit-identical
+    simulated = calibrate_quantization(model.unet, QuantConfig(backend="simulated"), runs)
+    out_sim, handles = generate(model, [simulated])
+    assert handles[0].stats.backend.startswith("simulated") and psnr(out_sim, reference) > 30
+
+
+def test_dgq_fidelity_follows_the_bits_and_attention_quantizer_is_restored(model, runs, reference):
+    scores = {}
+    for bits in (8, 4):
+        plan = calibrate_quantization(model.unet, QuantConfig("dgq", bits, attention_bits=6 if bits == 4 else 0), runs)
+        out, handles = generate(model, [plan])
+        scores[bits] = psnr(out, reference)
+        assert handles[0].stats.backend.startswith(f"simulated {bits}-bit")
+    assert scores[8] > scores[4] > 20
+    assert all(type(a.processor).__name__ != "AttnProcessor" for a in cross_attentions(model.unet))
+    assert all("get_attention_scores" not in a.__dict__ for a in cross_attentions(model.unet))
+
+
+def test_cachequant_corrections_reduce_the_errors_they_target(model, runs, reference, unet_factory):
+    plan = calibrate_cachequant_unet(model.unet, CacheQuantConfig(full_steps=3), runs, STEPS, model.name, "ddim")
+    assert plan.cache_correction.error_after < plan.cache_correction.error_before
+    before, after = plan.quant.correction_error
+    assert after < before
+    out, handles = generate(model, [plan])
+    assert handles[0].stats.full_calls == 3 and handles[0].stats.schedule == "".join(
+        "F" if f else "." for f in plan.schedule.full_steps)
+    assert psnr(out, reference) > 25
+    no_fix, _ = generate(model, [plan.variant(False, False)])
+    assert not torch.equal(no_fix, out)  # the corrections change the result
+    assert torch.equal(generate(model, [])[0], reference)
+    with pytest.raises(ValueError, match="calibrated for model tiny"):
+        generate(tiny_model(unet_factory, seed=1), [plan])
