@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .deepcache import DeepCache, DeepCacheConfig, _signature, _SlotCache
+from .deepcache import DeepCache, DeepCacheConfig, _SlotCache
+from .step_clock import call_signature
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ class TemporalDeepCache(DeepCache):
         self._key = key
 
     def _on_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        tick = self.clock.tick(level)
-        signature = (_signature(args, kwargs), self._key, tick.slot)
+        tick = self.tick = self.clock.tick(level)
+        signature = (call_signature(args, kwargs), self._key, tick.slot)
         slot = self._slots.setdefault(tick.step, _SlotCache())
         self._reuse = self._allow and slot.signature == signature and bool(slot.outputs)
         if not self._reuse:

@@ -5,7 +5,8 @@ The clip is the shipped `workflows/hello_avatar.wav` (espeak-ng speech) twice wi
 offline through `DiffusionEngine.render_clip` exactly as the ComfyUI node renders it. Rows:
 the baseline has every acceleration off (fp32, reference re-encoded per frame, one frame per call, no
 pipeline, no temporal cache); each next row turns one more on; then everything on except the short
-first chunk, and everything on with one LCM step instead of `--steps` (a speed/fidelity knob).
+first chunk, everything on with one LCM step instead of `--steps` (a speed/fidelity knob), and everything
+on plus W8A8 (`accel/quant.py`: int8 U-Net, calibrated when the engine starts).
 Every row runs `--rounds` times interleaved after a warm-up; times are medians.
 
 - *first frame ms*: from asking for the clip to the first frame, model loaded and session open;
@@ -78,6 +79,7 @@ def _ladder(batch: int) -> list[tuple[str, dict]]:
         rows.append((name, dict(current)))
     rows.append((f"all on, first chunk {batch}", {**current, "first_chunk": batch}))
     rows.append(("all on, 1 LCM step", {**current, "steps": 1}))
+    rows.append(("all on + W8A8 (int8 U-Net)", {**current, "w8a8": True}))
     return rows
 
 

@@ -109,6 +109,18 @@ def test_temporal_cache_reuses_deep_features_only_while_audio_holds_still():
     assert "forward" not in cached.model.unet.mid_block.__dict__  # hooks removed
 
 
+def test_w8a8_toggle_quantizes_the_unet_and_still_renders():
+    engine = _engine(w8a8=True, max_batch=2)
+    assert engine.quant_backend is not None
+    session = engine.open_session(default_portrait(512), SessionOptions(size=256))
+    before = engine._quant.stats.calls
+    frames = engine.render_batch([RenderRequest(session, 0.0, np.zeros(3200, np.float32), "idle")] * 2)
+    assert [f.image.shape for f in frames] == [(256, 256, 3)] * 2
+    assert engine._quant.stats.calls == before + 2 * engine.steps  # both pipelined halves ran quantized
+    engine.close()
+    assert "forward" not in engine.model.unet.down_blocks[0].resnets[0].conv1.__dict__
+
+
 def _folder(tmp_path: Path) -> Path:
     return save_model(random_model(), tmp_path / "avatar")
 

@@ -12,6 +12,7 @@ Per frame: audio features (log-mel of the window ending at `t`) → U-Net, 1–4
 - `max_batch`: frames of all sessions (or of a clip) go through the U-Net and VAE together;
 - `pipeline`: features, U-Net and decode run as overlapped stages (`accel/pipeline.py`);
 - `first_chunk`: offline clips start with a short chunk so the first frame is out early;
+- `w8a8`: the U-Net's Linear/Conv2d layers in int8 (`accel/quant.py`, calibrated at start-up; off by default);
 - `bf16`: U-Net and VAE in bfloat16 (default on GPUs only: on the 2-core CPU the shipped model's
   tensors are too small for AMX to pay for the conversions — measured 0.75x).
 """
@@ -147,7 +148,7 @@ class DiffusionEngine(AvatarEngine):
                  bf16: bool | None = None, reference_cache: bool = True,
                  temporal_cache: TemporalReuseConfig | None = DEFAULT_REUSE,
                  max_batch: int = 4, pipeline: bool = True, first_chunk: int = 1, seed: int = 0,
-                 device: str | None = None) -> None:
+                 device: str | None = None, w8a8: bool = False) -> None:
         if max_batch < 1 or first_chunk < 1:
             raise ValueError(f"max_batch and first_chunk must be >= 1, got {max_batch} and {first_chunk}")
         self.model = model if model is not None else load_model(Path(weights) if weights else AVATAR_DIR)
@@ -172,11 +173,36 @@ class DiffusionEngine(AvatarEngine):
         self._lock = threading.Lock()  # the U-Net stage and its caches serve one chunk at a time
         self._cache: TemporalDeepCache | None = None
         self._reuse: TemporalReuse | None = None
+        self._quant = self._quantize() if w8a8 else None
         if temporal_cache is not None:
             unet = self.model.unet
             self._cache = TemporalDeepCache(temporal_cache).apply(
                 unet, deep_modules(unet, temporal_cache.cache_branch_id), read_timestep)
             self._reuse = TemporalReuse(temporal_cache)
+
+    def _quantize(self):
+        """W8A8 (`accel/quant.py`): int8 weights per channel, dynamic 8-bit activations, calibrated on a few
+        frames of the default portrait speaking a synthetic speech-like signal."""
+        from ...accel.quant import QuantConfig
+        from ...adapters.diffusers_quant import apply_quantization, calibrate_quantization
+        from ..portrait import default_portrait
+        from ..testsignal import speech_like
+
+        session = self.open_session(default_portrait(256), SessionOptions(size=256))
+        audio = speech_like(1.0, self.sample_rate)
+
+        def run() -> None:
+            for _ in self.render_clip(session, audio, fps=8.0):
+                pass
+
+        plan = calibrate_quantization(self.model.unet, QuantConfig(method="w8a8"), [run])
+        self.clock = StageClock()  # calibration frames are not rendering work
+        return apply_quantization(self.model.unet, plan)
+
+    @property
+    def quant_backend(self) -> str | None:
+        """'int8' (real int8 kernels) or 'simulated' when W8A8 is on; None when off."""
+        return self._quant.stats.backend if self._quant is not None else None
 
     # -- sessions ----------------------------------------------------------------------------
     def open_session(self, portrait: np.ndarray, options: SessionOptions) -> DiffusionSession:
@@ -274,6 +300,9 @@ class DiffusionEngine(AvatarEngine):
         if self._cache is not None:
             self._cache.remove()
             self._cache = None
+        if self._quant is not None:
+            self._quant.remove()
+            self._quant = None
 
 
 def _session(request: RenderRequest) -> DiffusionSession:
