@@ -38,12 +38,12 @@ def _mono(audio: dict, rate: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=2)
-def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int):
+def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int, w8a8: bool):
     """Loading is the slow part; engines are reused across runs with the same settings."""
     from ..realtime.engines.diffusion import DEFAULT_REUSE, DiffusionEngine
 
     return DiffusionEngine(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
-                           max_batch=max_batch)
+                           max_batch=max_batch, w8a8=w8a8)
 
 
 class LoadAudioFile:
@@ -118,10 +118,12 @@ class AvatarDiffusion:
                                            "tooltip": "Reuse deep U-Net features while the audio barely changes."}),
             "max_batch": ("INT", {"default": 8, "min": 1, "max": 64, "step": 1,
                                   "tooltip": "Frames per U-Net call (the first call renders one frame)."}),
+            "w8a8": ("BOOLEAN", {"default": False,
+                                 "tooltip": "Int8 U-Net (W8A8, calibrated when the model loads)."}),
         }}
 
     def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
-               temporal_cache: bool, max_batch: int) -> tuple[torch.Tensor]:
+               temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
         from ..realtime.engines.base import SessionOptions
 
         if not isinstance(portrait, torch.Tensor) or portrait.ndim != 4 or portrait.shape[-1] != 3:
@@ -131,7 +133,7 @@ class AvatarDiffusion:
         speech = _mono(audio, AvatarSpec.sample_rate)
         folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
             str(resolve_inside(weights.strip(), model_roots()))
-        engine = _engine(folder, steps, temporal_cache, max_batch)
+        engine = _engine(folder, steps, temporal_cache, max_batch, w8a8)
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         session = engine.open_session(rgb, SessionOptions(size=int(size), fps=float(fps)))
         frames = [f.image for f in engine.render_clip(session, speech, fps)]

@@ -36,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "'diffusion' (the few-step latent diffusion avatar)")
     parser.add_argument("--weights", help="--engine diffusion: a local avatar weights folder (safetensors; layout in "
                         "the README's 'Diffusion avatar' section); default: the small model shipped with the pack")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="--engine diffusion: int8 U-Net (W8A8, calibrated at start-up)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
@@ -51,8 +53,8 @@ def main(args: argparse.Namespace) -> int:
     if args.engine not in available_engines():
         print(f"unknown engine {args.engine!r}; available: {', '.join(available_engines())}", file=sys.stderr)
         return 2
-    if args.weights and args.engine != "diffusion":
-        print("--weights applies to --engine diffusion only", file=sys.stderr)
+    if (args.weights or args.w8a8) and args.engine != "diffusion":
+        print("--weights and --w8a8 apply to --engine diffusion only", file=sys.stderr)
         return 2
     if bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
@@ -79,7 +81,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
-    options = {"weights": args.weights} if args.weights else {}
+    options = {k: v for k, v in (("weights", args.weights), ("w8a8", args.w8a8)) if v}
     server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context, options).start()
     print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
           f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
