@@ -17,6 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=None, help="folder for saved images (default ./output)")
     parser.add_argument("--models", type=Path, action="append", default=None,
                         help="folder holding diffusers model folders; repeatable (default ./models)")
+    parser.add_argument("--input", type=Path, action="append", default=None,
+                        help="folder input files (audio clips) are read from; repeatable (default ./input)")
     parser.add_argument("--check", action="store_true", help="validate only, run nothing")
 
 
@@ -29,6 +31,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.output is not None:
         os.environ["LIVECACHE_OUTPUT"] = str(args.output)
+    if args.input:
+        os.environ["LIVECACHE_INPUT"] = os.pathsep.join(str(p) for p in args.input)
     if args.models:
         os.environ["LIVECACHE_MODELS"] = os.pathsep.join(str(p) for p in args.models)
     try:

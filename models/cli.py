@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["digits", "features", "video"],
-                        help="digits: the embedded diffusion U-Net; features: the FID-style feature extractor; "
-                             "video: the causal AR video model (`--steps` default 2400 for it)")
+def configure(parser: argparse.ArgumentParser, more: dict[str, str] | None = None) -> None:
+    """`more`: further trainable models (name -> help) that a higher layer adds to the same command."""
+    helps = {"digits": "the embedded diffusion U-Net", "features": "the FID-style feature extractor",
+             "video": "the causal AR video model (`--steps` default 2400 for it)", **(more or {})}
+    parser.add_argument("what", choices=list(helps), help="; ".join(f"{k}: {v}" for k, v in helps.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps for `digits` (default 1500) or `video` (default 2400)")

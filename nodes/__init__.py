@@ -1,5 +1,6 @@
 """ComfyUI node classes (V1 schema): schemas and one call into the cores; no algorithm lives here."""
 
+from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .comfy_nodes import DeepCacheModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
@@ -18,6 +19,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheCausalCache": CausalCache,
     "LiveCacheVideoSampler": VideoSampler,
     "LiveCacheDeepCacheModel": DeepCacheModel,
+    "LiveCacheLoadAudio": LoadAudioFile,
+    "LiveCacheDefaultPortrait": DefaultPortrait,
+    "LiveCacheAvatarDiffusion": AvatarDiffusion,
     "LiveCacheCalibrateSchedule": CalibrateSchedule,
     "LiveCacheLoadSchedule": LoadSchedule,
     "LiveCacheCacheQuant": ApplyCacheQuant,
@@ -35,6 +39,9 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheCausalCache": "Causal Cache (LiveCache)",
     "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
     "LiveCacheDeepCacheModel": "DeepCache for MODEL (LiveCache)",
+    "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
+    "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
+    "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",
     "LiveCacheCalibrateSchedule": "Calibrate Cache Schedule (LiveCache)",
     "LiveCacheLoadSchedule": "Load Cache Schedule (LiveCache)",
     "LiveCacheCacheQuant": "CacheQuant (LiveCache)",

@@ -29,6 +29,15 @@ def model_roots() -> list[Path]:
     return roots or [Path.cwd() / "models"]
 
 
+def input_roots() -> list[Path]:
+    """Where input files (audio clips) are read from: `LIVECACHE_INPUT` headless, ComfyUI's input folder."""
+    roots = [Path(p) for p in os.environ.get("LIVECACHE_INPUT", "").split(os.pathsep) if p]
+    comfy = _comfy_folder_paths()
+    if comfy is not None:
+        roots.append(Path(comfy.get_input_directory()))
+    return roots or [Path.cwd() / "input"]
+
+
 def output_dir() -> Path:
     if "LIVECACHE_OUTPUT" in os.environ:
         return Path(os.environ["LIVECACHE_OUTPUT"])

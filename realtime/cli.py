@@ -32,8 +32,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=_bounded(0, 65535), default=8765,
                         help="TCP port for everything (default 8765; 0 = any free)")
     parser.add_argument("--engine", default="embedded",
-                        help="engine: 'embedded' (default; weight-free avatar, real time on 2 CPU cores) or 'video' "
-                             "(the causal AR video model; change what it shows with condition messages)")
+                        help="engine: 'embedded' (default; weight-free avatar, real time on 2 CPU cores), "
+                             "'diffusion' (the few-step latent diffusion avatar) or 'video' (the causal AR video "
+                             "model; change what it shows with condition messages)")
+    parser.add_argument("--weights", help="--engine diffusion: a local avatar weights folder (safetensors; layout in "
+                        "the README's 'Diffusion avatar' section); default: the small model shipped with the pack")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="--engine diffusion: int8 U-Net (W8A8, calibrated at start-up)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
@@ -49,6 +54,9 @@ def main(args: argparse.Namespace) -> int:
     if args.engine not in available_engines():
         print(f"unknown engine {args.engine!r}; available: {', '.join(available_engines())}", file=sys.stderr)
         return 2
+    if (args.weights or args.w8a8) and args.engine != "diffusion":
+        print("--weights and --w8a8 apply to --engine diffusion only", file=sys.stderr)
+        return 2
     if bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
         return 2
@@ -57,6 +65,9 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:  # port in use, address not available, unreadable certificate
         print(f"cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # the engine refused its options or weights (WeightsError names the file)
+        print(f"cannot start the {args.engine} engine: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -71,7 +82,8 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
-    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context).start()
+    options = {k: v for k, v in (("weights", args.weights), ("w8a8", args.w8a8)) if v}
+    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context, options).start()
     print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
           f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()

@@ -120,7 +120,8 @@ async def session_stop(request: web.Request) -> web.Response:
 
 
 async def _on_startup(app: web.Application) -> None:
-    app["hub"] = SessionHub(create_engine(app["engine_name"]), max_sessions=app["max_sessions"])
+    engine = create_engine(app["engine_name"], **app["engine_options"])
+    app["hub"] = SessionHub(engine, max_sessions=app["max_sessions"])
     await app["hub"].warm_up()
 
 
@@ -131,9 +132,11 @@ async def _on_shutdown(app: web.Application) -> None:
     await app["hub"].close()
 
 
-def build_app(engine: str = "embedded", max_sessions: int = 4) -> web.Application:
+def build_app(engine: str = "embedded", max_sessions: int = 4,
+              engine_options: dict[str, object] | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024)
     app["engine_name"] = engine
+    app["engine_options"] = dict(engine_options or {})
     app["max_sessions"] = max_sessions
     app["connections"] = set()
     app.on_startup.append(_on_startup)
@@ -157,10 +160,10 @@ class LiveServer:
     """Start/stop wrapper used by the CLI, the bench and the tests (port 0 picks a free port)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, engine: str = "embedded", max_sessions: int = 4,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, engine_options: dict[str, object] | None = None):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
-        self.app = build_app(engine, max_sessions)
+        self.app = build_app(engine, max_sessions, engine_options)
         self._runner = web.AppRunner(self.app, handle_signals=False)
 
     @property

@@ -37,6 +37,16 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 
+# Debian's espeak-ng: the diffusion avatar's training test synthesises its teacher's speech with it.
+if ! command -v espeak-ng >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+  else
+    echo "missing espeak-ng: install it with apt-get (the avatar training test needs it)" >&2
+    exit 1
+  fi
+fi
+
 ruff check .
 if [ -f ../shared/tools/check_layers.py ]; then python ../shared/tools/check_layers.py .; fi
 python -m pytest "$@"

@@ -32,7 +32,9 @@ def test_serve_defaults_to_localhost_and_rejects_unknown_engines(capsys):
     args = parse(cli)
     assert (args.host, args.port, args.engine) == ("127.0.0.1", 8765, "embedded")
     assert cli.main(parse(cli, "--engine", "nope")) == 2
-    assert "available: embedded" in capsys.readouterr().err
+    assert "available: diffusion, embedded" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--weights", "somewhere")) == 2  # --weights belongs to --engine diffusion
+    assert "--engine diffusion only" in capsys.readouterr().err
     for bad in (["--port", "70000"], ["--max-sessions", "0"]):
         with pytest.raises(SystemExit):
             parse(cli, *bad)

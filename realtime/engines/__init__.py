@@ -14,6 +14,7 @@ from .base import AvatarEngine
 ENGINES: dict[str, tuple[str, str]] = {
     "embedded": (".embedded", "EmbeddedEngine"),
     "video": (".video", "VideoEngine"),
+    "diffusion": (".diffusion", "DiffusionEngine"),
 }
 
 

@@ -49,13 +49,10 @@ class EmbeddedSession(EngineSession):
         self.options = options
         rng = np.random.default_rng(options.seed)
         self._rng = rng
-        self._phases = rng.uniform(0, 2 * np.pi, 6)
+        self.motion = HeadMotion(rig.image.shape[0], rng)
         self._opening = 0.0
         self._width = 1.0
-        self._nod = 0.0
         self._next_blink = float(rng.uniform(0.8, 2.5))
-        size = rig.image.shape[0]
-        self._pivot = (size / 2, size * 0.8)  # rotate and breathe about the neck
 
     @property
     def mouth_box(self) -> tuple[int, int, int, int]:
@@ -68,24 +65,46 @@ class EmbeddedSession(EngineSession):
         phase = (t - self._next_blink) / BLINK_S
         return float(np.clip(1 - abs(2 * phase - 1), 0, 1)) if 0 <= phase <= 1 else 0.0
 
-    def render(self, req: RenderRequest, rate: int) -> RenderedFrame:
+    def pose(self, req: RenderRequest, rate: int) -> np.ndarray:
+        """The face for `req` before head motion: mouth from the audio, eyelids from the blink schedule."""
         opening, width = mouth_targets(req.audio, rate) if req.state == "speaking" else (0.0, 1.0)
         # fast attack, slower release: lips snap open on onsets and settle without flicker
         k = 0.75 if opening > self._opening else 0.45
         self._opening += k * (opening - self._opening)
         self._width += 0.5 * (width - self._width)
-        self._nod += 0.15 * (self._opening - self._nod)
         frame = self.rig.image.copy()
         self.rig.pose(frame, self._opening, self._width, self._blink(req.t, req.state))
-        t, p, amp = req.t, self._phases, _SWAY[req.state]
+        return frame
+
+    def render(self, req: RenderRequest, rate: int) -> RenderedFrame:
+        frame = self.motion.apply(self.pose(req, rate), req.t, req.state, self._opening)
+        return RenderedFrame(frame, req.t, req.state, self._opening)
+
+
+class HeadMotion:
+    """Sway, nods with speech and breathing about the neck, seeded per session.
+
+    Shared by the engines that animate a prepared portrait, so a diffusion-rendered mouth moves with
+    the same head as the procedural one.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self._phases = rng.uniform(0, 2 * np.pi, 6)
+        self._nod = 0.0
+        self._pivot = (size / 2, size * 0.8)
+
+    def apply(self, frame: np.ndarray, t: float, state: State, opening: float) -> np.ndarray:
+        """`frame` warped for media time `t`; `opening` (0..1) drives the nod, so call once per frame."""
+        self._nod += 0.15 * (opening - self._nod)
+        p, amp = self._phases, _SWAY[state]
         angle = amp * (0.9 * np.sin(0.9 * t + p[0]) + 0.5 * np.sin(2.3 * t + p[1]))
         dx = amp * (2.5 * np.sin(0.6 * t + p[2]) + 1.0 * np.sin(1.7 * t + p[3]))
         dy = amp * 1.5 * np.sin(0.8 * t + p[4]) + 6.0 * self._nod
         breath = 1.0 + 0.006 * np.sin(2 * np.pi * t / 4.2 + p[5])
         m = cv2.getRotationMatrix2D(self._pivot, float(angle), float(breath))
         m[:, 2] += (dx, dy)
-        frame = cv2.warpAffine(frame, m, frame.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-        return RenderedFrame(frame, req.t, req.state, self._opening)
+        return cv2.warpAffine(frame, m, frame.shape[1::-1], flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT_101)
 
 
 class EmbeddedEngine(AvatarEngine):

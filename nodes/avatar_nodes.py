@@ -1,0 +1,142 @@
+"""Nodes for the diffusion avatar: a portrait and an AUDIO clip in, the talking-head frames out.
+
+`LiveCacheAvatarDiffusion` drives the same engine as `livecache serve --engine diffusion`
+(`realtime/engines/diffusion.py`) over a whole clip offline: batched frames, the stage pipeline and
+the temporal cache, with the state labels from the same voice-activity tracker as live sessions.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.avatar import AVATAR_DIR, AvatarSpec
+from ..models.loading import resolve_inside
+from .context import input_roots, model_roots
+
+EMBEDDED_AVATAR = "embedded:avatar"
+EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
+SIZES = (256, 384, 512)
+
+
+def _mono(audio: dict, rate: int) -> np.ndarray:
+    """The first clip of an AUDIO value as float mono at `rate`; malformed values fail naming what is wrong."""
+    from scipy.signal import resample_poly
+
+    waveform = audio.get("waveform") if isinstance(audio, dict) else None
+    source_rate = audio.get("sample_rate") if isinstance(audio, dict) else None
+    if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3 or waveform.shape[-1] == 0:
+        raise ValueError("audio must be an AUDIO: {'waveform': float tensor [B, C, T], 'sample_rate': int}")
+    if not isinstance(source_rate, int) or source_rate <= 0:
+        raise ValueError(f"audio sample_rate must be a positive integer, got {source_rate!r}")
+    mono = waveform[0].float().mean(dim=0).numpy()
+    g = int(np.gcd(rate, source_rate))
+    return mono if source_rate == rate else resample_poly(mono, rate // g, source_rate // g).astype(np.float32)
+
+
+@lru_cache(maxsize=2)
+def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int, w8a8: bool):
+    """Loading is the slow part; engines are reused across runs with the same settings."""
+    from ..realtime.engines.diffusion import DEFAULT_REUSE, DiffusionEngine
+
+    return DiffusionEngine(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
+                           max_batch=max_batch, w8a8=w8a8)
+
+
+class LoadAudioFile:
+    """Load a WAV/FLAC/OGG file as AUDIO (soundfile), from the input folder or the shipped examples."""
+
+    CATEGORY = "LiveCache/io"
+    RETURN_TYPES = ("AUDIO",)
+    FUNCTION = "load"
+    DESCRIPTION = "Reads an audio file into ComfyUI's AUDIO type ({'waveform': [1, C, T], 'sample_rate'})."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"file": ("STRING", {
+            "default": "hello_avatar.wav",
+            "tooltip": "A file name inside ComfyUI's input folder (headless: --input / LIVECACHE_INPUT), or one "
+                       "of the examples shipped in the pack's workflows/ folder (hello_avatar.wav).",
+        })}}
+
+    def load(self, file: str) -> tuple[dict]:
+        import soundfile
+
+        path = resolve_inside(file.strip(), [*input_roots(), EXAMPLES])
+        try:
+            data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        except Exception as err:  # soundfile raises its own error types for unreadable files
+            raise ValueError(f"{path}: not a readable audio file ({err})") from None
+        return ({"waveform": torch.from_numpy(data.T.copy()).unsqueeze(0), "sample_rate": int(rate)},)
+
+
+class DefaultPortrait:
+    """The pack's painted default face (no image assets ship), as an IMAGE."""
+
+    CATEGORY = "LiveCache/avatar"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "paint"
+    DESCRIPTION = "The default portrait the live server uses, painted in code."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"size": ("INT", {"default": 512, "min": 128, "max": 1024, "step": 64,
+                                              "tooltip": "Side of the square portrait in pixels."})}}
+
+    def paint(self, size: int) -> tuple[torch.Tensor]:
+        from ..realtime.portrait import default_portrait
+
+        return (torch.from_numpy(default_portrait(size).astype(np.float32) / 255.0).unsqueeze(0),)
+
+
+class AvatarDiffusion:
+    """Talking-head frames from a portrait and speech with the diffusion avatar model."""
+
+    CATEGORY = "LiveCache/avatar"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    FUNCTION = "render"
+    DESCRIPTION = ("Latent inpainting of the lower face from audio in 1-4 LCM steps per frame, batched, "
+                   "with DeepCache along time; one IMAGE per video frame.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "portrait": ("IMAGE", {"tooltip": "A frontal face; the first image of the batch is used."}),
+            "audio": ("AUDIO", {"tooltip": "Speech to lip-sync; the first clip, mixed to mono."}),
+            "weights": ("STRING", {"default": EMBEDDED_AVATAR,
+                                   "tooltip": "'embedded:avatar' (the small model shipped with the pack) or an "
+                                              "avatar weights folder inside your diffusers model folders."}),
+            "size": (list(map(str, SIZES)), {"default": "256", "tooltip": "Output frame side in pixels."}),
+            "fps": ("INT", {"default": 25, "min": 1, "max": 60, "step": 1, "tooltip": "Frames per second."}),
+            "steps": ("INT", {"default": 2, "min": 1, "max": 4, "step": 1,
+                              "tooltip": "LCM steps per frame (1 is fastest)."}),
+            "temporal_cache": ("BOOLEAN", {"default": True,
+                                           "tooltip": "Reuse deep U-Net features while the audio barely changes."}),
+            "max_batch": ("INT", {"default": 8, "min": 1, "max": 64, "step": 1,
+                                  "tooltip": "Frames per U-Net call (the first call renders one frame)."}),
+            "w8a8": ("BOOLEAN", {"default": False,
+                                 "tooltip": "Int8 U-Net (W8A8, calibrated when the model loads)."}),
+        }}
+
+    def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
+               temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
+        from ..realtime.engines.base import SessionOptions
+
+        if not isinstance(portrait, torch.Tensor) or portrait.ndim != 4 or portrait.shape[-1] != 3:
+            raise ValueError("portrait must be an RGB IMAGE: a float [B, H, W, 3] tensor")
+        if int(size) not in SIZES:
+            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+        speech = _mono(audio, AvatarSpec.sample_rate)
+        folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
+            str(resolve_inside(weights.strip(), model_roots()))
+        engine = _engine(folder, steps, temporal_cache, max_batch, w8a8)
+        rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        session = engine.open_session(rgb, SessionOptions(size=int(size), fps=float(fps)))
+        frames = [f.image for f in engine.render_clip(session, speech, fps)]
+        if not frames:
+            raise ValueError(f"the audio is shorter than one frame at {fps} fps")
+        return (torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0),)
