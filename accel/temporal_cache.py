@@ -84,7 +84,7 @@ class TemporalDeepCache(DeepCache):
         self._allow = reuse
         self._key = key
 
-    def _on_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def begin_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         tick = self.tick = self.clock.tick(level)
         signature = (call_signature(args, kwargs), self._key, tick.slot)
         slot = self._slots.setdefault(tick.step, _SlotCache())
