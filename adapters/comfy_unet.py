@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..accel.compose import check_stack
 from ..accel.deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
 from ..accel.rehash import StepRehash, StepRehashConfig, StepRehashStats
 
@@ -140,14 +141,21 @@ def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 
 def add_session(model: Any, key: str, make_session: Callable[[], Session],
-                on_finish: Callable[[Session], None] | None = None) -> Any:
+                on_finish: Callable[[Session], None] | None = None, config: Any = None) -> Any:
     """A clone of ComfyUI `model` (a ModelPatcher) that runs a fresh `make_session()` on every sampling run.
 
     `key` names the technique's wrappers: applying a technique to a MODEL that already has it
     replaces the earlier settings (the last node in the chain wins) instead of stacking two copies.
     `on_finish(session)` runs after each run, e.g. to report what the session did to the frontend.
+    `config` (the technique's settings) is checked with those of the other LiveCache techniques already on
+    `model` by `accel.compose.check_stack`, so a combination that cannot work fails when the node runs.
     """
     from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
+
+    others = [getattr(w, "livecache_config", None) for name, ws in model.wrappers.get(WrappersMP.DIFFUSION_MODEL,
+                                                                                      {}).items()
+              if name != key for w in ws]
+    check_stack([c for c in others if c is not None] + ([] if config is None else [config]))
 
     current: list[Session] = []  # the session of the run in progress (runs are sequential in ComfyUI)
 
@@ -171,6 +179,8 @@ def add_session(model: Any, key: str, make_session: Callable[[], Session],
         return current[-1].around_call(lambda: executor(*args, **kwargs), read_sigma(args, kwargs), tuple(args),
                                        kwargs)
 
+    diffusion_model.livecache_config = config  # type: ignore[attr-defined]  # read by a later add_session
+
     patched = model.clone()
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
         patched.remove_wrappers_with_key(kind, key)
@@ -186,7 +196,8 @@ def apply_deepcache(model: Any, config: DeepCacheConfig,
     fails when the node runs, not in the middle of sampling.
     """
     deep_modules(model.get_model_object("diffusion_model"), config.cache_branch_id)
-    return add_session(model, "livecache_deepcache", lambda: DeepCacheSession(config), on_finish)  # type: ignore[arg-type]
+    return add_session(model, "livecache_deepcache", lambda: DeepCacheSession(config), on_finish,  # type: ignore[arg-type]
+                       config)
 
 
 def apply_step_rehash(model: Any, config: StepRehashConfig,
@@ -195,4 +206,5 @@ def apply_step_rehash(model: Any, config: StepRehashConfig,
 
     Any model ComfyUI samples works (the session only sees whole U-Net calls), so nothing is checked here.
     """
-    return add_session(model, "livecache_rehash", lambda: RehashSession(config), on_finish)  # type: ignore[arg-type]
+    return add_session(model, "livecache_rehash", lambda: RehashSession(config), on_finish,  # type: ignore[arg-type]
+                       config)

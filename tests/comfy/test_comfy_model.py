@@ -178,3 +178,18 @@ def test_a_cachequant_schedule_on_a_comfyui_model_runs_exactly_its_full_steps(mo
         run(wrong, conds)
     assert torch.equal(run(model, conds)[0], before)  # the failed start left the U-Net as it was
     assert all("forward" not in m.__dict__ for m in model.get_model_object("diffusion_model").modules())
+
+
+def test_rehash_and_deepcache_stack_on_one_model_as_the_compose_rules_say(model, conds):
+    before, _ = run(model, conds)
+    deepcache = DeepCacheConfig(cache_interval=2)
+    for patched in (apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(threshold=0.2)),
+                    apply_deepcache(apply_step_rehash(model, StepRehashConfig(threshold=0.2)), deepcache)):
+        latent, deep_calls = run(patched, conds)
+        assert deep_calls < STEPS // 2 + 1 and psnr(before, latent) > 30.0, (deep_calls, psnr(before, latent))
+    with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
+        apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(mode="extrapolate"))
+    with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
+        apply_deepcache(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), deepcache)
+    # the same technique again replaces its settings instead of stacking
+    apply_step_rehash(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), StepRehashConfig())
