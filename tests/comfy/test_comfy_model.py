@@ -186,7 +186,8 @@ def test_rehash_and_deepcache_stack_on_one_model_as_the_compose_rules_say(model,
     for patched in (apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(threshold=0.2)),
                     apply_deepcache(apply_step_rehash(model, StepRehashConfig(threshold=0.2)), deepcache)):
         latent, deep_calls = run(patched, conds)
-        assert deep_calls < STEPS // 2 + 1 and psnr(before, latent) > 30.0, (deep_calls, psnr(before, latent))
+        # fewer deep passes than DeepCache alone (5): 2 and 4 measured (the outer one sees the other's output)
+        assert deep_calls < STEPS // 2 and psnr(before, latent) > 35.0, (deep_calls, psnr(before, latent))
     with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
         apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(mode="extrapolate"))
     with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
