@@ -16,6 +16,10 @@ EasyCache node does:
 Techniques plug in as a `Session` (start / around each call / finish); `add_session` does the
 ComfyUI plumbing once for all of them. DeepCache's session uses the same core as the diffusers
 path (`accel/deepcache.py`); this file only says where its deep modules are in `UNetModel`.
+Step rehash's session hands each whole U-Net call to the step-rehash core (`accel/rehash.py`, as the
+diffusers adapter does), which either runs it or answers with the output it decides to reuse.
+A CacheQuant schedule needs no session of its own: it is DeepCache with explicit full steps
+(`DeepCacheConfig.full_steps_override`), checked against the sampler's step count when a run starts.
 
 ComfyUI is imported lazily here and nowhere else below the node classes.
 """
@@ -28,7 +32,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..accel.compose import check_stack
 from ..accel.deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
+from ..accel.rehash import StepRehash, StepRehashConfig, StepRehashStats
 
 Call = Callable[[], Any]
 
@@ -95,6 +101,31 @@ class DeepCacheSession:
         self.core.remove()
 
 
+class RehashSession:
+    """Step rehash during one sampling run: the core decides per U-Net call whether to run it."""
+
+    def __init__(self, config: StepRehashConfig) -> None:
+        self.core = StepRehash(config)
+
+    @property
+    def stats(self) -> StepRehashStats:
+        return self.core.stats
+
+    def start(self, unet: nn.Module, total_steps: int) -> None:
+        self.core.reset(total_steps)
+
+    def around_call(self, call: Call, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # UNetModel.forward(x, timesteps, context, y, control, transformer_options): the sample is x; the other
+        # tensors (context, y, ...) only gate reuse to calls of the same shapes, e.g. the same CFG batch layout
+        x = args[0] if args else kwargs["x"]
+        context = [a for a in args[2:] if isinstance(a, torch.Tensor)]
+        context += [v for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor) and k != "x"]
+        return self.core.call(call, x, level, context)
+
+    def finish(self) -> None:
+        self.core.forget()
+
+
 # -- ComfyUI plumbing, shared by every technique ----------------------------------------------
 def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     """The noise level of a `UNetModel.forward(x, timesteps, context, y, control, transformer_options)` call.
@@ -110,14 +141,21 @@ def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
 
 
 def add_session(model: Any, key: str, make_session: Callable[[], Session],
-                on_finish: Callable[[Session], None] | None = None) -> Any:
+                on_finish: Callable[[Session], None] | None = None, config: Any = None) -> Any:
     """A clone of ComfyUI `model` (a ModelPatcher) that runs a fresh `make_session()` on every sampling run.
 
     `key` names the technique's wrappers: applying a technique to a MODEL that already has it
     replaces the earlier settings (the last node in the chain wins) instead of stacking two copies.
     `on_finish(session)` runs after each run, e.g. to report what the session did to the frontend.
+    `config` (the technique's settings) is checked with those of the other LiveCache techniques already on
+    `model` by `accel.compose.check_stack`, so a combination that cannot work fails when the node runs.
     """
     from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
+
+    others = [getattr(w, "livecache_config", None) for name, ws in model.wrappers.get(WrappersMP.DIFFUSION_MODEL,
+                                                                                      {}).items()
+              if name != key for w in ws]
+    check_stack([c for c in others if c is not None] + ([] if config is None else [config]))
 
     current: list[Session] = []  # the session of the run in progress (runs are sequential in ComfyUI)
 
@@ -125,9 +163,9 @@ def add_session(model: Any, key: str, make_session: Callable[[], Session],
         unet = executor.class_obj.model_patcher.model.diffusion_model
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         session = make_session()
-        session.start(unet, max(int(sigmas.shape[-1]) - 1, 1))
         current.append(session)
-        try:
+        try:  # start inside the try: a start that fails half-way (e.g. a schedule for another step count) is undone
+            session.start(unet, max(int(sigmas.shape[-1]) - 1, 1))
             return executor(*args, **kwargs)
         finally:
             current.remove(session)
@@ -140,6 +178,8 @@ def add_session(model: Any, key: str, make_session: Callable[[], Session],
             return executor(*args, **kwargs)
         return current[-1].around_call(lambda: executor(*args, **kwargs), read_sigma(args, kwargs), tuple(args),
                                        kwargs)
+
+    diffusion_model.livecache_config = config  # type: ignore[attr-defined]  # read by a later add_session
 
     patched = model.clone()
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
@@ -156,4 +196,15 @@ def apply_deepcache(model: Any, config: DeepCacheConfig,
     fails when the node runs, not in the middle of sampling.
     """
     deep_modules(model.get_model_object("diffusion_model"), config.cache_branch_id)
-    return add_session(model, "livecache_deepcache", lambda: DeepCacheSession(config), on_finish)  # type: ignore[arg-type]
+    return add_session(model, "livecache_deepcache", lambda: DeepCacheSession(config), on_finish,  # type: ignore[arg-type]
+                       config)
+
+
+def apply_step_rehash(model: Any, config: StepRehashConfig,
+                      on_finish: Callable[[RehashSession], None] | None = None) -> Any:
+    """A clone of ComfyUI `model` with step rehash; `model` itself is left untouched.
+
+    Any model ComfyUI samples works (the session only sees whole U-Net calls), so nothing is checked here.
+    """
+    return add_session(model, "livecache_rehash", lambda: RehashSession(config), on_finish,  # type: ignore[arg-type]
+                       config)

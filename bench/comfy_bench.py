@@ -1,11 +1,12 @@
-"""`livecache bench comfy`: inside a real ComfyUI, uncached vs ComfyUI's own EasyCache vs our DeepCache.
+"""`livecache bench comfy`: inside a real ComfyUI, uncached vs ComfyUI's own EasyCache vs our DeepCache and step rehash.
 
 Everything runs in one process on one model: ComfyUI's SD1.5 model class (openaimodel.UNetModel
 in a ModelPatcher, SD1.5 channels 320/640/1280 by default) with seeded random weights — no
 checkpoint can be downloaded here, and speed depends on the architecture, not the weights — sampled
 by ComfyUI's KSampler path with CFG, the same seed, sampler and scheduler for every method. Each
 method is a patched clone of the same MODEL (EasyCache through ComfyUI's own node class, ours
-through `LiveCacheDeepCacheModel`'s adapter), so the comparison is exactly what a ComfyUI user gets.
+through the adapter of `LiveCacheDeepCacheModel` / `LiveCacheStepRehashModel`), so the comparison is
+exactly what a ComfyUI user gets.
 
 Methods are timed in interleaved rounds after a warm-up (the median is reported), speed is the
 ratio to uncached in the same round set, and fidelity sits beside it: latent PSNR (peak = range of
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 
 from ..accel.deepcache import DeepCacheConfig
-from ..adapters.comfy_unet import apply_deepcache
+from ..accel.rehash import StepRehashConfig
+from ..adapters.comfy_unet import apply_deepcache, apply_step_rehash
 from ..adapters.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
 from .metrics import psnr, ssim
 
@@ -58,6 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intervals", default="2,3", help="our DeepCache cache intervals (default 2,3)")
     parser.add_argument("--easycache-threshold", type=float, default=0.2,
                         help="EasyCache reuse_threshold (ComfyUI's node default 0.2)")
+    parser.add_argument("--rehash-threshold", type=float, default=0.1,
+                        help="our step rehash threshold (the node's default 0.1), max_skips 1, reuse")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
@@ -78,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         methods[f"ours DeepCache N={n} uniform"] = apply_deepcache(model, DeepCacheConfig(cache_interval=n))
         methods[f"ours DeepCache N={n} non-uniform"] = apply_deepcache(
             model, DeepCacheConfig(cache_interval=n, schedule="non-uniform"))
+    methods[f"ours step rehash (threshold {args.rehash_threshold})"] = apply_step_rehash(
+        model, StepRehashConfig(args.rehash_threshold))
 
     def run(patched: Any, steps: int) -> tuple[torch.Tensor, int, int]:
         return _counted(patched, lambda: sample(patched, positive, negative, seed=0, steps=steps, cfg=args.cfg,

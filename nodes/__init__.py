@@ -2,7 +2,7 @@
 
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
-from .comfy_nodes import DeepCacheModel
+from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
@@ -19,6 +19,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheCausalCache": CausalCache,
     "LiveCacheVideoSampler": VideoSampler,
     "LiveCacheDeepCacheModel": DeepCacheModel,
+    "LiveCacheStepRehashModel": StepRehashModel,
     "LiveCacheLoadAudio": LoadAudioFile,
     "LiveCacheDefaultPortrait": DefaultPortrait,
     "LiveCacheAvatarDiffusion": AvatarDiffusion,
@@ -39,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheCausalCache": "Causal Cache (LiveCache)",
     "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
     "LiveCacheDeepCacheModel": "DeepCache for MODEL (LiveCache)",
+    "LiveCacheStepRehashModel": "Step Rehash for MODEL (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
     "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
     "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",

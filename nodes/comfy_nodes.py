@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..accel.cache_schedule import CalibratedSchedule
 from ..accel.deepcache import DeepCacheConfig
-from ..adapters.comfy_unet import DeepCacheSession, apply_deepcache
+from ..accel.rehash import StepRehashConfig
+from ..adapters.comfy_unet import DeepCacheSession, RehashSession, apply_deepcache, apply_step_rehash
 from .diffusers_nodes import ApplyDeepCache
+from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
 
 
@@ -33,11 +36,18 @@ class DeepCacheModel:
         required = dict(ApplyDeepCache.INPUT_TYPES()["required"])
         required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
                                                   "copy is returned."})
-        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+        optional = {"calibrated_schedule": ("LC_SCHEDULE", {
+            "tooltip": "A CacheQuant schedule (Load/Calibrate Cache Schedule): its full steps replace cache_interval, "
+                       "schedule, start and end; the sampler must run exactly its number of steps."})}
+        return {"required": required, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: Any, cache_interval: int, cache_branch_id: int, schedule: str, start: float, end: float,
-              unique_id: str | None = None) -> tuple[Any]:
-        config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+              calibrated_schedule: CalibratedSchedule | None = None, unique_id: str | None = None) -> tuple[Any]:
+        if calibrated_schedule is None:
+            config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+        else:  # the same core with explicit full steps; a run of another length fails at its start, naming both
+            config = DeepCacheConfig(cache_interval, cache_branch_id, "calibrated",
+                                     full_steps_override=tuple(calibrated_schedule.full_steps))
 
         def report(session: DeepCacheSession) -> None:
             stats = session.stats
@@ -46,3 +56,33 @@ class DeepCacheModel:
                        {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls})
 
         return (apply_deepcache(model, config, report),)
+
+
+class StepRehashModel:
+    """Step rehash for a ComfyUI MODEL: skips whole U-Net calls whose output would nearly repeat the last one."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Step rehash (Streamlined Inference) on a ComfyUI MODEL: reuses the last U-Net output on steps "
+                   "whose predicted output change is below the threshold. Connect the result to any sampler node.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # the same knobs, ranges and tooltips as the diffusers-side Step Rehash node, on a MODEL
+        required = dict(ApplyStepRehash.INPUT_TYPES()["required"])
+        required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
+                                                  "copy is returned."})
+        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
+              unique_id: str | None = None) -> tuple[Any]:
+        config = StepRehashConfig(float(threshold), int(max_skips), mode)
+
+        def report(session: RehashSession) -> None:
+            stats = session.stats
+            send_stats(unique_id, f"Step rehash: {stats.skipped_steps} of {len(stats.pattern)} steps skipped "
+                       f"({stats.pattern})", {"skipped_steps": stats.skipped_steps, "steps": len(stats.pattern)})
+
+        return (apply_step_rehash(model, config, report),)

@@ -97,7 +97,7 @@ class VideoSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "video_model": ("LC_VIDEO_MODEL", {}),
+            "video_model": ("LC_VIDEO_MODEL", {"tooltip": "The video model (Load Video Model, or Causal Cache)."}),
             "prompt": ("STRING", {"default": "shapes",
                                   "tooltip": "What moves: a digit ('7', 'a seven'), 'shapes' or 'texture'."}),
             "chunks": ("INT", {"default": 8, "min": 1, "max": 1024, "step": 1,

@@ -1,4 +1,6 @@
-"""DeepCache on ComfyUI's own MODEL, sampled by ComfyUI's own KSampler path (real ComfyUI 0.3.75).
+"""DeepCache, step rehash and a CacheQuant schedule on ComfyUI's own MODEL, sampled by ComfyUI's KSampler path.
+
+Real ComfyUI 0.3.75.
 
 The model is ComfyUI's SD1.5 class (openaimodel.UNetModel in a ModelPatcher) with SD1.5's block
 layout, shrunk to 32 base channels and seeded random weights, so a run takes a second.
@@ -12,8 +14,10 @@ import pytest
 import torch
 
 import livecache
+from livecache.accel.cache_schedule import CalibratedSchedule
 from livecache.accel.deepcache import DeepCacheConfig
-from livecache.adapters.comfy_unet import apply_deepcache, deep_modules
+from livecache.accel.rehash import StepRehashConfig
+from livecache.adapters.comfy_unet import apply_deepcache, apply_step_rehash, deep_modules
 from livecache.adapters.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model
 
 CONTEXT = 64
@@ -123,3 +127,70 @@ def test_bad_branch_or_model_fails_when_the_node_runs(model):
         apply_deepcache(model, DeepCacheConfig(cache_branch_id=11))
     with pytest.raises(TypeError, match="openaimodel.UNetModel"):
         deep_modules(torch.nn.Linear(2, 2), 0)
+
+
+def test_step_rehash_on_a_comfyui_model(model, conds):
+    """Threshold 0 computes every step; a threshold skips whole U-Net calls and stays close to uncached."""
+    before, full_calls = run(model, conds)
+    exact, computed = run(apply_step_rehash(model, StepRehashConfig(threshold=0.0)), conds)
+    assert torch.equal(exact, before) and computed == full_calls == STEPS
+
+    stats = []
+    patched = apply_step_rehash(model, StepRehashConfig(threshold=0.1), lambda session: stats.append(session.stats))
+    rehashed, computed = run(patched, conds)
+    skipped = stats[0].skipped_steps
+    assert 0 < skipped <= STEPS // 2 and computed == STEPS - skipped  # skipped steps never reach the deep blocks
+    assert ".." not in stats[0].pattern and stats[0].pattern.startswith("FF")  # max_skips 1; two steps to measure
+    assert not torch.equal(rehashed, before)
+    assert psnr(before, rehashed) > 40.0, psnr(before, rehashed)  # 78.9 dB measured (3 of 10 steps skipped)
+
+    after, full_again = run(model, conds)
+    assert torch.equal(after, before) and full_again == STEPS  # the input MODEL is untouched
+
+
+def test_step_rehash_node_returns_a_patched_clone(model, conds):
+    from livecache.nodes.comfy_nodes import StepRehashModel
+
+    (patched,) = StepRehashModel().apply(model, 0.5, 2, "extrapolate", unique_id="9")
+    assert patched is not model and patched.model is model.model
+    latent, computed = run(patched, conds)
+    assert computed < STEPS and torch.isfinite(latent).all()
+    with pytest.raises(ValueError, match="threshold must be a number in"):
+        StepRehashModel().apply(model, -1.0, 1, "reuse")
+
+
+def schedule(full_steps: tuple[bool, ...]) -> CalibratedSchedule:
+    return CalibratedSchedule("f", "tiny", len(full_steps), "ddim", full_steps, (), 1.0, 1.0)
+
+
+def test_a_cachequant_schedule_on_a_comfyui_model_runs_exactly_its_full_steps(model, conds):
+    from livecache.nodes.comfy_nodes import DeepCacheModel
+
+    full = (True, True, False, False, True, False, True, False, False, False)  # 4 full steps, not a uniform pattern
+    before, _ = run(model, conds)
+    (patched,) = DeepCacheModel().apply(model, 3, 0, "uniform", 0.0, 1.0, calibrated_schedule=schedule(full))
+    cached, deep_calls = run(patched, conds)
+    assert deep_calls == sum(full) == 4
+    assert psnr(before, cached) > 30.0, psnr(before, cached)
+
+    (wrong,) = DeepCacheModel().apply(model, 3, 0, "uniform", 0.0, 1.0, calibrated_schedule=schedule(full[:8]))
+    with pytest.raises(ValueError, match="this calibrated schedule is for 8 steps, but the sampler runs 10"):
+        run(wrong, conds)
+    assert torch.equal(run(model, conds)[0], before)  # the failed start left the U-Net as it was
+    assert all("forward" not in m.__dict__ for m in model.get_model_object("diffusion_model").modules())
+
+
+def test_rehash_and_deepcache_stack_on_one_model_as_the_compose_rules_say(model, conds):
+    before, _ = run(model, conds)
+    deepcache = DeepCacheConfig(cache_interval=2)
+    for patched in (apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(threshold=0.2)),
+                    apply_deepcache(apply_step_rehash(model, StepRehashConfig(threshold=0.2)), deepcache)):
+        latent, deep_calls = run(patched, conds)
+        # fewer deep passes than DeepCache alone (5): 2 and 4 measured (the outer one sees the other's output)
+        assert deep_calls < STEPS // 2 and psnr(before, latent) > 35.0, (deep_calls, psnr(before, latent))
+    with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
+        apply_step_rehash(apply_deepcache(model, deepcache), StepRehashConfig(mode="extrapolate"))
+    with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
+        apply_deepcache(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), deepcache)
+    # the same technique again replaces its settings instead of stacking
+    apply_step_rehash(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), StepRehashConfig())

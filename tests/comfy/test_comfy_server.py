@@ -114,6 +114,8 @@ def test_object_info_lists_our_nodes_with_valid_schemas(server):
             if spec[0] in ("INT", "FLOAT"):
                 assert {"min", "max", "step", "default"} <= set(options), (key, name)
     assert info["LiveCacheDeepCacheModel"]["input"]["required"]["model"][0] == "MODEL"
+    assert info["LiveCacheDeepCacheModel"]["input"]["optional"]["calibrated_schedule"][0] == "LC_SCHEDULE"
+    assert info["LiveCacheStepRehashModel"]["input"]["required"]["model"][0] == "MODEL"
 
 
 async def run_prompt(url: str, prompt: dict) -> tuple[str, list[dict]]:
