@@ -23,7 +23,7 @@ see every call): the caching logic is the same either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -106,7 +106,7 @@ class DeepCache:
         self.stats = DeepCacheStats()
         self._overrides = ForwardOverrides()
         self._root_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._slots: dict[int, _SlotCache] = {}
+        self._slots: dict[Hashable, _SlotCache] = {}
         self._reuse = False
         self._slot: _SlotCache | None = None
         self._schedule: Schedule | None = None
@@ -171,10 +171,8 @@ class DeepCache:
     def begin_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A model call at noise level `level` starts: decide whether its deep modules compute or reuse."""
         tick = self.tick = self.clock.tick(level)
-        if tick.step == 0 and tick.slot == 0:
-            self._slots.clear()
-        signature = call_signature(args, kwargs)
-        slot = self._slots.setdefault(tick.slot, _SlotCache())
+        key, signature = self._slot_key(tick, call_signature(args, kwargs))
+        slot = self._slots.setdefault(key, _SlotCache())
         self._reuse = self._is_cached_step(tick) and slot.signature == signature and bool(slot.outputs)
         if slot.signature != signature:
             # Another kind of call: nothing kept is valid. Otherwise a full step overwrites every entry as
@@ -186,6 +184,15 @@ class DeepCache:
             self.stats.cached_calls += 1
         else:
             self.stats.full_calls += 1
+
+    def _slot_key(self, tick: Tick, signature: tuple[Any, ...]) -> tuple[Hashable, tuple[Any, ...]]:
+        """Which cache slot serves this call, and what must match for it to be reused.
+
+        Slots are the call's place inside a step (CFG halves apart); a generation's first call drops them all.
+        """
+        if tick.step == 0 and tick.slot == 0:
+            self._slots.clear()
+        return tick.slot, signature
 
     def end_call(self) -> None:
         """The model call ended; outside a model call the deep modules behave normally (a user probing a block)."""

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .deepcache import DeepCache, DeepCacheConfig, _SlotCache
-from .step_clock import call_signature
+from .deepcache import DeepCache, DeepCacheConfig
+from .step_clock import Tick
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,9 @@ class TemporalDeepCache(DeepCache):
         self._allow = reuse
         self._key = key
 
-    def begin_call(self, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        tick = self.tick = self.clock.tick(level)
-        signature = (call_signature(args, kwargs), self._key, tick.slot)
-        slot = self._slots.setdefault(tick.step, _SlotCache())
-        self._reuse = self._allow and slot.signature == signature and bool(slot.outputs)
-        if not self._reuse:
-            slot.outputs = {}
-            slot.signature = signature
-        self._slot = slot
-        if self._reuse:
-            self.stats.cached_calls += 1
-        else:
-            self.stats.full_calls += 1
+    def _slot_key(self, tick: Tick, signature: tuple[Any, ...]) -> tuple[Hashable, tuple[Any, ...]]:
+        """Slots live across frames, one per step inside a frame, valid only for the same key and call slot."""
+        return tick.step, (signature, self._key, tick.slot)
+
+    def _is_cached_step(self, tick: Tick) -> bool:
+        return self._allow

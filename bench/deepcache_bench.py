@@ -26,6 +26,7 @@ from ..adapters.diffusers_unet import accelerated
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable, run_deepcache_authors, run_tgate, run_tome
+from .table import cell
 from .workloads import Workload, embedded_workload, sd15_workload
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -158,17 +159,15 @@ def _fid_scorer():
 
 
 def format_table(rows: list[Row]) -> str:
-    def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
-        return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
-
     head = (f"{'work':9} {'dtype':5} {'method':27} {'s/gen':>7} {'speed':>7} {'vs fp32':>7} {'lat PSNR':>8} "
             f"{'img PSNR':>8} {'SSIM':>6} {'deep/calls':>10} {'FID*':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         calls = "—" if r.unet_calls is None else f"{r.deep_calls}/{r.unet_calls}"
-        lines.append(f"{r.work:9} {r.dtype:5} {r.method:27} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
-                     f"{f(r.speed_vs_fp32, '.2f', 7, '×')} {f(r.latent_psnr, '.2f', 8)} {f(r.image_psnr, '.2f', 8)} "
-                     f"{f(r.image_ssim, '.3f', 6)} {calls:>10} {f(r.fid, '.2f', 7)}  {r.note}")
+        lines.append(f"{r.work:9} {r.dtype:5} {r.method:27} {cell(r.seconds, '.2f', 7)} {cell(r.speed, '.2f', 7, '×')} "
+                     f"{cell(r.speed_vs_fp32, '.2f', 7, '×')} {cell(r.latent_psnr, '.2f', 8)} "
+                     f"{cell(r.image_psnr, '.2f', 8)} "
+                     f"{cell(r.image_ssim, '.3f', 6)} {calls:>10} {cell(r.fid, '.2f', 7)}  {r.note}")
     return "\n".join(lines)
 
 

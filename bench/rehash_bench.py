@@ -26,6 +26,7 @@ from ..accel.rehash import StepRehashConfig
 from ..adapters.diffusers_unet import accelerated
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
+from .table import cell
 from .workloads import Workload, embedded_workload, sd15_workload
 
 PLANS: dict[str, int] = {"lcm": 4, "ddim": 20}  # scheduler -> steps
@@ -93,16 +94,13 @@ def _ssim(work: Workload, out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def format_table(rows: list[RehashRow]) -> str:
-    def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
-        return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
-
     head = (f"{'work':9} {'sched':5} {'steps':>5} {'method':30} {'s/gen':>7} {'speed':>7} {'skipped':>8} "
             f"{'calls':>6} {'lat PSNR':>8} {'SSIM':>6}  pattern")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.work:9} {r.scheduler:5} {r.steps:5d} {r.method:30} {f(r.seconds, '.2f', 7)} "
-                     f"{f(r.speed, '.2f', 7, '×')} {f'{r.skipped_steps}/{r.steps}':>8} "
-                     f"{f(r.call_ratio, '.2f', 5, '×')} {f(r.latent_psnr, '.2f', 8)} {f(r.ssim, '.3f', 6)}  "
+        lines.append(f"{r.work:9} {r.scheduler:5} {r.steps:5d} {r.method:30} {cell(r.seconds, '.2f', 7)} "
+                     f"{cell(r.speed, '.2f', 7, '×')} {f'{r.skipped_steps}/{r.steps}':>8} "
+                     f"{cell(r.call_ratio, '.2f', 5, '×')} {cell(r.latent_psnr, '.2f', 8)} {cell(r.ssim, '.3f', 6)}  "
                      f"{r.pattern}")
     return "\n".join(lines)
 

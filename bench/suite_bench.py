@@ -49,6 +49,7 @@ from .hook_peers import HOOK_PEERS
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable
 from .slicing_bench import peak_memory
+from .table import cell
 from .workloads import Workload, embedded_workload, sd15_workload
 
 
@@ -203,17 +204,15 @@ def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[
 
 
 def format_table(rows: list[Row]) -> str:
-    def f(value: float | None, fmt: str, width: int, suffix: str = "") -> str:
-        return ("—" if value is None else format(value, fmt) + suffix).rjust(width)
-
     head = (f"{'work':9} {'method':46} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
             f"{'lat PSNR':>8} {'img PSNR':>8} {'SSIM':>6} {'FID*':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.work:9} {r.method:46} {f(r.seconds, '.2f', 7)} {f(r.speed, '.2f', 7, '×')} "
-                     f"{f(r.peak_mb, '.1f', 8)} {f(r.memory_ratio, '.2f', 6, '×')} {f(r.size_ratio, '.2f', 6, '×')} "
-                     f"{f(r.latent_psnr, '.2f', 8)} {f(r.image_psnr, '.2f', 8)} {f(r.image_ssim, '.3f', 6)} "
-                     f"{f(r.fid, '.2f', 7)}  {r.note}")
+        lines.append(f"{r.work:9} {r.method:46} {cell(r.seconds, '.2f', 7)} {cell(r.speed, '.2f', 7, '×')} "
+                     f"{cell(r.peak_mb, '.1f', 8)} {cell(r.memory_ratio, '.2f', 6, '×')} "
+                     f"{cell(r.size_ratio, '.2f', 6, '×')} "
+                     f"{cell(r.latent_psnr, '.2f', 8)} {cell(r.image_psnr, '.2f', 8)} {cell(r.image_ssim, '.3f', 6)} "
+                     f"{cell(r.fid, '.2f', 7)}  {r.note}")
     return "\n".join(lines)
 
 
