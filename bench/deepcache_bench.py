@@ -243,7 +243,14 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print("latent PSNR peak = max − min of the uncached latent; FID* = Fréchet distance of our digit-classifier "
           "features to all 1,797 real digits (lower is better)")
+    write_outputs(rows, args)
+    return 0
+
+
+def write_outputs(rows: list, args: argparse.Namespace) -> None:
+    """`--json` (every row plus the arguments) and the speed-vs-PSNR plot (`--plot`, default beside the JSON)."""
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "args": {
             k: str(v) for k, v in vars(args).items() if not k.startswith("_")}}, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -251,4 +258,3 @@ def main(args: argparse.Namespace) -> int:
     if plot_path:
         plot(rows, plot_path)
         print(f"wrote {plot_path}")
-    return 0

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quan
 from ..adapters.diffusers_unet import accelerated
 from ..models.calibration import calibration_runs
 from ..models.sampling import decode, make_scheduler, sample
-from .deepcache_bench import _fid_scorer, plot
+from .deepcache_bench import _fid_scorer, write_outputs
 from .hook_peers import HOOK_PEERS
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable
@@ -258,13 +257,5 @@ def main(args: argparse.Namespace) -> int:
           "mem: peak torch CPU allocations during a generation vs uncached fp32; size: fp32 weight bytes / the "
           "method's; PSNR vs uncached fp32 (latent peak = max − min); FID* = Fréchet distance of our digit-classifier "
           "features to the real digits (lower is better)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "args": {
-            k: str(v) for k, v in vars(args).items() if not k.startswith("_")}}, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    plot_path = args.plot or (args.json.with_suffix(".png") if args.json else None)
-    if plot_path:
-        plot(rows, plot_path)
-        print(f"wrote {plot_path}")
+    write_outputs(rows, args)
     return 0

@@ -20,6 +20,14 @@ from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
 
 
+def _on_model(diffusers_node: type) -> dict[str, Any]:
+    """The diffusers-side node's knobs, ranges and tooltips, with its model input taking a ComfyUI MODEL."""
+    required = dict(diffusers_node.INPUT_TYPES()["required"])
+    required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
+                                              "copy is returned."})
+    return required
+
+
 class DeepCacheModel:
     """DeepCache for a ComfyUI MODEL (SD1.x, SD2.x, SDXL U-Nets), any ComfyUI sampler and scheduler."""
 
@@ -32,10 +40,7 @@ class DeepCacheModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        # the same knobs, ranges and tooltips as the diffusers-side DeepCache node, on a MODEL
-        required = dict(ApplyDeepCache.INPUT_TYPES()["required"])
-        required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
-                                                  "copy is returned."})
+        required = _on_model(ApplyDeepCache)
         optional = {"calibrated_schedule": ("LC_SCHEDULE", {
             "tooltip": "A CacheQuant schedule (Load/Calibrate Cache Schedule): its full steps replace cache_interval, "
                        "schedule, start and end; the sampler must run exactly its number of steps."})}
@@ -70,10 +75,7 @@ class StepRehashModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        # the same knobs, ranges and tooltips as the diffusers-side Step Rehash node, on a MODEL
-        required = dict(ApplyStepRehash.INPUT_TYPES()["required"])
-        required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
-                                                  "copy is returned."})
+        required = _on_model(ApplyStepRehash)
         return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
