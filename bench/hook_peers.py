@@ -1,10 +1,11 @@
 """Peers from diffusers' own `diffusers.hooks`, applied to the workload's `UNet2DConditionModel`.
 
 Each runner applies one hook family with the settings its documentation suggests, samples with
-the same loop, seeds and inputs as our rows, and removes the hook through diffusers' own
-`HookRegistry`. Families that cannot apply to a U-Net raise `PeerUnavailable` with the reason
-(most of them look for transformer-block names that a U-Net does not have), which becomes the
-row's note: the table says which peers do not apply and why instead of silently dropping them.
+the same loop, seeds and inputs as our rows (through the caller's `loop`, which measures it), and
+removes the hook through diffusers' own `HookRegistry`. Families that cannot apply to a U-Net
+raise `PeerUnavailable` with the reason (most of them look for transformer-block names that a
+U-Net does not have), which becomes the row's note: the table says which peers do not apply and
+why instead of silently dropping them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..models.sampling import make_scheduler, sample
 from .peers import PeerUnavailable
 from .workloads import Workload
 
+Loop = Callable[[Callable[[], torch.Tensor]], torch.Tensor]  # runs (and measures) the sampler loop
+
 
 class _Timestep:
     """The current timestep, for hooks that ask for it through a callback."""
@@ -28,7 +31,8 @@ class _Timestep:
             lambda _m, args, kwargs: setattr(self, "value", int(read_timestep(args, kwargs))), with_kwargs=True)
 
 
-def _run_with_hook(work: Workload, name: str, apply: Callable[[torch.nn.Module, _Timestep], None]) -> torch.Tensor:
+def _run_with_hook(work: Workload, name: str, apply: Callable[[torch.nn.Module, _Timestep], None],
+                   loop: Loop) -> torch.Tensor:
     try:
         from diffusers.hooks import HookRegistry
     except ImportError as err:
@@ -41,8 +45,8 @@ def _run_with_hook(work: Workload, name: str, apply: Callable[[torch.nn.Module, 
         if not any(m._diffusers_hook.hooks for m in unet.modules() if hasattr(m, "_diffusers_hook")):
             raise PeerUnavailable(f"{name} found no block to hook in a UNet2DConditionModel")
         scheduler = make_scheduler("ddim", work.model.scheduler_config)
-        return sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps, work.guidance,
-                      progress=False)
+        return loop(lambda: sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps,
+                                   work.guidance, progress=False))
     except PeerUnavailable:
         raise
     except Exception as err:
@@ -58,7 +62,7 @@ def _run_with_hook(work: Workload, name: str, apply: Callable[[torch.nn.Module, 
             module.__dict__.pop("forward", None)  # removal leaves the class forward bound on the instance
 
 
-def run_pab(work: Workload) -> torch.Tensor:
+def run_pab(work: Workload, loop: Loop) -> torch.Tensor:
     """Pyramid Attention Broadcast: reuse attention outputs inside a timestep window."""
     from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
 
@@ -70,10 +74,10 @@ def run_pab(work: Workload) -> torch.Tensor:
             current_timestep_callback=lambda: clock.value)
         apply_pyramid_attention_broadcast(unet, config)
 
-    return _run_with_hook(work, "PyramidAttentionBroadcast", apply)
+    return _run_with_hook(work, "PyramidAttentionBroadcast", apply, loop)
 
 
-def run_faster_cache(work: Workload) -> torch.Tensor:
+def run_faster_cache(work: Workload, loop: Loop) -> torch.Tensor:
     """FasterCache: attention reuse with frequency-weighted updates plus unconditional-batch skipping."""
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
@@ -85,26 +89,28 @@ def run_faster_cache(work: Workload) -> torch.Tensor:
             attention_weight_callback=lambda _: 0.3, tensor_format="BCHW", is_guidance_distilled=False)
         apply_faster_cache(unet, config)
 
-    return _run_with_hook(work, "FasterCache", apply)
+    return _run_with_hook(work, "FasterCache", apply, loop)
 
 
-def run_first_block_cache(work: Workload) -> torch.Tensor:
+def run_first_block_cache(work: Workload, loop: Loop) -> torch.Tensor:
     """First Block Cache: skip the remaining blocks while the first block's residual barely changes."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     return _run_with_hook(work, "FirstBlockCache",
-                          lambda unet, _clock: apply_first_block_cache(unet, FirstBlockCacheConfig(threshold=0.2)))
+                          lambda unet, _clock: apply_first_block_cache(unet, FirstBlockCacheConfig(threshold=0.2)),
+                          loop)
 
 
-def run_taylorseer(work: Workload) -> torch.Tensor:
+def run_taylorseer(work: Workload, loop: Loop) -> torch.Tensor:
     """TaylorSeer: forecast cached features with a Taylor expansion over steps."""
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     return _run_with_hook(work, "TaylorSeer",
-                          lambda unet, _clock: apply_taylorseer_cache(unet, TaylorSeerCacheConfig(cache_interval=3)))
+                          lambda unet, _clock: apply_taylorseer_cache(unet, TaylorSeerCacheConfig(cache_interval=3)),
+                          loop)
 
 
-HOOK_PEERS: dict[str, Callable[[Workload], torch.Tensor]] = {
+HOOK_PEERS: dict[str, Callable[[Workload, Loop], torch.Tensor]] = {
     "diffusers PyramidAttentionBroadcast": run_pab,
     "diffusers FasterCache": run_faster_cache,
     "diffusers FirstBlockCache": run_first_block_cache,

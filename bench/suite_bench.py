@@ -9,7 +9,7 @@ measured generations do not use), then every method on the same inputs:
   time (the sampler loop only: applying a calibrated plan is a one-off) against the fp32
   uncached median of the same work in the same run gives the speed ratio;
 - peak memory: `slicing_bench.peak_memory`: torch's profiler records every CPU allocation and free
-  of torch's allocator during one generation (activations, caches, temporaries; the weights already
+  of torch's allocator during one generation's sampler loop (activations, caches, temporaries; the weights already
   exist), and the peak of the running sum is compared with the uncached run's. tracemalloc would
   miss torch tensors and RSS keeps freed pages, so neither is used. Kernel-internal scratch buffers
   (oneDNN) are not seen;
@@ -44,7 +44,7 @@ from ..adapters.diffusers_unet import accelerated
 from ..models.calibration import calibration_runs
 from ..models.sampling import decode, make_scheduler, sample
 from .deepcache_bench import _fid_scorer, write_outputs
-from .hook_peers import HOOK_PEERS
+from .hook_peers import HOOK_PEERS, Loop
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable
 from .slicing_bench import peak_memory
@@ -79,26 +79,44 @@ class Method:
     configs: tuple[Any, ...] = ()
     size_ratio: float = 1.0
     note: str = ""
-    peer: Callable[[Workload], torch.Tensor] | None = None
+    peer: Callable[[Workload, Loop], torch.Tensor] | None = None
 
 
-def _generate(method: Method) -> tuple[torch.Tensor, float]:
-    """One generation; returns the latent and the seconds spent in the sampler loop."""
+class SamplerLoop:
+    """Runs a generation's sampler loop: times it and, when `profiled`, records its peak memory.
+
+    Only the loop is measured: applying a technique (installing hooks, fingerprinting the model
+    against its calibration) is a one-off and would otherwise dominate the peak.
+    """
+
+    def __init__(self, profiled: bool = False) -> None:
+        self.profiled = profiled
+        self.seconds = 0.0
+        self.peak = 0
+
+    def __call__(self, loop: Callable[[], torch.Tensor]) -> torch.Tensor:
+        started = time.perf_counter()
+        if self.profiled:
+            out, self.peak = peak_memory(loop)
+        else:
+            out = loop()
+        self.seconds = time.perf_counter() - started
+        return out
+
+
+def _generate(method: Method, meter: SamplerLoop) -> torch.Tensor:
+    """One generation through `meter`; returns the latent."""
     work = method.work
     if method.peer is not None:
-        started = time.perf_counter()
-        out = method.peer(work)
-        return out, time.perf_counter() - started
+        return method.peer(work, meter)
     scheduler = make_scheduler("ddim", work.model.scheduler_config)
     with accelerated(work.model.unet, scheduler, method.configs) as handles:
-        started = time.perf_counter()
-        out = sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps, work.guidance,
-                     progress=False)
-        seconds = time.perf_counter() - started
+        out = meter(lambda: sample(work.model, scheduler, work.cond, work.uncond, work.noise, work.steps,
+                                   work.guidance, progress=False))
     skipped = [h.stats for h in handles if hasattr(h.stats, "skipped_steps")]
     if skipped and not method.note:  # step rehash: how many steps it skipped
         method.note = f"skipped {skipped[0].skipped_steps}/{work.steps} steps ({skipped[0].pattern})"
-    return out, seconds
+    return out
 
 
 def _bf16(work: Workload) -> Workload:
@@ -171,16 +189,19 @@ def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[
     outputs: dict[str, torch.Tensor] = {}
     peaks: dict[str, int] = {}
     for method in methods:  # warm-up, fidelity output and peak memory
+        meter = SamplerLoop(profiled=True)
         try:
-            (out, _), peaks[method.name] = peak_memory(lambda m=method: _generate(m))
+            out = _generate(method, meter)
         except PeerUnavailable as err:
             rows[method.name].note = str(err)[:240]
             continue
-        outputs[method.name] = out.float()
+        outputs[method.name], peaks[method.name] = out.float(), meter.peak
     live = [m for m in methods if m.name in outputs]
     for round_index in range(runs):
         for method in live:
-            _, seconds = _generate(method)
+            meter = SamplerLoop()
+            _generate(method, meter)
+            seconds = meter.seconds
             rows[method.name].times.append(seconds)
             log(f"  [{work.name} round {round_index + 1}/{runs}] {method.name.strip()}: {seconds:.2f} s")
     reference = outputs["uncached fp32"]
