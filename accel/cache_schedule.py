@@ -9,13 +9,27 @@ features at step j costs depends on the model and sampler. Calibration measures 
 2. `PairStats` turns each run into sums for every pair of steps i < j: the relative squared error
    of using F_i in place of F_j (`errors[i, j]`), and per-channel least-squares sums (Σx, Σy, Σxx,
    Σxy, Σyy with x = F_i, y = F_j). Only sums are kept, so memory does not grow with the run count.
-3. `dp_schedule` picks the K full steps that minimise the total reuse error by dynamic programming
-   over segments: a full step at i followed by cached steps i+1..j costs Σ_{k=i+1..j} errors[i, k];
-   step 0 is always full. The result is optimal for that objective, hence never worse than the
-   uniform schedule with the same K on the calibration data.
-4. `CalibratedSchedule` is the artefact: steps, scheduler, K, the full steps, the error matrix and
-   the model fingerprint, saved as a small JSON file a user can read; loading it for another
-   model or step count fails with a message naming the mismatch.
+3. The DP picks the K full steps (step 0 always full) that minimise a sum of *segment* costs, a
+   segment being a full step at i followed by cached steps i+1..j (`dp_segments`). Two objectives
+   give the segment costs:
+   - `"feature"` (one uncached pass): Σ_{k=i+1..j} errors[i, k], the relative feature reuse error
+     (`reuse_segments`). Cheap, but a proxy: on the trained digits model it favours full steps at
+     the end, where features change fastest in relative terms, while an error there barely reaches
+     the image; errors at high noise change the content (measured end-to-end, one reused step at
+     steps 1-6 costs 10-50× more output error than at steps 12-19).
+   - `"output"` (the default of the adapters): `measure_segments` runs a calibration generation once
+     per segment, with exactly that segment cached, and takes the relative squared difference of its
+     output from the uncached output: the end-to-end cost of the segment, whatever the sampler, the
+     step or the shallow branch does with the stale feature. Segments are capped at
+     `2·ceil(T/K)` steps (longer ones never pay off with K full steps), so it costs about
+     2·T²/K cached generations, once per model, step count and K.
+   The DP is exact for its objective, hence never worse than the uniform schedule with the same K
+   on the calibration data (the objective assumes segments add up, which is what the benchmark then
+   checks end to end).
+4. `CalibratedSchedule` is the artefact: steps, scheduler, K, the full steps, the objective, the
+   feature reuse matrix (and the measured segment costs) and the model fingerprint, saved as a
+   small JSON file a user can read; loading it for another model or step count fails with a
+   message naming the mismatch.
 5. `CacheCorrection` solves, for every cached step j of the chosen schedule (source step i), the
    per-channel affine map y ≈ a·x + b from the same sums: the *cache* half of CacheQuant's
    decoupled error correction, applied step by step on the reused features.
@@ -33,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .schedules import Schedule, count_full, format_schedule, uniform_schedule
 from .step_clock import StepClock
@@ -141,40 +156,50 @@ def _channels_first_flat(feature: torch.Tensor) -> torch.Tensor:
     return feature.double().transpose(0, 1).reshape(feature.shape[1], -1)
 
 
+def reuse_segments(errors: torch.Tensor) -> torch.Tensor:
+    """Segment costs of the feature objective: seg[i, j] = Σ_{k=i+1..j} errors[i, k] (0 on/below the diagonal)."""
+    cumulative = torch.cumsum(errors.double().triu(1), dim=1)
+    return (cumulative - torch.diagonal(cumulative).unsqueeze(1)).triu(1)
+
+
+def segments_cost(segments: torch.Tensor, schedule: Schedule) -> float:
+    """Total cost of `schedule`: each full step pays for the cached steps that follow it."""
+    steps = segments.shape[0]
+    if len(schedule) != steps or not schedule[0]:
+        raise ValueError(f"schedule must have {steps} steps and start with a full step")
+    starts = [k for k, full in enumerate(schedule) if full] + [steps]
+    return sum(float(segments[i, nxt - 1]) for i, nxt in zip(starts, starts[1:], strict=False) if nxt - 1 > i)
+
+
 def schedule_cost(errors: torch.Tensor, schedule: Schedule) -> float:
-    """Total reuse error of `schedule`: each cached step pays errors[last full step, this step]."""
-    if len(schedule) != errors.shape[0] or not schedule[0]:
-        raise ValueError(f"schedule must have {errors.shape[0]} steps and start with a full step")
-    total, source = 0.0, 0
-    for k, full in enumerate(schedule):
-        if full:
-            source = k
-        else:
-            total += float(errors[source, k])
-    return total
+    """Total feature reuse error of `schedule`: each cached step pays errors[last full step, this step]."""
+    return segments_cost(reuse_segments(errors), schedule)
 
 
-def dp_schedule(errors: torch.Tensor, full_steps: int) -> Schedule:
-    """The `full_steps` full steps (step 0 included) that minimise `schedule_cost` — O(K·T²)."""
-    steps = errors.shape[0]
+def dp_segments(segments: torch.Tensor, full_steps: int) -> Schedule:
+    """The `full_steps` full steps (step 0 included) that minimise `segments_cost` — O(K·T²).
+
+    Unmeasured segments are `inf` (never chosen while a finite schedule exists).
+    """
+    steps = segments.shape[0]
     if not 1 <= full_steps <= steps:
         raise ValueError(f"full_steps must be in [1, {steps}], got {full_steps}")
-    errors = errors.double()
-    # seg[i, j]: cost of a full step at i serving cached steps i+1..j (inclusive)
-    cumulative = torch.cumsum(errors, dim=1)
-    seg = cumulative - torch.diagonal(cumulative).unsqueeze(1)
+    seg = segments.double()
     inf = math.inf
     # best[k][j]: min cost covering steps 0..j with k full steps, the last segment ending at j
     best = [[inf] * steps for _ in range(full_steps + 1)]
     choice = [[-1] * steps for _ in range(full_steps + 1)]
     for j in range(steps):
-        best[1][j] = float(seg[0, j])
+        best[1][j] = float(seg[0, j]) if j else 0.0
     for k in range(2, full_steps + 1):
         for j in range(k - 1, steps):
             for i in range(k - 1, j + 1):  # the k-th full step sits at i, serving i..j
-                cost = best[k - 1][i - 1] + float(seg[i, j])
+                cost = best[k - 1][i - 1] + (float(seg[i, j]) if j > i else 0.0)
                 if cost < best[k][j]:
                     best[k][j], choice[k][j] = cost, i
+    if math.isinf(best[full_steps][steps - 1]):
+        raise ValueError(f"no schedule with {full_steps} full steps uses only measured segments: "
+                         "calibrate with longer segments or more full steps")
     full = [False] * steps
     j, k = steps - 1, full_steps
     while k > 1:
@@ -183,6 +208,40 @@ def dp_schedule(errors: torch.Tensor, full_steps: int) -> Schedule:
         j, k = i - 1, k - 1
     full[0] = True
     return tuple(full)
+
+
+def dp_schedule(errors: torch.Tensor, full_steps: int) -> Schedule:
+    """The DP schedule for the feature objective (`errors[i, j]`: reusing step i's features at step j)."""
+    return dp_segments(reuse_segments(errors), full_steps)
+
+
+def max_segment(steps: int, full_steps: int) -> int:
+    """The longest segment the output objective measures: 2·ceil(T/K) cached steps (at most T − 1)."""
+    return min(steps - 1, 2 * math.ceil(steps / full_steps))
+
+
+def segment_schedule(steps: int, start: int, end: int) -> Schedule:
+    """Every step full except start+1..end, which reuse step `start`'s features."""
+    return tuple(not start < k <= end for k in range(steps))
+
+
+def measure_segments(generate: Callable[[Schedule | None], torch.Tensor], steps: int, longest: int,
+                     desc: str = "measuring cache segments") -> torch.Tensor:
+    """The output objective: seg[i, j] = ‖out(segment i..j cached) − out(uncached)‖² / ‖out(uncached)‖².
+
+    `generate(schedule)` runs one calibration generation with that schedule (None: uncached) and
+    returns its output; segments longer than `longest` cached steps stay `inf` (not measured).
+    """
+    if steps < 2 or longest < 1:
+        raise ValueError(f"segments need at least 2 steps and a length >= 1, got {steps} steps, {longest}")
+    reference = generate(None).double()
+    power = float((reference**2).sum()) or 1.0
+    segments = torch.full((steps, steps), math.inf, dtype=torch.float64).triu(1)
+    pairs = [(i, j) for i in range(steps - 1) for j in range(i + 1, min(steps, i + longest + 1))]
+    for i, j in tqdm(pairs, desc=desc, unit="gen"):
+        out = generate(segment_schedule(steps, i, j)).double()
+        segments[i, j] = float(((out - reference) ** 2).sum()) / power
+    return segments
 
 
 def uniform_with(steps: int, full_steps: int) -> Schedule:
@@ -205,10 +264,12 @@ class CalibratedSchedule:
     steps: int
     scheduler: str
     full_steps: Schedule
-    errors: tuple[tuple[float, ...], ...]  # the calibration error matrix (row i: reusing step i at step j)
-    uniform_cost: float
-    cost: float
+    errors: tuple[tuple[float, ...], ...]  # the feature reuse error matrix (row i: reusing step i at step j)
+    uniform_cost: float  # the objective's cost of the uniform schedule with the same K
+    cost: float  # and of this schedule
     calibration: dict[str, Any] = field(default_factory=dict)  # prompts, seeds, guidance: how it was measured
+    objective: str = "feature"  # what the DP minimised: "feature" reuse error or measured "output" error
+    segments: tuple[tuple[float, ...], ...] | None = None  # "output": measured segment costs (inf: not measured)
 
     @property
     def k(self) -> int:
@@ -217,7 +278,7 @@ class CalibratedSchedule:
     def describe(self) -> str:
         gain = "" if self.uniform_cost == 0 else f", {self.cost / self.uniform_cost:.0%} of uniform's"
         return (f"{format_schedule(self.full_steps)} ({self.k}/{self.steps} full steps, {self.scheduler}, "
-                f"model {self.model} #{self.fingerprint}; calibrated reuse error {self.cost:.4g}{gain})")
+                f"model {self.model} #{self.fingerprint}; calibrated {self.objective} error {self.cost:.4g}{gain})")
 
     def check(self, fingerprint: str, steps: int | None = None, scheduler: str | None = None) -> None:
         """Refuse to serve a model, step count or scheduler this schedule was not calibrated for."""
@@ -234,6 +295,8 @@ class CalibratedSchedule:
     def to_json(self) -> str:
         data = {"format": SCHEDULE_FORMAT, **asdict(self), "schedule": format_schedule(self.full_steps)}
         data["full_steps"] = [int(x) for x in self.full_steps]
+        if self.segments is not None:  # JSON has no infinity: unmeasured segments are null
+            data["segments"] = [[None if math.isinf(v) else v for v in row] for row in self.segments]
         return json.dumps(data, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -256,9 +319,15 @@ class CalibratedSchedule:
         try:
             full = tuple(bool(x) for x in data["full_steps"])
             errors = tuple(tuple(float(v) for v in row) for row in data["errors"])
+            segments = data.get("segments")
+            if segments is not None:
+                segments = tuple(tuple(math.inf if v is None else float(v) for v in row) for row in segments)
+            objective = str(data.get("objective", "feature"))
+            if objective not in ("feature", "output"):
+                raise ValueError(f"unknown objective {objective!r}")
             schedule = cls(str(data["fingerprint"]), str(data["model"]), int(data["steps"]), str(data["scheduler"]),
                            full, errors, float(data["uniform_cost"]), float(data["cost"]),
-                           dict(data.get("calibration", {})))
+                           dict(data.get("calibration", {})), objective, segments)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: cache schedule file is missing or has a bad field ({err})") from err
         if len(full) != schedule.steps or not full[0] or len(errors) != schedule.steps:
@@ -267,14 +336,27 @@ class CalibratedSchedule:
 
 
 def calibrated_schedule(stats: PairStats, full_steps: int, fingerprint: str, model: str, scheduler: str,
-                        calibration: dict[str, Any] | None = None) -> CalibratedSchedule:
-    """Choose the DP schedule from calibration sums and wrap it as the saved artefact."""
+                        calibration: dict[str, Any] | None = None,
+                        segments: torch.Tensor | None = None) -> CalibratedSchedule:
+    """Choose the DP schedule and wrap it as the saved artefact.
+
+    With measured `segments` (`measure_segments`) the DP minimises the output objective; otherwise
+    the feature reuse error from `stats`.
+    """
     errors = torch.round(stats.errors() * 1e6) / 1e6  # 6 decimals: a small, readable file that reloads exactly
-    chosen = dp_schedule(errors, full_steps)
     uniform = uniform_with(stats.steps, full_steps)
+    objective, kept = "feature", None
+    if segments is None:
+        segments = reuse_segments(errors)
+    else:
+        if segments.shape != (stats.steps, stats.steps):
+            raise ValueError(f"segment costs are {tuple(segments.shape)}, expected {stats.steps}×{stats.steps}")
+        objective, kept = "output", tuple(tuple(float(v) for v in row) for row in segments)
+    chosen = dp_segments(segments, full_steps)
     return CalibratedSchedule(fingerprint, model, stats.steps, scheduler, chosen,
                               tuple(tuple(float(v) for v in row) for row in errors),
-                              schedule_cost(errors, uniform), schedule_cost(errors, chosen), dict(calibration or {}))
+                              segments_cost(segments, uniform), segments_cost(segments, chosen),
+                              dict(calibration or {}), objective, kept)
 
 
 @dataclass(frozen=True)

@@ -151,9 +151,10 @@ class CacheQuant:
 
 
 def record_features(root: nn.Module, feature_module: nn.Module, read_level: LevelReader, steps: int,
-                    runs: Sequence[Callable[[], Any]], desc: str = "calibrating cache") -> PairStats:
-    """Run the calibration generations uncached and sum their per-step feature statistics."""
-    stats = PairStats(steps)
+                    runs: Sequence[Callable[[], Any]], desc: str = "calibrating cache",
+                    stats: PairStats | None = None) -> PairStats:
+    """Run the calibration generations uncached and sum their per-step feature statistics (into `stats`)."""
+    stats = PairStats(steps) if stats is None else stats
     recorder = FeatureRecorder(root, feature_module, read_level)
     try:
         for run in tqdm(runs, desc=desc, unit="run"):
@@ -181,19 +182,13 @@ def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_modu
     stats = PairStats(steps)
     passes = {"n": 0}
 
-    def run_all() -> None:
-        first = passes["n"] == 0
+    def run_all() -> None:  # the first pass also records the cache statistics
         passes["n"] += 1
-        recorder = FeatureRecorder(root, feature_module, read_level) if first else None
-        desc = "calibrating cache + ranges" if first else "calibrating quantization correction"
-        try:
-            for run in tqdm(runs, desc=desc, unit="run"):
-                run()
-                if recorder is not None:
-                    stats.add_run(recorder.take_run())
-        finally:
-            if recorder is not None:
-                recorder.close()
+        if passes["n"] == 1:
+            record_features(root, feature_module, read_level, steps, runs, "calibrating cache + ranges", stats)
+            return
+        for run in tqdm(runs, desc="calibrating quantization correction", unit="run"):
+            run()
 
     quant_plan = None
     if config.quant is not None:

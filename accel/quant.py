@@ -377,6 +377,15 @@ class _LevelTracker:
         self.level = self.index = None
 
 
+def run_hooked(hooks: list[torch.utils.hooks.RemovableHandle], run: Callable[[], None]) -> None:
+    """`run()` with calibration hooks installed; the hooks go whatever happens (the model is the user's)."""
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def calibrate_quant(config: QuantConfig, root: nn.Module, layers: dict[str, nn.Module], read_level: LevelReader,
                     run: Callable[[], None], fingerprint: str = "") -> QuantPlan:
     """Observe activation ranges while `run()` runs calibration generations, then build the plan.
@@ -390,11 +399,7 @@ def calibrate_quant(config: QuantConfig, root: nn.Module, layers: dict[str, nn.M
     hooks = [module.register_forward_hook(
         lambda m, args, _out, n=name: ranges[n].observe(args[0], -1 if isinstance(m, nn.Linear) else 1))
         for name, module in layers.items()]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_hooked(hooks, run)
     missing = [name for name, r in ranges.items() if r.channel_absmax is None]
     if missing:
         raise ValueError(f"calibration never reached layer {missing[0]} (and {len(missing) - 1} more): "
@@ -430,11 +435,7 @@ def _fit_corrections(plan: QuantPlan, root: nn.Module, layers: dict[str, nn.Modu
     hooks = tracker.attach(root, read_level)
     hooks += [module.register_forward_hook(lambda m, a, o, n=name: observe(n, m, a, o))
               for name, module in layers.items()]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    run_hooked(hooks, run)
     before = after = reference = 0.0
     for name, table in sums.items():
         levels = sorted(table)

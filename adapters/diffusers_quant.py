@@ -17,15 +17,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
-from ..accel.cache_schedule import CalibratedSchedule, calibrated_schedule, model_fingerprint
+from ..accel.cache_schedule import (
+    CalibratedSchedule,
+    calibrated_schedule,
+    max_segment,
+    measure_segments,
+    model_fingerprint,
+)
 from ..accel.cachequant import CacheQuant, CacheQuantConfig, CacheQuantPlan, calibrate_cachequant, record_features
+from ..accel.deepcache import DeepCacheConfig
 from ..accel.quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant, log2_quantize
-from .diffusers_unet import DeepCacheHandle, deep_modules, read_timestep
+from ..accel.schedules import Schedule
+from .diffusers_unet import DeepCacheHandle, apply_deepcache, deep_modules, read_timestep
 
+ScheduleObjective = Literal["feature", "output"]
 SKIPPED_PREFIXES = ("conv_in", "conv_out", "time_embedding", "class_embedding", "add_embedding", "time_proj")
 
 
@@ -46,11 +55,35 @@ def cross_attentions(unet: nn.Module) -> list[nn.Module]:
 
 def calibrate_schedule(unet: nn.Module, runs: Sequence[Callable[[], Any]], steps: int, full_steps: int,
                        cache_branch_id: int, model: str, scheduler: str,
-                       calibration: dict[str, Any] | None = None) -> CalibratedSchedule:
-    """The DP cache schedule for this U-Net from uncached calibration generations (with a progress bar)."""
+                       calibration: dict[str, Any] | None = None,
+                       objective: ScheduleObjective = "output") -> CalibratedSchedule:
+    """The DP cache schedule for this U-Net from calibration generations (with progress bars).
+
+    `objective="output"` also runs the first calibration generation once per reuse segment with
+    DeepCache on exactly that segment (`cache_schedule.measure_segments`); `"feature"` needs only
+    the uncached pass.
+    """
+    if objective not in ("feature", "output"):
+        raise ValueError(f"objective must be 'feature' or 'output', got {objective!r}")
     stats = record_features(unet, feature_module(unet, cache_branch_id), read_timestep, steps, runs)
+    segments = None
+    if objective == "output" and steps > 1:
+        segments = measure_segments(lambda schedule: _generate_with(unet, runs[0], schedule, cache_branch_id),
+                                    steps, max_segment(steps, full_steps))
     info = {"cache_branch_id": cache_branch_id, **(calibration or {})}
-    return calibrated_schedule(stats, full_steps, model_fingerprint(unet), model, scheduler, info)
+    return calibrated_schedule(stats, full_steps, model_fingerprint(unet), model, scheduler, info, segments)
+
+
+def _generate_with(unet: nn.Module, run: Callable[[], Any], schedule: Schedule | None, branch: int) -> Any:
+    """One calibration generation with DeepCache on `schedule` (None: uncached); returns its output."""
+    if schedule is None:
+        return run()
+    handle = apply_deepcache(unet, DeepCacheConfig(cache_branch_id=branch, schedule="calibrated",
+                                                   full_steps_override=schedule))
+    try:
+        return run()
+    finally:
+        handle.remove()
 
 
 def calibrate_quantization(unet: nn.Module, config: QuantConfig, runs: Sequence[Callable[[], Any]]) -> QuantPlan:
@@ -66,12 +99,20 @@ def calibrate_quantization(unet: nn.Module, config: QuantConfig, runs: Sequence[
 
 def calibrate_cachequant_unet(unet: nn.Module, config: CacheQuantConfig, runs: Sequence[Callable[[], Any]],
                               steps: int, model: str, scheduler: str, schedule: CalibratedSchedule | None = None,
-                              calibration: dict[str, Any] | None = None) -> CacheQuantPlan:
-    """Calibrate CacheQuant (schedule unless given, quantization, both corrections) for this U-Net."""
+                              calibration: dict[str, Any] | None = None,
+                              objective: ScheduleObjective = "output") -> CacheQuantPlan:
+    """Calibrate CacheQuant (schedule unless given, quantization, both corrections) for this U-Net.
+
+    Without a `schedule`, the output objective calibrates one first (an extra uncached pass plus
+    the segment generations); the feature objective chooses it inside the core from the same pass.
+    """
     if schedule is not None and schedule.calibration.get("cache_branch_id", config.cache_branch_id) != \
             config.cache_branch_id:
         raise ValueError(f"the schedule was calibrated at cache_branch_id {schedule.calibration['cache_branch_id']}, "
                          f"not {config.cache_branch_id}")
+    if schedule is None and objective == "output":
+        schedule = calibrate_schedule(unet, runs, steps, config.full_steps, config.cache_branch_id, model, scheduler,
+                                      calibration, objective)
     info = {"cache_branch_id": config.cache_branch_id, **(calibration or {})}
     return calibrate_cachequant(config, unet, feature_module(unet, config.cache_branch_id), quant_layers(unet),
                                 read_timestep, steps, runs, model_fingerprint(unet), model, scheduler, schedule, info)

@@ -1,8 +1,9 @@
 """`livecache bench suite`: every technique of the acceleration suite and diffusers' cache hooks, one table.
 
 One process, per work (the SD1.5-shaped U-Net at a reduced latent/step count, and the trained
-embedded digits model): calibration first (DP schedule, CacheQuant, W8A8, DGQ; on seeds the
-measured generations do not use), then every method on the same inputs:
+embedded digits model): calibration first (DP schedules for the output and the feature objective,
+CacheQuant, W8A8, DGQ; on seeds the measured generations do not use), then every method on the same
+inputs:
 
 - timing: each method runs once untimed (warm-up; its output gives the fidelity columns and a
   profiled copy gives peak memory), then `--runs` interleaved timed rounds; the median sampling
@@ -136,6 +137,7 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     uniform = uniform_with(steps, k)
     started = time.perf_counter()
     schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim")
+    feature_schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim", objective="feature")
     cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), runs, steps, work.name, "ddim", schedule)
     w8a8 = calibrate_quantization(unet, QuantConfig(), runs)
     bf16 = _bf16(work)
@@ -145,7 +147,7 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
                                         work.name, "ddim", schedule)
     dgq = {bits: calibrate_quantization(unet, QuantConfig("dgq", bits, attention_bits=8), runs) for bits in (8, 6, 4)}
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s on {len(runs)} runs: "
-        f"DP schedule {schedule.describe()}")
+        f"DP schedule {schedule.describe()}; feature objective {feature_schedule.describe()}")
     fixes = cq.cache_correction, cq.quant.correction_error
     cache_note = f"cache error on calibration {fixes[0].error_before:.3g} -> {fixes[0].error_after:.3g}"
     quant_note = f"layer quant error on calibration {fixes[1][0]:.3g} -> {fixes[1][1]:.3g}"
@@ -157,6 +159,9 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
         Method(f"DeepCache uniform K={k}", "ours", work, (uniform_dc,),
                note="".join("F" if f else "." for f in uniform)),
         Method(f"DeepCache DP K={k}", "ours", work, (dp_config,), note=schedule.describe().split(" (")[0]),
+        Method(f"DeepCache DP K={k} (feature objective)", "ours", work,
+               (replace(dp_config, full_steps_override=feature_schedule.full_steps),),
+               note=feature_schedule.describe().split(" (")[0]),
         Method("W8A8", "ours", work, (w8a8,), w8a8.size_ratio, w8a8.backend),
         Method(f"CacheQuant K={k}", "ours", work, (cq,), cq.quant.size_ratio, f"{cache_note}; {quant_note}"),
         Method("  ablation: no correction", "ours", work, (cq.variant(False, False),), cq.quant.size_ratio),

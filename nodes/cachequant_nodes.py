@@ -63,8 +63,8 @@ class CalibrateSchedule:
     RETURN_TYPES = ("LC_SCHEDULE",)
     RETURN_NAMES = ("schedule",)
     FUNCTION = "calibrate"
-    DESCRIPTION = ("Runs a few uncached calibration generations, measures the error of reusing each step's deep "
-                   "features at every later step, and picks the full steps that minimise it (CacheQuant's DP).")
+    DESCRIPTION = ("Runs a few calibration generations, measures what reusing each step's deep features at later "
+                   "steps costs, and picks the full steps that minimise it (CacheQuant's DP).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,19 +75,24 @@ class CalibrateSchedule:
             "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
                                         "tooltip": "The DeepCache skip branch whose deep features are reused."}),
             **CALIBRATION_INPUTS,
+            "objective": (["output", "feature"], {
+                "default": "output",
+                "tooltip": "What the DP minimises: output = the measured change of the final latent when a run "
+                           "of steps reuses features (one extra generation per segment; best quality); feature = "
+                           "the deep features' reuse error (one uncached pass; faster, a rougher proxy)."}),
             "save_as": ("STRING", {"default": "", "tooltip": "Optional file name inside the output folder "
                                                              "(e.g. schedules/my_model.json); empty: not saved."}),
         }}
 
     def calibrate(self, model: DiffusionModel, full_steps: int, cache_branch_id: int, calibration_prompts: str,
-                  calibration_seeds: int, steps: int, scheduler: str, guidance: float,
+                  calibration_seeds: int, steps: int, scheduler: str, guidance: float, objective: str,
                   save_as: str) -> tuple[CalibratedSchedule]:
         if full_steps > steps:
             raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
         runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         schedule = calibrate_schedule(model.unet, runs, steps, full_steps, cache_branch_id, model.name, scheduler,
-                                      _info(calibration_prompts, calibration_seeds, guidance))
+                                      _info(calibration_prompts, calibration_seeds, guidance), objective)
         if save_as.strip():
             schedule.save(_schedule_path(save_as))
         return (schedule,)

@@ -13,12 +13,8 @@ DIR=.comfy
 ROOT=$DIR/ComfyUI
 VENV=$DIR/venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-quiet() {
-  local log
-  log=$(mktemp)
-  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  rm -f "$log"
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 mkdir -p "$DIR"
 
 if [ ! -f "$ROOT/.horde-$HORDE" ]; then

@@ -14,38 +14,17 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# Run a noisy install quietly, but show everything it said if it fails.
-quiet() {
-  local log
-  log=$(mktemp)
-  if ! "$@" >"$log" 2>&1; then cat "$log" >&2; rm -f "$log"; return 1; fi
-  rm -f "$log"
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # torch: keep whatever the environment has (a GPU user's CUDA build); otherwise the CPU build.
 python -c "import torch" 2>/dev/null || quiet pip install -q "torch==2.13.0"
 quiet pip install -q -e ".[test,peers,realtime]"
 python -c "import torch, livecache; print('torch', torch.__version__)"
 
-# Debian's chromium for the live-runtime browser test (playwright drives it; never `playwright install`).
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  else
-    echo "missing chromium: install it with apt-get (the browser test needs it)" >&2
-    exit 1
-  fi
-fi
-
-# Debian's espeak-ng: the diffusion avatar's training test synthesises its teacher's speech with it.
-if ! command -v espeak-ng >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
-  else
-    echo "missing espeak-ng: install it with apt-get (the avatar training test needs it)" >&2
-    exit 1
-  fi
-fi
+# Debian's chromium (playwright drives it; never `playwright install`) and espeak-ng (the avatar's teacher speech).
+need_debian_package chromium chromium "the live-runtime browser test needs it"
+need_debian_package espeak-ng espeak-ng "the avatar training test needs it"
 
 ruff check .
 if [ -f ../shared/tools/check_layers.py ]; then python ../shared/tools/check_layers.py .; fi

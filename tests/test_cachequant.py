@@ -9,8 +9,13 @@ import torch
 from livecache.accel.cache_schedule import (
     CalibratedSchedule,
     dp_schedule,
+    dp_segments,
+    max_segment,
+    measure_segments,
     model_fingerprint,
     schedule_cost,
+    segment_schedule,
+    segments_cost,
     uniform_with,
 )
 from livecache.accel.cachequant import CacheQuantConfig
@@ -76,8 +81,50 @@ def test_dp_schedule_is_optimal_and_never_worse_than_uniform(seed):
         assert schedule_cost(errors, chosen) <= schedule_cost(errors, uniform_with(9, k)) + 1e-12
 
 
-def test_calibrated_schedule_beats_uniform_on_calibration_data(model, runs):
+@pytest.mark.parametrize("seed", range(3))
+def test_dp_over_measured_segments_is_optimal_and_skips_unmeasured_ones(seed):
+    g = torch.Generator().manual_seed(seed)
+    segments = torch.rand(9, 9, generator=g, dtype=torch.float64).triu(1)
+    segments[torch.ones(9, 9).triu(4).bool()] = float("inf")  # segments longer than 3 cached steps: not measured
+    for k in (3, 5, 9):
+        chosen = dp_segments(segments, k)
+        best = min(segments_cost(segments, tuple(i == 0 or i in rest for i in range(9)))
+                   for rest in itertools.combinations(range(1, 9), k - 1))
+        assert sum(chosen) == k and best < float("inf")
+        assert segments_cost(segments, chosen) == pytest.approx(best)
+    with pytest.raises(ValueError, match="only measured segments"):
+        dp_segments(segments, 2)  # 2 full steps cannot cover 9 steps with segments of at most 3 cached steps
+
+
+def test_measure_segments_runs_each_segment_once_against_the_uncached_output():
+    calls = []
+
+    def generate(schedule):  # a fake sampler: each cached step adds its index to the output
+        calls.append(schedule)
+        return torch.tensor([10.0 + sum(k for k, full in enumerate(schedule or ()) if not full)])
+
+    segments = measure_segments(generate, 5, 2)
+    assert calls[0] is None and len(calls) == 1 + 4 + 3  # the reference, then every segment of 1 or 2 steps
+    assert segments[1, 3] == pytest.approx((2 + 3) ** 2 / 100) and segment_schedule(5, 1, 3) in calls
+    assert torch.isinf(segments[0, 3]) and max_segment(20, 7) == 6 and max_segment(4, 1) == 3
+
+
+def test_output_objective_schedule_is_measured_end_to_end(model, runs):
     schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim")
+    assert schedule.objective == "output" and schedule.k == 3
+    segments = torch.tensor(schedule.segments)
+    assert schedule.cost == pytest.approx(segments_cost(segments, schedule.full_steps))
+    assert schedule.cost <= schedule.uniform_cost
+    longest = max_segment(STEPS, 3)
+    measured = [(i, j) for i in range(STEPS) for j in range(i + 1, STEPS) if segments[i, j] < float("inf")]
+    assert all(j - i <= longest for i, j in measured) and len(measured) == sum(
+        min(longest, STEPS - 1 - i) for i in range(STEPS))
+    assert all(segments[i, j] > 0 for i, j in measured)  # every cached segment changes the output
+
+
+def test_calibrated_schedule_beats_uniform_on_calibration_data(model, runs):
+    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim", objective="feature")
+    assert schedule.objective == "feature" and schedule.segments is None
     errors = torch.tensor(schedule.errors)
     uniform = uniform_with(STEPS, 3)
     assert sum(uniform) == schedule.k == 3

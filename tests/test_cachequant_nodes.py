@@ -32,7 +32,7 @@ def test_shipped_workflows_run_headless(tmp_path, name, prefix):
 
 def test_schedule_nodes_save_load_and_refuse_mismatches(tmp_path, monkeypatch, digits, tiny_unet):
     monkeypatch.setenv("LIVECACHE_OUTPUT", str(tmp_path))
-    (schedule,) = CalibrateSchedule().calibrate(digits, 3, 0, save_as="s/digits", **CALIBRATION)
+    (schedule,) = CalibrateSchedule().calibrate(digits, 3, 0, save_as="s/digits", objective="output", **CALIBRATION)
     assert schedule.k == 3 and schedule.cost <= schedule.uniform_cost
     (loaded,) = LoadSchedule().load(digits, "s/digits.json")
     assert loaded == schedule == CalibratedSchedule.load(tmp_path / "s" / "digits.json")
