@@ -172,8 +172,9 @@ def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_modu
                          calibration: dict[str, Any] | None = None) -> CacheQuantPlan:
     """Calibrate every part of CacheQuant from `runs` (one callable per calibration generation).
 
-    A given `schedule` (loaded from a file) is checked against the model and step count and
-    kept; otherwise the DP schedule with `config.full_steps` full steps is chosen here.
+    A given `schedule` (loaded from a file, or calibrated by the adapter for the output objective)
+    is checked against the model and step count and kept; otherwise the DP schedule with
+    `config.full_steps` full steps is chosen here for the feature objective (no extra generations).
     """
     if schedule is not None:
         schedule.check(fingerprint, steps)
