@@ -169,12 +169,14 @@ def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_modu
                          quant_layers: dict[str, nn.Module], read_level: LevelReader, steps: int,
                          runs: Sequence[Callable[[], Any]], fingerprint: str, model: str, scheduler: str,
                          schedule: CalibratedSchedule | None = None,
-                         calibration: dict[str, Any] | None = None) -> CacheQuantPlan:
+                         calibration: dict[str, Any] | None = None,
+                         measure_segments: Callable[[], torch.Tensor] | None = None) -> CacheQuantPlan:
     """Calibrate every part of CacheQuant from `runs` (one callable per calibration generation).
 
-    A given `schedule` (loaded from a file, or calibrated by the adapter for the output objective)
-    is checked against the model and step count and kept; otherwise the DP schedule with
-    `config.full_steps` full steps is chosen here for the feature objective (no extra generations).
+    A given `schedule` (loaded from a file) is checked against the model and step count and
+    kept; otherwise the DP schedule with `config.full_steps` full steps is chosen here, for the
+    output objective when the adapter passes `measure_segments` (called once, on the float model,
+    after the calibration passes), else for the feature objective (no extra generations).
     """
     if schedule is not None:
         schedule.check(fingerprint, steps)
@@ -198,6 +200,7 @@ def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_modu
     else:
         run_all()
     if schedule is None:
-        schedule = calibrated_schedule(stats, config.full_steps, fingerprint, model, scheduler, calibration)
+        segments = None if measure_segments is None else measure_segments()
+        schedule = calibrated_schedule(stats, config.full_steps, fingerprint, model, scheduler, calibration, segments)
     correction = cache_correction(stats, schedule.full_steps) if config.correct_cache else None
     return CacheQuantPlan(config, schedule, correction, quant_plan)

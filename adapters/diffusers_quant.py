@@ -63,15 +63,22 @@ def calibrate_schedule(unet: nn.Module, runs: Sequence[Callable[[], Any]], steps
     DeepCache on exactly that segment (`cache_schedule.measure_segments`); `"feature"` needs only
     the uncached pass.
     """
+    stats = record_features(unet, feature_module(unet, cache_branch_id), read_timestep, steps, runs)
+    measure = _segment_measure(unet, runs, steps, full_steps, cache_branch_id, objective)
+    info = {"cache_branch_id": cache_branch_id, **(calibration or {})}
+    return calibrated_schedule(stats, full_steps, model_fingerprint(unet), model, scheduler, info,
+                               None if measure is None else measure())
+
+
+def _segment_measure(unet: nn.Module, runs: Sequence[Callable[[], Any]], steps: int, full_steps: int, branch: int,
+                     objective: ScheduleObjective) -> Callable[[], Any] | None:
+    """What measures the output objective's segment costs on the first calibration run (None: feature objective)."""
     if objective not in ("feature", "output"):
         raise ValueError(f"objective must be 'feature' or 'output', got {objective!r}")
-    stats = record_features(unet, feature_module(unet, cache_branch_id), read_timestep, steps, runs)
-    segments = None
-    if objective == "output" and steps > 1:
-        segments = measure_segments(lambda schedule: _generate_with(unet, runs[0], schedule, cache_branch_id),
+    if objective == "feature" or steps < 2:
+        return None
+    return lambda: measure_segments(lambda schedule: _generate_with(unet, runs[0], schedule, branch),
                                     steps, max_segment(steps, full_steps))
-    info = {"cache_branch_id": cache_branch_id, **(calibration or {})}
-    return calibrated_schedule(stats, full_steps, model_fingerprint(unet), model, scheduler, info, segments)
 
 
 def _generate_with(unet: nn.Module, run: Callable[[], Any], schedule: Schedule | None, branch: int) -> Any:
@@ -103,19 +110,18 @@ def calibrate_cachequant_unet(unet: nn.Module, config: CacheQuantConfig, runs: S
                               objective: ScheduleObjective = "output") -> CacheQuantPlan:
     """Calibrate CacheQuant (schedule unless given, quantization, both corrections) for this U-Net.
 
-    Without a `schedule`, the output objective calibrates one first (an extra uncached pass plus
-    the segment generations); the feature objective chooses it inside the core from the same pass.
+    Without a `schedule`, the core chooses one from its own calibration pass (plus, for the output
+    objective, the segment generations).
     """
     if schedule is not None and schedule.calibration.get("cache_branch_id", config.cache_branch_id) != \
             config.cache_branch_id:
         raise ValueError(f"the schedule was calibrated at cache_branch_id {schedule.calibration['cache_branch_id']}, "
                          f"not {config.cache_branch_id}")
-    if schedule is None and objective == "output":
-        schedule = calibrate_schedule(unet, runs, steps, config.full_steps, config.cache_branch_id, model, scheduler,
-                                      calibration, objective)
+    measure = _segment_measure(unet, runs, steps, config.full_steps, config.cache_branch_id, objective)
     info = {"cache_branch_id": config.cache_branch_id, **(calibration or {})}
     return calibrate_cachequant(config, unet, feature_module(unet, config.cache_branch_id), quant_layers(unet),
-                                read_timestep, steps, runs, model_fingerprint(unet), model, scheduler, schedule, info)
+                                read_timestep, steps, runs, model_fingerprint(unet), model, scheduler, schedule, info,
+                                measure)
 
 
 @dataclass

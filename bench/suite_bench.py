@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from ..accel.cache_schedule import uniform_with
+from ..accel.cache_schedule import dp_schedule, schedule_cost, uniform_with
 from ..accel.cachequant import CacheQuantConfig
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.quant import QuantConfig
 from ..accel.rehash import StepRehashConfig
-from ..accel.schedules import count_full, uniform_schedule
+from ..accel.schedules import count_full, format_schedule, uniform_schedule
 from ..accel.slicing import SlicingConfig
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_unet import accelerated
@@ -137,7 +137,9 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     uniform = uniform_with(steps, k)
     started = time.perf_counter()
     schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim")
-    feature_schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim", objective="feature")
+    errors = torch.tensor(schedule.errors)  # the same calibration pass gives the feature objective's DP
+    feature_full = dp_schedule(errors, k)
+    feature_gain = schedule_cost(errors, feature_full) / max(schedule_cost(errors, uniform), 1e-30)
     cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), runs, steps, work.name, "ddim", schedule)
     w8a8 = calibrate_quantization(unet, QuantConfig(), runs)
     bf16 = _bf16(work)
@@ -147,7 +149,8 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
                                         work.name, "ddim", schedule)
     dgq = {bits: calibrate_quantization(unet, QuantConfig("dgq", bits, attention_bits=8), runs) for bits in (8, 6, 4)}
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s on {len(runs)} runs: "
-        f"DP schedule {schedule.describe()}; feature objective {feature_schedule.describe()}")
+        f"DP schedule {schedule.describe()}; feature objective {format_schedule(feature_full)} "
+        f"({feature_gain:.0%} of uniform's feature error)")
     fixes = cq.cache_correction, cq.quant.correction_error
     cache_note = f"cache error on calibration {fixes[0].error_before:.3g} -> {fixes[0].error_after:.3g}"
     quant_note = f"layer quant error on calibration {fixes[1][0]:.3g} -> {fixes[1][1]:.3g}"
@@ -160,8 +163,7 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
                note="".join("F" if f else "." for f in uniform)),
         Method(f"DeepCache DP K={k}", "ours", work, (dp_config,), note=schedule.describe().split(" (")[0]),
         Method(f"DeepCache DP K={k} (feature objective)", "ours", work,
-               (replace(dp_config, full_steps_override=feature_schedule.full_steps),),
-               note=feature_schedule.describe().split(" (")[0]),
+               (replace(dp_config, full_steps_override=feature_full),), note=format_schedule(feature_full)),
         Method("W8A8", "ours", work, (w8a8,), w8a8.size_ratio, w8a8.backend),
         Method(f"CacheQuant K={k}", "ours", work, (cq,), cq.quant.size_ratio, f"{cache_note}; {quant_note}"),
         Method("  ablation: no correction", "ours", work, (cq.variant(False, False),), cq.quant.size_ratio),

@@ -241,6 +241,7 @@ def test_dgq_fidelity_follows_the_bits_and_attention_quantizer_is_restored(model
 
 def test_cachequant_corrections_reduce_the_errors_they_target(model, runs, reference, unet_factory):
     plan = calibrate_cachequant_unet(model.unet, CacheQuantConfig(full_steps=3), runs, STEPS, model.name, "ddim")
+    assert plan.schedule.objective == "output" and plan.schedule.cost <= plan.schedule.uniform_cost
     assert plan.cache_correction.error_after < plan.cache_correction.error_before
     before, after = plan.quant.correction_error
     assert after < before
