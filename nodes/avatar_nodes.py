@@ -1,7 +1,7 @@
 """Nodes for the diffusion avatar: a portrait and an AUDIO clip in, the talking-head frames out.
 
-`LiveCacheAvatarDiffusion` drives the same engine as `livecache serve --engine diffusion`
-(`realtime/engines/diffusion.py`) over a whole clip offline: batched frames, the stage pipeline and
+`LiveCacheAvatarDiffusion` drives the same renderer as `livecache serve --engine diffusion`
+(`pipelines/avatar.py`) over a whole clip offline: batched frames, the stage pipeline and
 the temporal cache, with the state labels from the same voice-activity tracker as live sessions.
 """
 
@@ -39,10 +39,10 @@ def _mono(audio: dict, rate: int) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int, w8a8: bool):
-    """Loading is the slow part; engines are reused across runs with the same settings."""
-    from ..realtime.engines.diffusion import DEFAULT_REUSE, DiffusionEngine
+    """Loading is the slow part; renderers are reused across runs with the same settings."""
+    from ..pipelines.avatar import DEFAULT_REUSE, AvatarRenderer
 
-    return DiffusionEngine(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
+    return AvatarRenderer(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
                            max_batch=max_batch, w8a8=w8a8)
 
 
@@ -87,7 +87,7 @@ class DefaultPortrait:
                                               "tooltip": "Side of the square portrait in pixels."})}}
 
     def paint(self, size: int) -> tuple[torch.Tensor]:
-        from ..realtime.portrait import default_portrait
+        from ..pipelines.portrait import default_portrait
 
         return (torch.from_numpy(default_portrait(size).astype(np.float32) / 255.0).unsqueeze(0),)
 
@@ -124,7 +124,7 @@ class AvatarDiffusion:
 
     def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
                temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
-        from ..realtime.engines.base import SessionOptions
+        from ..pipelines.frames import SessionOptions
 
         if not isinstance(portrait, torch.Tensor) or portrait.ndim != 4 or portrait.shape[-1] != 3:
             raise ValueError("portrait must be an RGB IMAGE: a float [B, H, W, 3] tensor")

@@ -1,8 +1,10 @@
-"""The diffusion avatar engine: the lower face inpainted by a few-step latent diffusion model from audio.
+"""The diffusion avatar renderer: the lower face inpainted by a few-step latent diffusion model from audio.
 
 The model (`models/avatar.py`: diffusers U-Net + VAE + LCM scheduler, weights folder layout there)
-renders a square crop around the mouth; this engine prepares the portrait, runs the model's stages
-and pastes each crop back with the soft mask, then moves the head like the embedded engine does.
+renders a square crop around the mouth; this renderer prepares the portrait, runs the model's stages
+and pastes each crop back with the soft mask, then moves the head like the procedural avatar does.
+The live engine (`livecache serve --engine diffusion`, `realtime/engines/diffusion.py`), the ComfyUI
+node and `livecache bench avatar` all render through it.
 
 Per frame: audio features (log-mel of the window ending at `t`) → U-Net, 1–4 LCM steps → VAE decode
 → paste. What makes it fast, each switchable so `livecache bench avatar` can measure it:
@@ -10,7 +12,7 @@ Per frame: audio features (log-mel of the window ending at `t`) → U-Net, 1–4
 - `temporal_cache`: DeepCache along time (`accel/temporal_cache.py`): frames whose audio features
   barely moved from the last fully computed frame reuse its deep U-Net features;
 - `max_batch`: frames of all sessions (or of a clip) go through the U-Net and VAE together;
-- `pipeline`: features, U-Net and decode run as overlapped stages (`accel/pipeline.py`);
+- `pipeline`: features, U-Net and decode run as overlapped stages (`pipelines/stages.py`);
 - `first_chunk`: offline clips start with a short chunk so the first frame is out early;
 - `w8a8`: the U-Net's Linear/Conv2d layers in int8 (`accel/quant.py`, calibrated at start-up; off by default);
 - `bf16`: U-Net and VAE in bfloat16 (default on GPUs only: on the 2-core CPU the shipped model's
@@ -31,14 +33,14 @@ import cv2
 import numpy as np
 import torch
 
-from ...accel.pipeline import run_stages
-from ...accel.temporal_cache import TemporalDeepCache, TemporalReuse, TemporalReuseConfig
-from ...adapters.diffusers_unet import deep_modules, read_timestep
-from ...models.avatar import AVATAR_DIR, STATES, AvatarModel, AvatarSpec, load_model, mel_features, mouth_mask
-from ..portrait import FaceLayout, prepare
-from ..states import StateTracker
-from .base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions
-from .embedded import HeadMotion
+from ..accel.temporal_cache import TemporalDeepCache, TemporalReuse, TemporalReuseConfig
+from ..adapters.diffusers_unet import deep_modules, read_timestep
+from ..models.avatar import AVATAR_DIR, STATES, AvatarModel, AvatarSpec, load_model, mel_features, mouth_mask
+from .frames import RenderedFrame, RenderRequest, SessionOptions
+from .portrait import FaceLayout, prepare
+from .procedural import HeadMotion
+from .stages import run_stages
+from .states import StateTracker
 
 DARK = 0.3  # luminance (0..1) below which a lips-box pixel counts as open mouth
 OPEN_FRACTION = 0.3  # dark fraction of the lips box that reads as a fully open mouth
@@ -57,12 +59,14 @@ def crop_box(layout: FaceLayout, spec: AvatarSpec, size: int) -> tuple[int, int,
 
 
 def lips_box(layout: FaceLayout) -> tuple[int, int, int, int]:
-    """The same mouth box the embedded engine reports, so clients watch the same pixels."""
+    """The same mouth box the procedural avatar reports, so clients watch the same pixels."""
     mw, (mx, my) = layout.mouth_width, layout.mouth
     return int(mx - 0.45 * mw), int(my - 0.2 * mw), int(0.9 * mw), int(0.6 * mw)
 
 
-class DiffusionSession(EngineSession):
+class AvatarSession:
+    """One portrait prepared for the model: its crop box, reference latent, paste mask and head motion."""
+
     _serial = itertools.count()
 
     def __init__(self, image: np.ndarray, layout: FaceLayout, spec: AvatarSpec, reference: torch.Tensor,
@@ -138,11 +142,10 @@ class StageClock:
         return {k: 1000 * self.seconds[k] / max(1, self.frames[k]) for k in self.seconds}
 
 
-class DiffusionEngine(AvatarEngine):
+class AvatarRenderer:
     """Renders for many sessions on one worker; `render_clip` renders a whole audio clip offline."""
 
-    name = "diffusion"
-    workers = 1  # one U-Net; concurrency comes from batching and the stage pipeline
+    session_class: type[AvatarSession] = AvatarSession  # the live engine substitutes its EngineSession
 
     def __init__(self, weights: str | Path | None = None, model: AvatarModel | None = None, steps: int | None = None,
                  bf16: bool | None = None, reference_cache: bool = True,
@@ -183,10 +186,10 @@ class DiffusionEngine(AvatarEngine):
     def _quantize(self):
         """W8A8 (`accel/quant.py`): int8 weights per channel, dynamic 8-bit activations, calibrated on a few
         frames of the default portrait speaking a synthetic speech-like signal."""
-        from ...accel.quant import QuantConfig
-        from ...adapters.diffusers_quant import apply_quantization, calibrate_quantization
-        from ..portrait import default_portrait
-        from ..testsignal import speech_like
+        from ..accel.quant import QuantConfig
+        from ..adapters.diffusers_quant import apply_quantization, calibrate_quantization
+        from .portrait import default_portrait
+        from .testsignal import speech_like
 
         session = self.open_session(default_portrait(256), SessionOptions(size=256))
         audio = speech_like(1.0, self.sample_rate)
@@ -205,16 +208,16 @@ class DiffusionEngine(AvatarEngine):
         return self._quant.stats.backend if self._quant is not None else None
 
     # -- sessions ----------------------------------------------------------------------------
-    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> DiffusionSession:
+    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> AvatarSession:
         image, layout = prepare(portrait, options.size)
         spec = self.model.spec
         box = crop_box(layout, spec, options.size)
         reference = self.model.encode_reference(_to_tensor([crop_square(image, box, spec.resolution)]))
-        return DiffusionSession(image, layout, spec, reference, options)
+        return self.session_class(image, layout, spec, reference, options)
 
     @property
     def cache_stats(self) -> tuple[int, int]:
-        """(full, reused) U-Net calls since the engine started; (0, 0) without the temporal cache."""
+        """(full, reused) U-Net calls since the renderer started; (0, 0) without the temporal cache."""
         return (self._cache.stats.full_calls, self._cache.stats.cached_calls) if self._cache else (0, 0)
 
     # -- stages ------------------------------------------------------------------------------
@@ -272,9 +275,9 @@ class DiffusionEngine(AvatarEngine):
             return list(self._stream([requests[:half], requests[half:]]))
         return self._finish(self._denoise(self._features(_Chunk(requests))))
 
-    def render_clip(self, session: DiffusionSession, audio: np.ndarray, fps: float,
+    def render_clip(self, session: AvatarSession, audio: np.ndarray, fps: float,
                     frames: int | None = None) -> Iterator[RenderedFrame]:
-        """Frames for a whole clip of float mono audio at the engine rate (offline: nodes, the bench).
+        """Frames for a whole clip of float mono audio at the model's rate (offline: nodes, the bench).
 
         States come from the same voice-activity tracker as live sessions. The first chunk holds
         `first_chunk` frames and later ones `max_batch`, so the first frame is out after one small
@@ -305,9 +308,9 @@ class DiffusionEngine(AvatarEngine):
             self._quant = None
 
 
-def _session(request: RenderRequest) -> DiffusionSession:
-    if not isinstance(request.session, DiffusionSession):
-        raise TypeError(f"the diffusion engine got a {type(request.session).__name__}, not its own session")
+def _session(request: RenderRequest) -> AvatarSession:
+    if not isinstance(request.session, AvatarSession):
+        raise TypeError(f"the diffusion avatar got a {type(request.session).__name__}, not its own session")
     return request.session
 
 

@@ -1,9 +1,10 @@
-"""The embedded default engine: animates a portrait from audio with no model weights, on the CPU.
+"""The procedural avatar: animates a portrait from audio with no model weights, on the CPU.
 
 Mouth opening follows loudness, its width follows the spectrum (bright fricatives and front vowels
 spread the lips, dark back vowels purse them); eyes blink on a seeded random schedule; the head sways,
 nods with speech and breathes. Per frame the work is choosing precomputed rig patches, one affine warp
-and the engine's share of smoothing — a few milliseconds at 512x512 on one core.
+and the session's share of smoothing — a few milliseconds at 512x512 on one core. It is the embedded
+default engine (`realtime/engines/embedded.py`) and the teacher the diffusion avatar is distilled from.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from ..portrait import prepare
-from .base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions, State
+from .frames import RenderedFrame, RenderRequest, SessionOptions, State
+from .portrait import prepare
 from .rig import FaceRig
 
 SILENCE_DB = -48.0  # loudness that keeps the mouth closed
@@ -43,7 +44,9 @@ def mouth_targets(audio: np.ndarray, rate: int) -> tuple[float, float]:
     return opening, float(np.clip(0.86 + 0.5 * brightness, 0.86, 1.14))
 
 
-class EmbeddedSession(EngineSession):
+class ProceduralSession:
+    """One animated portrait: mouth smoothing, blink schedule and head motion, seeded per session."""
+
     def __init__(self, rig: FaceRig, options: SessionOptions) -> None:
         self.rig = rig
         self.options = options
@@ -84,7 +87,7 @@ class EmbeddedSession(EngineSession):
 class HeadMotion:
     """Sway, nods with speech and breathing about the neck, seeded per session.
 
-    Shared by the engines that animate a prepared portrait, so a diffusion-rendered mouth moves with
+    Shared by the renderers that animate a prepared portrait, so a diffusion-rendered mouth moves with
     the same head as the procedural one.
     """
 
@@ -107,11 +110,11 @@ class HeadMotion:
                               borderMode=cv2.BORDER_REFLECT_101)
 
 
-class EmbeddedEngine(AvatarEngine):
-    """Weight-free engine; prepared rigs are cached per portrait so repeat sessions start instantly."""
+class ProceduralRenderer:
+    """Weight-free renderer; prepared rigs are cached per portrait so repeat sessions start instantly."""
 
-    name = "embedded"
-    workers = 2  # numpy and OpenCV release the GIL, so two sessions render in parallel on 2 cores
+    sample_rate = 16000
+    session_class: type[ProceduralSession] = ProceduralSession  # an engine substitutes its EngineSession
 
     def __init__(self, cache_size: int = 8) -> None:
         self._rigs: OrderedDict[tuple[str, int], FaceRig] = OrderedDict()
@@ -131,12 +134,12 @@ class EmbeddedEngine(AvatarEngine):
                 self._rigs.popitem(last=False)
         return rig
 
-    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> EmbeddedSession:
-        return EmbeddedSession(self._rig(portrait, options.size), options)
+    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> ProceduralSession:
+        return self.session_class(self._rig(portrait, options.size), options)
 
     def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderedFrame]:
         out = []
         for req in requests:
-            assert isinstance(req.session, EmbeddedSession)
+            assert isinstance(req.session, ProceduralSession)
             out.append(req.session.render(req, self.sample_rate))
         return out

@@ -1,4 +1,4 @@
-"""The autoregressive video engine: the embedded causal video model streamed live, condition changeable.
+"""The causal video stream: the embedded causal video model rendered frame by frame, condition changeable.
 
 Each session owns a `CausalVideoStream` with the causal cache on: when its frame buffer runs dry, the
 next clip (the model's chunk of frames) is sampled with the LCM-style few-step sampler while attending
@@ -6,7 +6,8 @@ to the cached keys/values of the last `window` frames, and the clip's frames are
 cache. Work per clip is therefore flat however long the stream runs, and memory is bounded by the
 window. Frames are small (32×32) and upscaled to the session size for display.
 
-The runtime still owns time: frames are requested on the session clock and rendered on the engine's
+The live engine (`livecache serve --engine video`, `realtime/engines/video.py`) is this renderer; the
+runtime still owns time: frames are requested on the session clock and rendered on the engine's
 worker thread, off the event loop. A `condition` control message (`{"prompt": "7"}` or `"shapes"`,
 `"texture"`) switches the class for the next clip; the committed frames keep steering the motion, so
 the picture changes over a clip or two instead of cutting. Audio is silence for this engine.
@@ -23,12 +24,14 @@ import cv2
 import numpy as np
 import torch
 
-from ...accel.causal_cache import CausalCacheConfig, CausalVideoStream
-from ...models.video import CLASS_NAMES, SAMPLERS, CausalVideoDiT, load_video_model, parse_video_prompt
-from .base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions
+from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
+from ..models.video import CLASS_NAMES, SAMPLERS, CausalVideoDiT, load_video_model, parse_video_prompt
+from .frames import RenderedFrame, RenderRequest, SessionOptions
 
 
-class VideoSession(EngineSession):
+class VideoStreamSession:
+    """One stream: its causal cache, noise generator, current class and the frames of the last clip."""
+
     def __init__(self, model: CausalVideoDiT, options: SessionOptions, window: int, steps: int,
                  sampler: str) -> None:
         self.model = model
@@ -71,12 +74,11 @@ class VideoSession(EngineSession):
         return self._frames.popleft()
 
 
-class VideoEngine(AvatarEngine):
+class VideoRenderer:
     """One shared model; sessions keep their own bounded caches. `weights`: a folder from
     `livecache train video` (default: the shipped model)."""
 
-    name = "video"
-    workers = 1  # torch already uses every core for one clip
+    session_class: type[VideoStreamSession] = VideoStreamSession  # the live engine substitutes its EngineSession
 
     def __init__(self, weights: Path | None = None, window: int = 4, steps: int = 2, sampler: str = "lcm",
                  threads: int = 1) -> None:
@@ -91,13 +93,13 @@ class VideoEngine(AvatarEngine):
         torch.set_num_threads(threads)
         self.window, self.steps, self.sampler = window, steps, sampler
 
-    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> VideoSession:
+    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> VideoStreamSession:
         """The portrait is ignored: the video is generated from the class condition alone."""
-        return VideoSession(self.model, options, self.window, self.steps, self.sampler)
+        return self.session_class(self.model, options, self.window, self.steps, self.sampler)
 
     def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderedFrame]:
         out = []
         for req in requests:
-            assert isinstance(req.session, VideoSession)
+            assert isinstance(req.session, VideoStreamSession)
             out.append(RenderedFrame(req.session.next_frame(), req.t, req.state, 0.0))
         return out

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from livecache.realtime.loopback import spawn_server
+from livecache.bench.loopback import spawn_server
 
 DOC = Path(__file__).resolve().parent.parent / "README.md"
 
