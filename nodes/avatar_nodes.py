@@ -16,6 +16,7 @@ import torch
 from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import input_roots, model_roots
+from .memory import check_fits
 
 EMBEDDED_AVATAR = "embedded:avatar"
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
@@ -124,6 +125,7 @@ class AvatarDiffusion:
 
     def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
                temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
+        from ..pipelines.avatar import clip_frames
         from ..pipelines.frames import SessionOptions
 
         if not isinstance(portrait, torch.Tensor) or portrait.ndim != 4 or portrait.shape[-1] != 3:
@@ -131,12 +133,19 @@ class AvatarDiffusion:
         if int(size) not in SIZES:
             raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
         speech = _mono(audio, AvatarSpec.sample_rate)
+        count, side = clip_frames(len(speech), AvatarSpec.sample_rate, fps), int(size)
+        if count == 0:
+            raise ValueError(f"the audio is shorter than one frame at {fps} fps")
+        # The IMAGE output (float32) is the one thing that grows with the clip: refuse before loading the model
+        # when it cannot fit, then fill it frame by frame as frames are rendered (no list, stack or copies).
+        check_fits(count * side * side * 3 * 4, f"the avatar clip ({count} frames of {side}x{side}, float32 IMAGE)",
+                   "shorten the audio, or lower fps or size")
         folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
             str(resolve_inside(weights.strip(), model_roots()))
         engine = _engine(folder, steps, temporal_cache, max_batch, w8a8)
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        session = engine.open_session(rgb, SessionOptions(size=int(size), fps=float(fps)))
-        frames = [f.image for f in engine.render_clip(session, speech, fps)]
-        if not frames:
-            raise ValueError(f"the audio is shorter than one frame at {fps} fps")
-        return (torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0),)
+        session = engine.open_session(rgb, SessionOptions(size=side, fps=float(fps)))
+        out = np.empty((count, side, side, 3), np.float32)
+        for k, frame in enumerate(engine.render_clip(session, speech, fps, frames=count)):
+            np.divide(frame.image, np.float32(255.0), out=out[k])
+        return (torch.from_numpy(out),)

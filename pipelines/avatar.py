@@ -283,7 +283,7 @@ class AvatarRenderer:
         `first_chunk` frames and later ones `max_batch`, so the first frame is out after one small
         U-Net call while the rest still run batched.
         """
-        count = int(len(audio) / self.sample_rate * fps) if frames is None else frames
+        count = clip_frames(len(audio), self.sample_rate, fps) if frames is None else frames
         tracker = StateTracker(self.sample_rate)
         ctx = int(self.audio_context_s * self.sample_rate)
 
@@ -306,6 +306,12 @@ class AvatarRenderer:
         if self._quant is not None:
             self._quant.remove()
             self._quant = None
+
+
+def clip_frames(samples: int, rate: int, fps: float) -> int:
+    """Frames `render_clip` makes for `samples` of audio at `rate`: known before rendering, so callers can
+    size (or refuse) their output first."""
+    return int(samples / rate * fps)
 
 
 def _session(request: RenderRequest) -> AvatarSession:
