@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": (".graph.cli", "run a saved workflow JSON (ComfyUI UI or API format) headless"),
     "serve": (".realtime.cli", "start the live server: web page, WebRTC and websocket API on one port"),
     "bench": (".bench.cli", "measure speed and fidelity against baselines and peers"),
-    "train": (".realtime.train_cli", "train the embedded default models (reproducible, CPU-friendly)"),
+    "train": (".train.cli", "train the embedded default models (reproducible, CPU-friendly)"),
     "info": (".models.info", "show versions, devices and where models are looked for"),
 }
 

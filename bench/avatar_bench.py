@@ -2,7 +2,8 @@
 with each acceleration switched on one at a time and all together, in one process on one clip.
 
 The clip is the shipped `workflows/hello_avatar.wav` (espeak-ng speech) twice with pauses, rendered
-offline through `DiffusionEngine.render_clip` exactly as the ComfyUI node renders it. Rows:
+offline through `AvatarRenderer.render_clip` (`pipelines/avatar.py`) exactly as the ComfyUI node and the
+live engine render it. Rows:
 the baseline has every acceleration off (fp32, reference re-encoded per frame, one frame per call, no
 pipeline, no temporal cache); each next row turns one more on; then everything on except the short
 first chunk, everything on with one LCM step instead of `--steps` (a speed/fidelity knob), and everything
@@ -15,7 +16,7 @@ Every row runs `--rounds` times interleaved after a warm-up; times are medians.
 - *crop PSNR*: the pixels the model renders (the mouth crop of each output frame) against the
   baseline's, peak 255 — what each acceleration costs in fidelity;
 - *lip sync*: Pearson correlation, over the clip's frames, between the mouth opening measured on the
-  rendered pixels (share of dark pixels in the lips box, `DiffusionSession.mouth_opening`) and the
+  rendered pixels (share of dark pixels in the lips box, `AvatarSession.mouth_opening`) and the
   speech energy of the 40 ms before the frame (dB, clipped to the −48..−12 dB range the teacher maps to
   its opening); the teacher (the embedded engine) is scored the same way on the same clip;
 - *open speech / silence*: mean mouth opening in frames with and without voice.
@@ -114,17 +115,17 @@ def _sync(opening: np.ndarray, energy: np.ndarray) -> tuple[float, float, float]
 def _teacher(audio: np.ndarray, rate: int, fps: float, size: int) -> np.ndarray:
     """The embedded engine's mouth on the same clip, measured on its pixels exactly like the model's."""
     from ..models.avatar import AvatarSpec
-    from ..realtime.engines.base import RenderRequest, SessionOptions
-    from ..realtime.engines.diffusion import DiffusionSession, crop_box, crop_square
-    from ..realtime.engines.embedded import EmbeddedSession
-    from ..realtime.engines.rig import FaceRig
-    from ..realtime.portrait import default_portrait, prepare
-    from ..realtime.states import StateTracker
+    from ..pipelines.avatar import AvatarSession, crop_box, crop_square
+    from ..pipelines.frames import RenderRequest, SessionOptions
+    from ..pipelines.portrait import default_portrait, prepare
+    from ..pipelines.procedural import ProceduralSession
+    from ..pipelines.rig import FaceRig
+    from ..pipelines.states import StateTracker
 
     spec = AvatarSpec()
     image, layout = prepare(default_portrait(512), size)
-    teacher = EmbeddedSession(FaceRig(image, layout), SessionOptions(size=size))
-    meter = DiffusionSession(image, layout, spec, torch.zeros(1), SessionOptions(size=size))
+    teacher = ProceduralSession(FaceRig(image, layout), SessionOptions(size=size))
+    meter = AvatarSession(image, layout, spec, torch.zeros(1), SessionOptions(size=size))
     box = crop_box(layout, spec, size)
     tracker, ctx, out = StateTracker(rate), int(spec.audio_context_s * rate), []
     for k in range(int(len(audio) / rate * fps)):
@@ -137,13 +138,13 @@ def _teacher(audio: np.ndarray, rate: int, fps: float, size: int) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..realtime.engines.diffusion import DiffusionEngine
-    from ..realtime.portrait import default_portrait
+    from ..pipelines.avatar import AvatarRenderer
+    from ..pipelines.portrait import default_portrait
 
     portrait = default_portrait(512)
     engines, rows = [], []
     for name, options in _ladder(args.batch):
-        engine = DiffusionEngine(model=load_model(args.weights), **{"steps": args.steps, **options})
+        engine = AvatarRenderer(model=load_model(args.weights), **{"steps": args.steps, **options})
         engines.append(engine)
         rows.append(Row(name, {k: (v is not None if k == "temporal_cache" else v) for k, v in options.items()}))
     rate = engines[0].sample_rate
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     warm = audio[: int(0.5 * rate)]
     outputs: dict[int, list] = {}
 
-    def clip(engine: DiffusionEngine, sound: np.ndarray) -> tuple[list, float, float, tuple[int, int, int]]:
+    def clip(engine: AvatarRenderer, sound: np.ndarray) -> tuple[list, float, float, tuple[int, int, int]]:
         session = engine.open_session(portrait, _options(args))
         start = time.perf_counter()
         frames, first = [], None
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace):
-    from ..realtime.engines.base import SessionOptions
+    from ..pipelines.frames import SessionOptions
 
     return SessionOptions(size=args.size, fps=args.fps)
 

@@ -31,7 +31,7 @@ import torch
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
 from ..adapters.comfy_unet import apply_deepcache, apply_step_rehash
-from ..adapters.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
+from .comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
 from .metrics import psnr, ssim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -190,7 +190,7 @@ def _rss_mib(pid: int) -> float | None:
 async def _live_session(base: str, seconds: float, pid: int | None) -> dict:
     import websockets
 
-    from ..realtime.examples.ws_client import unpack_frame
+    from ..examples.ws_client import unpack_frame
 
     prompts = ["texture", "3", "shapes", "7", "texture", "0"]
     arrivals: list[float] = []
@@ -224,7 +224,7 @@ async def _live_session(base: str, seconds: float, pid: int | None) -> dict:
 
 
 def run_live(seconds: float) -> dict:
-    from ..realtime.loopback import spawn_server
+    from .loopback import spawn_server
 
     with spawn_server("--engine", "video") as base:
         children = _child_pids()

@@ -1,7 +1,7 @@
 """Nodes for the diffusion avatar: a portrait and an AUDIO clip in, the talking-head frames out.
 
-`LiveCacheAvatarDiffusion` drives the same engine as `livecache serve --engine diffusion`
-(`realtime/engines/diffusion.py`) over a whole clip offline: batched frames, the stage pipeline and
+`LiveCacheAvatarDiffusion` drives the same renderer as `livecache serve --engine diffusion`
+(`pipelines/avatar.py`) over a whole clip offline: batched frames, the stage pipeline and
 the temporal cache, with the state labels from the same voice-activity tracker as live sessions.
 """
 
@@ -16,6 +16,7 @@ import torch
 from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import input_roots, model_roots
+from .memory import check_fits
 
 EMBEDDED_AVATAR = "embedded:avatar"
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
@@ -39,10 +40,10 @@ def _mono(audio: dict, rate: int) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int, w8a8: bool):
-    """Loading is the slow part; engines are reused across runs with the same settings."""
-    from ..realtime.engines.diffusion import DEFAULT_REUSE, DiffusionEngine
+    """Loading is the slow part; renderers are reused across runs with the same settings."""
+    from ..pipelines.avatar import DEFAULT_REUSE, AvatarRenderer
 
-    return DiffusionEngine(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
+    return AvatarRenderer(weights=weights, steps=steps, temporal_cache=DEFAULT_REUSE if temporal_cache else None,
                            max_batch=max_batch, w8a8=w8a8)
 
 
@@ -87,7 +88,7 @@ class DefaultPortrait:
                                               "tooltip": "Side of the square portrait in pixels."})}}
 
     def paint(self, size: int) -> tuple[torch.Tensor]:
-        from ..realtime.portrait import default_portrait
+        from ..pipelines.portrait import default_portrait
 
         return (torch.from_numpy(default_portrait(size).astype(np.float32) / 255.0).unsqueeze(0),)
 
@@ -124,19 +125,27 @@ class AvatarDiffusion:
 
     def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
                temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
-        from ..realtime.engines.base import SessionOptions
+        from ..pipelines.avatar import clip_frames
+        from ..pipelines.frames import SessionOptions
 
         if not isinstance(portrait, torch.Tensor) or portrait.ndim != 4 or portrait.shape[-1] != 3:
             raise ValueError("portrait must be an RGB IMAGE: a float [B, H, W, 3] tensor")
         if int(size) not in SIZES:
             raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
         speech = _mono(audio, AvatarSpec.sample_rate)
+        count, side = clip_frames(len(speech), AvatarSpec.sample_rate, fps), int(size)
+        if count == 0:
+            raise ValueError(f"the audio is shorter than one frame at {fps} fps")
+        # The IMAGE output (float32) is the one thing that grows with the clip: refuse before loading the model
+        # when it cannot fit, then fill it frame by frame as frames are rendered (no list, stack or copies).
+        check_fits(count * side * side * 3 * 4, f"the avatar clip ({count} frames of {side}x{side}, float32 IMAGE)",
+                   "shorten the audio, or lower fps or size")
         folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
             str(resolve_inside(weights.strip(), model_roots()))
         engine = _engine(folder, steps, temporal_cache, max_batch, w8a8)
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        session = engine.open_session(rgb, SessionOptions(size=int(size), fps=float(fps)))
-        frames = [f.image for f in engine.render_clip(session, speech, fps)]
-        if not frames:
-            raise ValueError(f"the audio is shorter than one frame at {fps} fps")
-        return (torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0),)
+        session = engine.open_session(rgb, SessionOptions(size=side, fps=float(fps)))
+        out = np.empty((count, side, side, 3), np.float32)
+        for k, frame in enumerate(engine.render_clip(session, speech, fps, frames=count)):
+            np.divide(frame.image, np.float32(255.0), out=out[k])
+        return (torch.from_numpy(out),)

@@ -14,11 +14,11 @@ from collections import deque
 import av
 import numpy as np
 
+from ..pipelines.states import VOICE_DB, level_db
 from .clock import MediaClock
 
 ENGINE_RATE = 16000
 INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
-VOICE_DB = -42.0  # louder than this (dBFS RMS over 20 ms) counts as voice
 
 
 class MonoResampler:
@@ -44,13 +44,6 @@ def pcm16_to_float(samples: np.ndarray) -> np.ndarray:
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
-
-
-def level_db(samples: np.ndarray) -> float:
-    """RMS level in dB full scale (float audio in -1..1); silence is about -180."""
-    if samples.size == 0:
-        return -180.0
-    return float(20 * np.log10(np.sqrt(np.mean(samples.astype(np.float64) ** 2)) + 1e-9))
 
 
 class AudioTimeline:

@@ -9,9 +9,10 @@ from collections import OrderedDict
 import cv2
 import numpy as np
 
+from ..pipelines.portrait import default_portrait, find_face
 from .engines.base import AvatarEngine, SessionOptions
 from .metrics import SessionMetrics
-from .portrait import PortraitError, decode_upload, default_portrait, find_face
+from .portrait import PortraitError, decode_upload
 from .session import LiveSession
 from .worker import RenderWorker
 

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import av
 import numpy as np
 
+from ..pipelines.states import StateTracker
 from .audio import AudioTimeline, MonoResampler, pcm16_to_float
 from .clock import MediaClock
 from .engines.base import EngineSession, RenderedFrame, RenderRequest, SessionOptions
 from .metrics import SessionMetrics
-from .states import StateTracker
 from .worker import RenderWorker
 
 # transport -> (playout delay s, how far ahead of the clock audio may be buffered s, live source).

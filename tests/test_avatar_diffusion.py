@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from livecache.accel.pipeline import run_stages
 from livecache.accel.temporal_cache import TemporalReuse, TemporalReuseConfig
 from livecache.models.avatar import AVATAR_DIR, AvatarSpec, load_model, random_model, save_model
 from livecache.models.loading import WeightsError
+from livecache.pipelines.portrait import default_portrait
+from livecache.pipelines.stages import run_stages
 from livecache.realtime.engines import create_engine
 from livecache.realtime.engines.base import RenderRequest, SessionOptions
-from livecache.realtime.portrait import default_portrait
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "workflows" / "hello_avatar.wav"
@@ -192,8 +192,8 @@ def test_shipped_model_opens_the_mouth_in_speech_and_closes_it_in_silence():
 
 
 def test_training_runs_on_teacher_frames_and_the_result_loads(tmp_path):
-    from livecache.models.avatar_training import TrainSettings, train_avatar
-    from livecache.realtime.distill import make_dataset
+    from livecache.train.avatar import TrainSettings, train_avatar
+    from livecache.train.distill import make_dataset
 
     data = make_dataset(sentences=1, sizes=(256,))
     assert data.crops.shape[1:] == (64, 64, 3) and len(data.crops) == len(data.windows) == len(data.states)
@@ -234,9 +234,9 @@ def test_audio_node_confines_paths_and_avatar_node_checks_inputs(tmp_path, monke
 
 
 def test_server_streams_diffusion_frames_over_the_websocket(tmp_path):
+    from livecache.bench.loopback import spawn_server
+    from livecache.examples.ws_client import stream
     from livecache.realtime.audio import float_to_pcm16
-    from livecache.realtime.examples.ws_client import stream
-    from livecache.realtime.loopback import spawn_server
 
     folder = _folder(tmp_path)
     frames: list = []

@@ -28,8 +28,8 @@ from livecache.models.video import (
     parse_video_prompt,
     save_video_model,
 )
-from livecache.models.video_training import train_video
 from livecache.nodes.video_nodes import CausalCache, LoadVideoModel, VideoSampler
+from livecache.train.video import train_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VideoModelConfig(resolution=16, patch=4, dim=32, depth=2, heads=2, chunk=4, context=4)
@@ -195,7 +195,7 @@ async def _video_session(base: str) -> dict:
     import aiohttp
     import websockets
 
-    from livecache.realtime.examples.ws_client import unpack_frame
+    from livecache.examples.ws_client import unpack_frame
 
     url = base.replace("http://", "ws://") + "/ws"
     seen: dict = {"frames": [], "conditions": [], "errors": [], "http": []}
@@ -229,7 +229,7 @@ async def _video_session(base: str) -> dict:
 
 
 def test_video_engine_streams_over_websocket_and_changes_condition_mid_stream():
-    from livecache.realtime.loopback import spawn_server
+    from livecache.bench.loopback import spawn_server
 
     with spawn_server("--engine", "video") as base:
         seen = asyncio.run(_video_session(base))

@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 from playwright.async_api import async_playwright
 
-from livecache.realtime.loopback import spawn_server
-from livecache.realtime.portrait import default_portrait
-from livecache.realtime.testsignal import talk_and_pause
+from livecache.bench.loopback import spawn_server
+from livecache.pipelines.portrait import default_portrait
+from livecache.pipelines.testsignal import talk_and_pause
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livecache.realtime import bench, cli
-from livecache.realtime.examples.ws_client import stream
-from livecache.realtime.loopback import spawn_server
+from livecache.bench import realtime_bench as bench
+from livecache.bench.loopback import spawn_server
+from livecache.examples.ws_client import stream
+from livecache.realtime import cli
 
 
 def parse(module, *argv: str) -> argparse.Namespace:

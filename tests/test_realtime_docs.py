@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from livecache.realtime import audio, hub, portrait, session, states, webrtc, wsapi
+from livecache.bench.loopback import spawn_server
+from livecache.pipelines import states
+from livecache.realtime import audio, hub, portrait, session, webrtc, wsapi
 from livecache.realtime.engines.base import AvatarEngine, SessionOptions
-from livecache.realtime.loopback import spawn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "realtime-protocol.md"

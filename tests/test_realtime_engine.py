@@ -9,15 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from livecache.realtime.audio import AudioTimeline, MonoResampler, level_db
+from livecache.bench.loopback import mouth_openness
+from livecache.pipelines.portrait import PortraitError, default_portrait, find_face
+from livecache.pipelines.states import StateTracker, level_db
+from livecache.pipelines.testsignal import speech_like
+from livecache.realtime.audio import AudioTimeline, MonoResampler
 from livecache.realtime.clock import MediaClock
 from livecache.realtime.engines import available_engines, create_engine
 from livecache.realtime.engines.base import RenderRequest, SessionOptions
-from livecache.realtime.loopback import mouth_openness
 from livecache.realtime.metrics import SessionMetrics
-from livecache.realtime.portrait import PortraitError, decode_upload, default_portrait, find_face
-from livecache.realtime.states import StateTracker
-from livecache.realtime.testsignal import speech_like
+from livecache.realtime.portrait import decode_upload
 
 RATE = 16000
 

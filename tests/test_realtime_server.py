@@ -21,10 +21,10 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from livecache.bench.loopback import RTC_RATE, mouth_openness, rtc_session, spawn_server
+from livecache.examples.ws_client import stream, unpack_frame
+from livecache.pipelines.testsignal import talk_and_pause
 from livecache.realtime.audio import float_to_pcm16, level_db
-from livecache.realtime.examples.ws_client import stream, unpack_frame
-from livecache.realtime.loopback import RTC_RATE, mouth_openness, rtc_session, spawn_server
-from livecache.realtime.testsignal import talk_and_pause
 
 LEAD, TALK, PAUSE = 1.0, 1.0, 2.0
 
@@ -370,7 +370,7 @@ def test_audio_sent_ahead_is_buffered_and_interrupt_drops_it(server):
 
 def test_example_client_runs_as_a_script(server, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "livecache.realtime.examples.ws_client", "--url", ws_url(server),
+        [sys.executable, "-m", "livecache.examples.ws_client", "--url", ws_url(server),
          "--seconds", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )

@@ -4,49 +4,22 @@ The runtime owns time, audio and state: it keeps the audio timeline on the sessi
 speaking / listening / idle, and asks the engine for the frame at media time `t` with the audio window
 that ends at `t`. Engines are therefore pure renderers of (portrait, audio window, state label) — the
 LLIA recipe of state class labels as conditioning — which is what lets a GPU engine batch requests from
-many sessions (`render_batch`) on its own worker without the server changing.
+many sessions (`render_batch`) on its own worker without the server changing. Each engine is one of the
+shared renderers in `pipelines/` plus these two classes, so what the server streams is what the nodes and
+benches render.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-State = Literal["speaking", "listening", "idle"]
-STATES: tuple[State, ...] = ("speaking", "listening", "idle")
+from ...pipelines.frames import STATES, RenderedFrame, RenderRequest, SessionOptions, State
 
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """Per-session choices a client may make; engines may ignore what they cannot honour."""
-
-    size: int = 512
-    fps: float = 25.0
-    seed: int = 0
-
-
-@dataclass
-class RenderRequest:
-    """One frame to render: the audio window (float32 mono, engine rate) ends exactly at media time `t`."""
-
-    session: EngineSession
-    t: float
-    audio: np.ndarray
-    state: State
-
-
-@dataclass
-class RenderedFrame:
-    """An RGB uint8 frame for media time `t`; `mouth` (0 closed .. 1 wide open) feeds metrics and clients."""
-
-    image: np.ndarray
-    t: float
-    state: State
-    mouth: float
+# The frame vocabulary is the renderers' (pipelines/frames.py); the runtime reads it through this interface.
+__all__ = ["STATES", "AvatarEngine", "EngineSession", "RenderRequest", "RenderedFrame", "SessionOptions", "State"]
 
 
 class EngineSession(ABC):

@@ -1,103 +1,20 @@
-"""The autoregressive video engine: the embedded causal video model streamed live, condition changeable.
+"""The autoregressive video engine: the causal video stream (`pipelines/video.py`) as a live engine.
 
-Each session owns a `CausalVideoStream` with the causal cache on: when its frame buffer runs dry, the
-next clip (the model's chunk of frames) is sampled with the LCM-style few-step sampler while attending
-to the cached keys/values of the last `window` frames, and the clip's frames are committed to the
-cache. Work per clip is therefore flat however long the stream runs, and memory is bounded by the
-window. Frames are small (32×32) and upscaled to the session size for display.
-
-The runtime still owns time: frames are requested on the session clock and rendered on the engine's
-worker thread, off the event loop. A `condition` control message (`{"prompt": "7"}` or `"shapes"`,
-`"texture"`) switches the class for the next clip; the committed frames keep steering the motion, so
-the picture changes over a clip or two instead of cutting. Audio is silence for this engine.
+A `condition` control message (`{"prompt": "7"}`, `"shapes"`, `"texture"`) switches the class for the
+next clip; audio is silence for this engine. This module only joins the renderer to the runtime's interface.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from collections.abc import Sequence
-from pathlib import Path
-
-import cv2
-import numpy as np
-import torch
-
-from ...accel.causal_cache import CausalCacheConfig, CausalVideoStream
-from ...models.video import CLASS_NAMES, SAMPLERS, CausalVideoDiT, load_video_model, parse_video_prompt
-from .base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions
+from ...pipelines.video import VideoRenderer, VideoStreamSession
+from .base import AvatarEngine, EngineSession
 
 
-class VideoSession(EngineSession):
-    def __init__(self, model: CausalVideoDiT, options: SessionOptions, window: int, steps: int,
-                 sampler: str) -> None:
-        self.model = model
-        self.options = options
-        self.stream = CausalVideoStream(model, CausalCacheConfig(enabled=True, window=window))
-        self.steps, self.sampler = steps, SAMPLERS[sampler]
-        self.generator = torch.Generator().manual_seed(options.seed)
-        self.label = options.seed % len(CLASS_NAMES)  # until the client sends a condition
-        self._frames: deque[np.ndarray] = deque()
-        self._lock = threading.Lock()  # control arrives on the event loop, clips are made on the worker
-
-    @property
-    def mouth_box(self) -> tuple[int, int, int, int]:
-        return 0, 0, 0, 0  # no face in this engine
-
-    def control(self, message: dict[str, object]) -> dict[str, object]:
-        """`{"prompt": "7" | "a seven" | "shapes" | "texture"}` or `{"class": 0..11}`: the next clip's class."""
-        if "prompt" not in message and "class" not in message:
-            raise ValueError('a condition needs "prompt" (e.g. "7", "shapes", "texture") or "class" (0..11)')
-        value = message["prompt"] if "prompt" in message else message["class"]
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise ValueError(f"prompt must be a string and class an integer, got {value!r}")
-        label = parse_video_prompt(value)
-        with self._lock:
-            self.label = label
-        return {"class": label, "name": CLASS_NAMES[label]}
-
-    def next_frame(self) -> np.ndarray:
-        """The next RGB uint8 frame at the session size, sampling a new clip when the buffer is empty."""
-        if not self._frames:
-            cfg = self.model.config
-            with self._lock:
-                label = self.label
-            noise = torch.randn(1, cfg.chunk, cfg.channels, cfg.resolution, cfg.resolution,
-                                generator=self.generator)
-            clip = self.stream.next_chunk(noise, torch.tensor([label]), self.sampler, self.steps, self.generator)
-            pixels = ((clip[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-            size = (self.options.size, self.options.size)
-            self._frames.extend(cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in pixels)
-        return self._frames.popleft()
+class VideoSession(VideoStreamSession, EngineSession):
+    """A video stream the runtime can drive; its `control` takes the condition."""
 
 
-class VideoEngine(AvatarEngine):
-    """One shared model; sessions keep their own bounded caches. `weights`: a folder from
-    `livecache train video` (default: the shipped model)."""
-
+class VideoEngine(VideoRenderer, AvatarEngine):
     name = "video"
     workers = 1  # torch already uses every core for one clip
-
-    def __init__(self, weights: Path | None = None, window: int = 4, steps: int = 2, sampler: str = "lcm",
-                 threads: int = 1) -> None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        CausalCacheConfig(window=window)
-        self.model = load_video_model(weights)
-        # one thread: this model's ops are small, and a second OpenMP thread costs more in synchronisation
-        # than it gains (many times more when the cores are shared with other work)
-        torch.set_num_threads(threads)
-        self.window, self.steps, self.sampler = window, steps, sampler
-
-    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> VideoSession:
-        """The portrait is ignored: the video is generated from the class condition alone."""
-        return VideoSession(self.model, options, self.window, self.steps, self.sampler)
-
-    def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderedFrame]:
-        out = []
-        for req in requests:
-            assert isinstance(req.session, VideoSession)
-            out.append(RenderedFrame(req.session.next_frame(), req.t, req.state, 0.0))
-        return out
+    session_class = VideoSession

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livecache.adapters.comfy_workloads import use_comfyui
+from livecache.bench.comfy_workloads import use_comfyui
 
 REPO = Path(__file__).resolve().parents[2]
 COMFY_ROOT = Path(os.environ.get("LIVECACHE_COMFY_ROOT", REPO / ".comfy" / "ComfyUI")).resolve()

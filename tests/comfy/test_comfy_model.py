@@ -18,7 +18,7 @@ from livecache.accel.cache_schedule import CalibratedSchedule
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.rehash import StepRehashConfig
 from livecache.adapters.comfy_unet import apply_deepcache, apply_step_rehash, deep_modules
-from livecache.adapters.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model
+from livecache.bench.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model
 
 CONTEXT = 64
 STEPS = 10

@@ -17,7 +17,7 @@ const live = {
   firstFrameMs: null,
   startedAt: 0,
   /** How open the mouth is in the shown frame: the fraction of dark (luma < 70) pixels in the mouth box,
-   *  the same measure as realtime/loopback.py uses (null before the first frame). */
+   *  the same measure as bench/loopback.py uses (null before the first frame). */
   sampleMouth() {
     if (!live.info || video.videoWidth === 0) return null;
     const [x, y, w, h] = live.info.mouth_box;

@@ -2,14 +2,24 @@
 
 Speaking while the avatar's audio carries voice (plus a short hangover so syllable gaps do not flicker),
 listening for a while after it stops (attentive: mouth closed, small nods), idle after longer silence.
+Live sessions and offline clips (nodes, benches, the training teacher) label frames with the same tracker.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .audio import VOICE_DB, level_db
-from .engines.base import STATES, State
+from .frames import STATES, State
+
+VOICE_DB = -42.0  # louder than this (dBFS RMS over 20 ms) counts as voice
+
+
+def level_db(samples: np.ndarray) -> float:
+    """RMS level in dB full scale (float audio in -1..1); silence is about -180."""
+    if samples.size == 0:
+        return -180.0
+    return float(20 * np.log10(np.sqrt(np.mean(samples.astype(np.float64) ** 2)) + 1e-9))
+
 
 
 class StateTracker:

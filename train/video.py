@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .video import VIDEO_DIR, CausalVideoDiT, VideoModelConfig, alpha_sigma, save_video_model
+from ..models.video import VIDEO_DIR, CausalVideoDiT, VideoModelConfig, alpha_sigma, save_video_model
 from .video_data import make_clips
 
 CONTEXT_JITTER = 0.04  # max std of the noise put on context frames during training

@@ -4,7 +4,8 @@ For 1, 2 and 4 concurrent sessions (websocket and WebRTC) it reports time to fir
 audio-to-mouth latency and dropped frames. The client speaks a fixed pattern (silence, then talk/pause)
 in real time; audio-to-mouth is the time from sending a speech onset to receiving the first frame whose
 mouth is open — measured by the client (frame header for websocket, decoded pixels for WebRTC), so it
-includes transport, playout delay, rendering and smoothing. The server runs in its own process.
+includes transport, playout delay, rendering and smoothing. The server runs in its own process
+(`livecache serve`, started by `loopback.spawn_server`); nothing here imports it.
 """
 
 from __future__ import annotations
@@ -59,11 +60,10 @@ def _steady_fps(times: list[float]) -> float:
 
 
 async def _ws_one(url: str, seconds: float, options: dict) -> dict:
-    from .audio import float_to_pcm16
-    from .examples.ws_client import stream
-    from .testsignal import talk_and_pause
+    from ..examples.ws_client import stream, to_pcm16
+    from ..pipelines.testsignal import talk_and_pause
 
-    audio = float_to_pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
+    audio = to_pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
     ws_url = url.replace("http://", "ws://") + "/ws"
     r = await stream(ws_url, audio, 16000, seconds, options)
     if r.errors and not r.frames:
@@ -79,8 +79,8 @@ async def _ws_one(url: str, seconds: float, options: dict) -> dict:
 
 
 async def _rtc_one(url: str, seconds: float, options: dict) -> dict:
+    from ..pipelines.testsignal import talk_and_pause
     from .loopback import RTC_RATE, rtc_session
-    from .testsignal import talk_and_pause
 
     audio = talk_and_pause(TALK_S, PAUSE_S, 8, RTC_RATE, lead_s=ONSET_LEAD_S)
     r = await rtc_session(url, audio, seconds, options)

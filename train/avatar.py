@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .avatar import (
+from ..models.avatar import (
     LCM_SCHEDULER,
     AudioConfig,
     AvatarModel,
@@ -55,7 +55,7 @@ def train_avatar(crops: np.ndarray, windows: np.ndarray, states: np.ndarray, ref
                  references: np.ndarray, out_dir: Path | None, settings: TrainSettings = TrainSettings(),
                  spec: AvatarSpec | None = None, unet_config: dict | None = None,
                  vae_config: dict | None = None) -> AvatarModel:
-    """Fit the model on the arrays of `realtime.distill.AvatarDataset`; writes `out_dir` when given."""
+    """Fit the model on the arrays of `train.distill.AvatarDataset`; writes `out_dir` when given."""
     from diffusers import DDPMScheduler
 
     spec = spec or AvatarSpec()

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .digits import UNCONDITIONAL, load_digits_tensor
-from .embedded import (
+from ..models.digits import UNCONDITIONAL, load_digits_tensor
+from ..models.embedded import (
     DIGITS_DIR,
     FEATURES_FILE,
     SCHEDULER_CONFIG,
@@ -26,8 +26,8 @@ from .embedded import (
     DigitPromptEncoder,
     build_digits_unet,
 )
-from .features import DigitFeatures
-from .loading import save_component, save_weights
+from ..models.features import DigitFeatures
+from ..models.loading import save_component, save_weights
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 It needs only `websockets` and `numpy`, so it can be copied out of the project:
 
-    python -m livecache.realtime.examples.ws_client --url ws://127.0.0.1:8765/ws --wav speech.wav --out frames/
+    python -m livecache.examples.ws_client --url ws://127.0.0.1:8765/ws --wav speech.wav --out frames/
 
 It streams PCM16 audio in real time (20 ms chunks paced by the clock), receives JPEG frames with their
 audio, optionally saves them, and prints the session's metrics. Without --wav it sends a synthetic vowel
-burst so it runs anywhere. `stream()` is also the websocket driver of `livecache bench realtime`.
+burst so it runs anywhere. `stream()` is also the websocket driver of `livecache bench realtime` and the
+tests: this module is the one client side of the wire format (`unpack_frame`, `to_pcm16`), kept free of
+the rest of the package so that what the benches measure is what a user's client does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def unpack_frame(message: bytes) -> tuple[dict, bytes, bytes]:
     header = json.loads(message[4 : 4 + n])
     jpeg_end = 4 + n + header["jpeg"]
     return header, message[4 + n : jpeg_end], message[jpeg_end : jpeg_end + header["audio"]]
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float audio (-1..1) as the PCM16 samples the API carries."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
 def read_wav(path: str) -> tuple[np.ndarray, int]:

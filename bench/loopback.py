@@ -2,7 +2,8 @@
 
 `livecache bench realtime` and the tests drive real sessions through these, the same way a remote user
 would: over TCP on 127.0.0.1, with the server in its own process (so it has its own interpreter lock, as
-in production) and the client timing what it receives.
+in production) and the client timing what it receives. The server is started as a command, never
+imported: benches measure what a user runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from av import AudioFrame
 
-from .audio import float_to_pcm16
+from ..examples.ws_client import to_pcm16
 
 RTC_RATE = 48000
 PTIME = 0.02
@@ -68,7 +69,7 @@ class ArrayAudioTrack(MediaStreamTrack):
 
     def __init__(self, audio: np.ndarray) -> None:
         super().__init__()
-        self.audio = float_to_pcm16(audio)
+        self.audio = to_pcm16(audio)
         self.started: float | None = None
         self._n = 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..portrait import FaceLayout
+from .portrait import FaceLayout
 
 MOUTH_OPEN_LEVELS = 16
 MOUTH_WIDTH_LEVELS = 5

@@ -1,15 +1,16 @@
-"""Training data for the diffusion avatar, made offline: the embedded engine animating speech.
+"""Training data for the diffusion avatar, made offline: the procedural avatar animating speech.
 
-The teacher is the procedural avatar (`engines/embedded.py`) driven exactly as a live session drives
-it — the same audio windows on the same clock, the same voice-activity states — by speech that
-`espeak-ng` synthesises here (no download). Each frame gives one example: the audio window, the
-state label, and the model's square crop around the mouth before head motion (`crop_box`). Speech
-is placed between silences of random length and gain, and some sentences are spoken while the state
-is forced to listening or idle (mouth closed), so the state label means something. Colour-shifted
-copies of the default portrait teach the model to take skin and lip colours from the reference
-rather than memorising one face.
+The teacher is the procedural avatar (`pipelines/procedural.py`, the embedded engine's renderer) driven
+exactly as a live session drives it — the same audio windows on the same clock, the same voice-activity
+states — by speech that `espeak-ng` synthesises here (no download). Each frame gives one example: the
+audio window, the state label, and the model's square crop around the mouth before head motion
+(`crop_box`). Speech is placed between silences of random length and gain, and some sentences are spoken
+while the state is forced to listening or idle (mouth closed), so the state label means something.
+Colour-shifted copies of the default portrait teach the model to take skin and lip colours from the
+reference rather than memorising one face.
 
-This lives in the live layer because the teacher does; `models/avatar_training.py` only sees arrays.
+Teacher and crop geometry come from `pipelines/`, shared with the live engines; `train/avatar.py` only
+sees arrays.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..models.avatar import AvatarSpec
-from .engines.base import RenderRequest, SessionOptions
-from .engines.diffusion import crop_box, crop_square
-from .engines.embedded import EmbeddedSession
-from .engines.rig import FaceRig
-from .portrait import default_portrait, prepare
-from .states import StateTracker
+from ..pipelines.avatar import crop_box, crop_square
+from ..pipelines.frames import RenderRequest, SessionOptions
+from ..pipelines.portrait import default_portrait, prepare
+from ..pipelines.procedural import ProceduralSession
+from ..pipelines.rig import FaceRig
+from ..pipelines.states import StateTracker
 
 SENTENCES = (
     "Hello there, how are you doing today?",
@@ -100,7 +101,7 @@ def make_dataset(spec: AvatarSpec | None = None, sentences: int = len(SENTENCES)
         image, layout = prepare(portrait, size)
         box = crop_box(layout, spec, size)
         references.append(crop_square(image, box, spec.resolution))
-        session = EmbeddedSession(FaceRig(image, layout), SessionOptions(size=size, seed=i))
+        session = ProceduralSession(FaceRig(image, layout), SessionOptions(size=size, seed=i))
         speech = speak(SENTENCES[i % len(SENTENCES)], VOICES[i % len(VOICES)], int(rng.integers(130, 200)), rate)
         speech *= float(10 ** (rng.uniform(-9, 3) / 20)) / max(1e-3, float(np.abs(speech).max()))
         lead, tail = (int(rng.uniform(0.3, 1.2) * rate) for _ in range(2))

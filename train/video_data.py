@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .video import SHAPES, TEXTURE
+from ..models.video import SHAPES, TEXTURE
 
 SPRITE = 12  # digit sprite side in pixels
 

@@ -1,0 +1,5 @@
+"""Small runnable programs for the live API; `ws_client` is the reference websocket client from the README.
+
+Each runs on its own (`python examples/ws_client.py`, or `python -m livecache.examples.ws_client`) and
+imports nothing else from the package, so it can be copied out as a starting point.
+"""

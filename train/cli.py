@@ -1,0 +1,72 @@
+"""`livecache train digits|features|video|avatar`: rebuild the shipped models from scratch.
+
+`digits` and `features` fit the embedded image models (`train/embedded.py`), `video` the causal video
+model (`train/video.py`), `avatar` the diffusion avatar (`train/avatar.py`) on frames its teacher — the
+procedural avatar animating espeak-ng speech (`train/distill.py`) — renders. Training is reproducible
+(seeded) and CPU-friendly. Only the standard library loads at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+MODELS = {"digits": "the embedded diffusion U-Net", "features": "the FID-style feature extractor",
+          "video": "the causal AR video model (`--steps` default 2400 for it)",
+          "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=list(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps for `digits` (default 1500) or `video` (default 2400)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
+    parser.add_argument("--sentences", type=int, default=14,
+                        help="`avatar`: espeak-ng sentences rendered by the teacher (default 14)")
+    parser.add_argument("--vae-steps", type=int, default=300, help="`avatar`: VAE optimizer steps (default 300)")
+    parser.add_argument("--unet-steps", type=int, default=1000,
+                        help="`avatar`: U-Net + audio encoder optimizer steps (default 1000)")
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.what == "avatar":
+        return _avatar(args, start)
+    if args.what == "digits":
+        from ..models.embedded import DIGITS_DIR
+        from .embedded import train_digits
+
+        out = train_digits(args.out or DIGITS_DIR, steps=args.steps or 1500, seed=args.seed)
+    elif args.what == "video":
+        from ..models.video import VIDEO_DIR
+        from .video import train_video
+
+        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 2400, seed=args.seed)
+    else:
+        from ..models.embedded import FEATURES_FILE
+        from .embedded import train_features
+
+        out = train_features(args.out or FEATURES_FILE, epochs=args.epochs, seed=args.seed)
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _avatar(args: argparse.Namespace, start: float) -> int:
+    from ..models.avatar import AVATAR_DIR
+    from .avatar import TrainSettings, train_avatar
+    from .distill import SpeechError, make_dataset
+
+    try:
+        data = make_dataset(sentences=args.sentences, seed=args.seed)
+    except SpeechError as err:
+        print(err)
+        return 1
+    print(f"teacher rendered {len(data.crops)} frames in {time.perf_counter() - start:.0f} s")
+    out = Path(args.out) if args.out else AVATAR_DIR
+    train_avatar(data.crops, data.windows, data.states, data.reference_index, data.references, out,
+                 TrainSettings(vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed))
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    return 0
