@@ -21,11 +21,10 @@ each quantized layer with its float output.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .cache_schedule import (
@@ -39,8 +38,7 @@ from .cache_schedule import (
 from .deepcache import DeepCache, DeepCacheConfig
 from .quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant
 from .schedules import format_schedule
-
-LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
+from .site import CacheSite
 
 
 @dataclass(frozen=True)
@@ -110,17 +108,16 @@ class CacheQuant:
         self.quantizer = None if plan.quant is None else Quantizer(plan.quant, correct=plan.config.correct_quant)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
-    def apply(self, root: nn.Module, deep_modules: Sequence[nn.Module], feature_module: nn.Module,
-              quant_layers: dict[str, nn.Module], read_level: LevelReader) -> CacheQuant:
-        self.deepcache.apply(root, deep_modules, read_level)
+    def apply(self, site: CacheSite) -> CacheQuant:
+        self.deepcache.apply(site.root, site.deep_modules, site.read_level)
         try:
             if self.quantizer is not None:
-                self.quantizer.apply(root, quant_layers, read_level)
+                self.quantizer.apply(site.root, dict(site.quant_layers), site.read_level)
         except Exception:
             self.deepcache.remove()
             raise
         if self.plan.config.correct_cache and self.plan.cache_correction is not None:
-            self._hooks.append(feature_module.register_forward_hook(lambda _m, _a, out: self._correct(out)))
+            self._hooks.append(site.feature_module.register_forward_hook(lambda _m, _a, out: self._correct(out)))
         return self
 
     def _correct(self, out: torch.Tensor) -> torch.Tensor | None:
@@ -150,14 +147,24 @@ class CacheQuant:
         self.deepcache.remove()
 
 
-def record_features(root: nn.Module, feature_module: nn.Module, read_level: LevelReader, steps: int,
-                    runs: Sequence[Callable[[], Any]], desc: str = "calibrating cache",
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration generations (one callable each) and what a schedule file records about them."""
+
+    runs: Sequence[Callable[[], Any]]
+    steps: int  # of every generation; the sampler that uses the result must run the same count
+    model: str  # the model's name, for the schedule file
+    scheduler: str
+    info: dict[str, Any] = field(default_factory=dict)  # prompts, seeds, guidance, branch...
+
+
+def record_features(site: CacheSite, calibration: Calibration, desc: str = "calibrating cache",
                     stats: PairStats | None = None) -> PairStats:
     """Run the calibration generations uncached and sum their per-step feature statistics (into `stats`)."""
-    stats = PairStats(steps) if stats is None else stats
-    recorder = FeatureRecorder(root, feature_module, read_level)
+    stats = PairStats(calibration.steps) if stats is None else stats
+    recorder = FeatureRecorder(site.root, site.feature_module, site.read_level)
     try:
-        for run in tqdm(runs, desc=desc, unit="run"):
+        for run in tqdm(calibration.runs, desc=desc, unit="run"):
             run()
             stats.add_run(recorder.take_run())
     finally:
@@ -165,13 +172,10 @@ def record_features(root: nn.Module, feature_module: nn.Module, read_level: Leve
     return stats
 
 
-def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_module: nn.Module,
-                         quant_layers: dict[str, nn.Module], read_level: LevelReader, steps: int,
-                         runs: Sequence[Callable[[], Any]], fingerprint: str, model: str, scheduler: str,
+def calibrate_cachequant(config: CacheQuantConfig, site: CacheSite, calibration: Calibration,
                          schedule: CalibratedSchedule | None = None,
-                         calibration: dict[str, Any] | None = None,
                          measure_segments: Callable[[], torch.Tensor] | None = None) -> CacheQuantPlan:
-    """Calibrate every part of CacheQuant from `runs` (one callable per calibration generation).
+    """Calibrate every part of CacheQuant on `site` from the calibration generations.
 
     A given `schedule` (loaded from a file) is checked against the model and step count and
     kept; otherwise the DP schedule with `config.full_steps` full steps is chosen here, for the
@@ -179,28 +183,30 @@ def calibrate_cachequant(config: CacheQuantConfig, root: nn.Module, feature_modu
     after the calibration passes), else for the feature objective (no extra generations).
     """
     if schedule is not None:
-        schedule.check(fingerprint, steps)
-    if not runs:
+        schedule.check(site.fingerprint, calibration.steps)
+    if not calibration.runs:
         raise ValueError("CacheQuant calibration needs at least one calibration run")
-    stats = PairStats(steps)
+    stats = PairStats(calibration.steps)
     passes = {"n": 0}
 
     def run_all() -> None:  # the first pass also records the cache statistics
         passes["n"] += 1
         if passes["n"] == 1:
-            record_features(root, feature_module, read_level, steps, runs, "calibrating cache + ranges", stats)
+            record_features(site, calibration, "calibrating cache + ranges", stats)
             return
-        for run in tqdm(runs, desc="calibrating quantization correction", unit="run"):
+        for run in tqdm(calibration.runs, desc="calibrating quantization correction", unit="run"):
             run()
 
     quant_plan = None
     if config.quant is not None:
         quant_config = replace(config.quant, correct=config.correct_quant)
-        quant_plan = calibrate_quant(quant_config, root, quant_layers, read_level, run_all, fingerprint)
+        quant_plan = calibrate_quant(quant_config, site.root, dict(site.quant_layers), site.read_level, run_all,
+                                     site.fingerprint)
     else:
         run_all()
     if schedule is None:
         segments = None if measure_segments is None else measure_segments()
-        schedule = calibrated_schedule(stats, config.full_steps, fingerprint, model, scheduler, calibration, segments)
+        schedule = calibrated_schedule(stats, config.full_steps, site.fingerprint, calibration.model,
+                                       calibration.scheduler, calibration.info, segments)
     correction = cache_correction(stats, schedule.full_steps) if config.correct_cache else None
     return CacheQuantPlan(config, schedule, correction, quant_plan)

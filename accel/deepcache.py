@@ -23,19 +23,18 @@ see every call): the caching logic is the same either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from .forward_override import Forward, ForwardOverrides, has_approximate_override
 from .schedules import Schedule, format_schedule, nonuniform_schedule, uniform_schedule
+from .site import LevelReader, Removal, hook_calls
 from .step_clock import StepClock, Tick, call_signature
 
 ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
-LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class DeepCache:
         self.clock = StepClock()
         self.stats = DeepCacheStats()
         self._overrides = ForwardOverrides()
-        self._root_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._root_hooks: list[Removal] = []
         self._slots: dict[Hashable, _SlotCache] = {}
         self._reuse = False
         self._slot: _SlotCache | None = None
@@ -119,12 +118,7 @@ class DeepCache:
         Each call of `root` is one model call: forward hooks on it drive `begin_call`/`end_call`.
         """
         self.attach(deep_modules)
-        self._root_hooks = [
-            root.register_forward_pre_hook(
-                lambda _m, args, kwargs: self.begin_call(read_level(args, kwargs), args, kwargs), with_kwargs=True
-            ),
-            root.register_forward_hook(lambda *_: self.end_call()),
-        ]
+        self._root_hooks = [hook_calls(root, read_level, self.begin_call, self.end_call)]
         return self
 
     def attach(self, deep_modules: Sequence[nn.Module]) -> DeepCache:

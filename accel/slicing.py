@@ -20,7 +20,7 @@ How it is applied, for any model family:
 - each group's `forward` is replaced by an *exact* override (see `forward_override`): caches may then
   wrap a sliced module (they see one call and one full output), but a cache inside a sliced group
   would see each slice as a separate call, so slicing refuses modules that already carry a cache and
-  is applied first by `adapters.diffusers_unet.accelerated`;
+  is applied first (its rank in `accel.techniques`);
 - `remove()` restores every module's forward exactly.
 """
 

@@ -32,7 +32,6 @@ from typing import Any
 
 from torch import nn
 
-from ..accel.compose import FEATURE_CACHES
 from ..accel.slicing import FeatureSlicer, OperatorGroup, SlicingConfig
 from .diffusers_unet import unet_layers
 
@@ -112,40 +111,15 @@ def vae_decoder_groups(vae: nn.Module) -> list[OperatorGroup]:
     return [OperatorGroup(decoder, 0)]
 
 
-class SlicingHandle:
-    """Feature slicing applied to one model; `stats` counts sliced group calls and slice runs."""
-
-    def __init__(self, core: FeatureSlicer) -> None:
-        self.core = core
-
-    @property
-    def stats(self):
-        return self.core.stats
-
-    def remove(self) -> None:
-        self.core.remove()
-
-
-def apply_slicing(target: Any, config: SlicingConfig) -> SlicingHandle:
-    """Slice a diffusers pipeline's U-Net (`target.unet`) or a bare U-Net along `config.axis`.
-
-    `target.configs` (set by `accelerated`) lists everything applied with it: with a feature cache among
-    them the groups stay at layer granularity.
-    """
-    unet = getattr(target, "unet", target)
-    cache_inside = any(isinstance(c, FEATURE_CACHES) for c in getattr(target, "configs", ()))
-    return SlicingHandle(FeatureSlicer(config).apply(unet_groups(unet, config.axis, cache_inside)))
-
-
 @contextmanager
-def sliced_decoder(vae: nn.Module | None, configs: Sequence[Any]) -> Iterator[SlicingHandle | None]:
+def sliced_decoder(vae: nn.Module | None, configs: Sequence[Any]) -> Iterator[FeatureSlicer | None]:
     """Slice `vae`'s decoder for a `with` block when `configs` hold a `SlicingConfig` with `vae=True`."""
     wanted = [c for c in configs if isinstance(c, SlicingConfig) and c.vae]
     if vae is None or not wanted:
         yield None
         return
-    handle = SlicingHandle(FeatureSlicer(wanted[0]).apply(vae_decoder_groups(vae)))
+    slicer = FeatureSlicer(wanted[0]).apply(vae_decoder_groups(vae))
     try:
-        yield handle
+        yield slicer
     finally:
-        handle.remove()
+        slicer.remove()

@@ -1,8 +1,9 @@
-"""Adapter for diffusers' `UNet2DConditionModel` (any pipeline with `pipe.unet`).
+"""Where things are in diffusers' `UNet2DConditionModel`: the map every diffusers technique reads.
 
-It maps DeepCache's `cache_branch_id` onto the U-Net's skip connections the way the DeepCache
-authors number them: skip 0 is `conv_in`'s output, then one skip per down layer (a resnet with
-its attention, or a downsampler) in execution order. Branch `b` keeps the first `b` down layers
+Nothing here applies anything (that is `diffusers_site`, through the technique registry). It maps
+DeepCache's `cache_branch_id` onto the U-Net's skip connections the way the DeepCache authors
+number them: skip 0 is `conv_in`'s output, then one skip per down layer (a resnet with its
+attention, or a downsampler) in execution order. Branch `b` keeps the first `b` down layers
 and the last `b + 1` up layers (the ones consuming skips 0..b); everything else — the remaining
 down layers, the mid block and the first up layers — is "deep" and is cached. Whole blocks are
 named where a block is entirely deep, so a cached step does not even concatenate their skips.
@@ -10,19 +11,11 @@ named where a block is entirely deep, so a cached step does not even concatenate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
-
-from ..accel.compose import application_order
-from ..accel.deepcache import DeepCache, DeepCacheConfig
-from ..accel.rehash import StepRehashConfig
-from ..accel.slicing import SlicingConfig
 
 
 @dataclass(frozen=True)
@@ -93,82 +86,25 @@ def read_timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     return float(timestep)
 
 
-class DeepCacheHandle:
-    """DeepCache applied to a diffusers U-Net (and its pipeline's scheduler, when given one)."""
-
-    def __init__(self, core: DeepCache, scheduler: Any | None) -> None:
-        self.core = core
-        self._scheduler = scheduler
-        if scheduler is not None:
-            original = scheduler.set_timesteps
-
-            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-                result = original(*args, **kwargs)
-                core.reset(len(scheduler.timesteps))  # a new generation: its length fixes the schedule
-                return result
-
-            scheduler.set_timesteps = set_timesteps
-
-    @property
-    def stats(self):
-        return self.core.stats
-
-    def remove(self) -> None:
-        self.core.remove()
-        if self._scheduler is not None and "set_timesteps" in self._scheduler.__dict__:
-            del self._scheduler.set_timesteps
-            self._scheduler = None
+SKIPPED_PREFIXES = ("conv_in", "conv_out", "time_embedding", "class_embedding", "add_embedding", "time_proj")
 
 
-def apply_deepcache(target: Any, config: DeepCacheConfig) -> DeepCacheHandle:
-    """Apply DeepCache to a diffusers pipeline (`target.unet`) or directly to a U-Net.
+def quant_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The U-Net's Linear/Conv2d layers a quantizer replaces, by qualified name.
 
-    With a pipeline, its scheduler's `set_timesteps` marks each new generation and its length, which
-    the non-uniform schedule needs; with a bare U-Net, call `handle.core.reset(num_steps)` yourself
-    before each generation (without it, uniform caching still works from the noise levels alone).
+    Every one except the first and last convolutions and the timestep/class embeddings, which are
+    tiny, run once per call and carry the signal the rest depends on (the usual post-training
+    quantization practice).
     """
-    unet = getattr(target, "unet", target)
-    scheduler = getattr(target, "scheduler", None) if unet is not target else None
-    core = DeepCache(config).apply(unet, deep_modules(unet, config.cache_branch_id), read_timestep)
-    return DeepCacheHandle(core, scheduler)
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d) and not name.startswith(SKIPPED_PREFIXES)}
 
 
-def _appliers() -> dict[type, Callable[[Any, Any], Any]]:
-    """Config type -> function applying it to a `SimpleNamespace(unet=, scheduler=)`.
-
-    Imported on use because the rehash and slicing adapters read this module's layer map.
-    """
-    from ..accel.cachequant import CacheQuantPlan
-    from ..accel.quant import QuantPlan
-    from .diffusers_quant import apply_cachequant, apply_quantization
-    from .diffusers_rehash import apply_rehash
-    from .diffusers_slicing import apply_slicing
-
-    return {DeepCacheConfig: apply_deepcache, StepRehashConfig: apply_rehash, SlicingConfig: apply_slicing,
-            CacheQuantPlan: lambda t, plan: apply_cachequant(t.unet, t.scheduler, plan),
-            QuantPlan: lambda t, plan: apply_quantization(t.unet, plan)}
+def feature_module(unet: nn.Module, branch_id: int) -> nn.Module:
+    """The deep module whose output the shallow branch reads (what a cache reuses and corrects)."""
+    return deep_modules(unet, branch_id)[-1]
 
 
-@contextmanager
-def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[Any]]:
-    """Apply each acceleration config to `unet` (and `scheduler`) for the duration of a `with` block.
-
-    The configs are checked and ordered by `accel.compose` (one per technique; slicing innermost, then
-    DeepCache, then step rehash outermost) whatever order they are given in; the handles (`.stats`,
-    `.remove()`) come back in the order of `configs`. Removal runs even when sampling fails, in reverse
-    order of application, so the U-Net leaves the block exactly as it entered — which is what lets node
-    classes share one loaded model without mutating it.
-    """
-    target = SimpleNamespace(unet=unet, scheduler=scheduler, configs=tuple(configs))
-    appliers = _appliers()
-    unknown = [type(c).__name__ for c in configs if type(c) not in appliers]
-    if unknown:
-        raise TypeError(f"no diffusers adapter for {unknown[0]}")
-    applied: list[tuple[Any, Any]] = []
-    try:
-        for config in application_order(configs):
-            applied.append((config, appliers[type(config)](target, config)))
-        yield [next(h for c, h in applied if c is config) for config in configs]
-    finally:
-        for _, handle in reversed(applied):
-            handle.remove()
+def cross_attentions(unet: nn.Module) -> list[nn.Module]:
+    """The cross-attention `Attention` modules (where DGQ log-quantizes the scores)."""
+    return [m for m in unet.modules() if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]

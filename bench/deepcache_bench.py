@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..accel.deepcache import DeepCacheConfig
-from ..adapters.diffusers_unet import accelerated
+from ..adapters.diffusers_site import accelerated
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable, run_deepcache_authors, run_tgate, run_tome

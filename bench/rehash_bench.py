@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..accel.rehash import StepRehashConfig
-from ..adapters.diffusers_unet import accelerated
+from ..adapters.diffusers_site import accelerated
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
 from .table import cell

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from ..accel.slicing import SlicingConfig
+from ..adapters.diffusers_site import accelerated
 from ..adapters.diffusers_slicing import sliced_decoder
-from ..adapters.diffusers_unet import accelerated
 
 VIDEO_FRAMES = 16
 

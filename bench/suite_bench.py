@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from ..accel.cache_schedule import dp_schedule, schedule_cost, uniform_with
-from ..accel.cachequant import CacheQuantConfig
+from ..accel.cachequant import CacheQuantConfig, Calibration
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.quant import QuantConfig
 from ..accel.rehash import StepRehashConfig
 from ..accel.schedules import count_full, format_schedule, uniform_schedule
 from ..accel.slicing import SlicingConfig
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
-from ..adapters.diffusers_unet import accelerated
+from ..adapters.diffusers_site import accelerated
 from ..models.calibration import calibration_runs
 from ..models.sampling import decode, make_scheduler, sample
 from .deepcache_bench import _fid_scorer, write_outputs
@@ -136,17 +136,18 @@ def plan_methods(work: Workload, interval: int, calibration_seeds: list[int], pe
     k = count_full(uniform_schedule(steps, interval))
     uniform = uniform_with(steps, k)
     started = time.perf_counter()
-    schedule = calibrate_schedule(unet, runs, steps, k, 0, work.name, "ddim")
+    calibration = Calibration(runs, steps, work.name, "ddim")
+    schedule = calibrate_schedule(unet, calibration, k, 0)
     errors = torch.tensor(schedule.errors)  # the same calibration pass gives the feature objective's DP
     feature_full = dp_schedule(errors, k)
     feature_gain = schedule_cost(errors, feature_full) / max(schedule_cost(errors, uniform), 1e-30)
-    cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), runs, steps, work.name, "ddim", schedule)
+    cq = calibrate_cachequant_unet(unet, CacheQuantConfig(k), calibration, schedule)
     w8a8 = calibrate_quantization(unet, QuantConfig(), runs)
     bf16 = _bf16(work)
     bf16_runs = calibration_runs(bf16.model, prompts, calibration_seeds, steps, "ddim", work.guidance,
                                  height=work.noise.shape[-2], width=work.noise.shape[-1])
-    cq_bf16 = calibrate_cachequant_unet(bf16.model.unet, CacheQuantConfig(k, quant=None), bf16_runs, steps,
-                                        work.name, "ddim", schedule)
+    cq_bf16 = calibrate_cachequant_unet(bf16.model.unet, CacheQuantConfig(k, quant=None),
+                                        Calibration(bf16_runs, steps, work.name, "ddim"), schedule)
     dgq = {bits: calibrate_quantization(unet, QuantConfig("dgq", bits, attention_bits=8), runs) for bits in (8, 6, 4)}
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s on {len(runs)} runs: "
         f"DP schedule {schedule.describe()}; feature objective {format_schedule(feature_full)} "

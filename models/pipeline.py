@@ -2,7 +2,7 @@
 
 `DiffusionModel` is immutable: applying an acceleration returns a new value with one more entry
 in `accelerations`, and the modules are only patched while a sampler runs (see
-`adapters.diffusers_unet.accelerated`). So a node never mutates its input, and the same loaded
+`adapters.diffusers_site.accelerated`). So a node never mutates its input, and the same loaded
 model can feed an uncached and a cached branch of one workflow.
 """
 

@@ -4,7 +4,7 @@ Each node validates its inputs, runs one calibration through the adapter, and re
 value: an `LC_SCHEDULE` (a `CalibratedSchedule`) or an `LC_PIPE` carrying one more acceleration
 (a `CacheQuantPlan` or `QuantPlan`). Calibration runs the model as loaded (no acceleration), so
 the input model is never changed; schedules are saved and loaded inside the output folder only.
-Stacking rules (`accel.compose.check_stack`) refuse combinations that cannot work, e.g. CacheQuant
+Stacking rules (the technique registry's `check_stack`) refuse combinations that cannot work, e.g. CacheQuant
 on a model that already has DeepCache (two feature caches on one U-Net).
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
-from ..accel.cachequant import CacheQuantConfig
-from ..accel.compose import check_stack
+from ..accel.cachequant import CacheQuantConfig, Calibration
 from ..accel.quant import QuantConfig
+from ..accel.techniques import check_stack
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_unet import deep_modules
 from ..models.calibration import calibration_runs
@@ -43,9 +43,13 @@ def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: in
                             guidance)
 
 
-def _info(calibration_prompts: str, calibration_seeds: int, guidance: float) -> dict:
-    return {"prompts": [p.strip() for p in calibration_prompts.split(",") if p.strip()],
+def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int,
+                 scheduler: str, guidance: float) -> Calibration:
+    """The calibration generations, with what the schedule file records about them."""
+    info = {"prompts": [p.strip() for p in calibration_prompts.split(",") if p.strip()],
             "seeds": calibration_seeds, "guidance": guidance}
+    runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+    return Calibration(runs, steps, model.name, scheduler, info)
 
 
 def _schedule_path(path: str) -> Path:
@@ -90,9 +94,8 @@ class CalibrateSchedule:
         if full_steps > steps:
             raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
-        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        schedule = calibrate_schedule(model.unet, runs, steps, full_steps, cache_branch_id, model.name, scheduler,
-                                      _info(calibration_prompts, calibration_seeds, guidance), objective)
+        calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+        schedule = calibrate_schedule(model.unet, calibration, full_steps, cache_branch_id, objective)
         if save_as.strip():
             schedule.save(_schedule_path(save_as))
         return (schedule,)
@@ -162,9 +165,8 @@ class ApplyCacheQuant:
         deep_modules(model.unet, cache_branch_id)
         config = CacheQuantConfig(full_steps, cache_branch_id, QuantConfig() if quantization == "w8a8" else None,
                                   correct_cache, correct_quant)
-        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        plan = calibrate_cachequant_unet(model.unet, config, runs, steps, model.name, scheduler, schedule,
-                                         _info(calibration_prompts, calibration_seeds, guidance))
+        calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
+        plan = calibrate_cachequant_unet(model.unet, config, calibration, schedule)
         check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
         return (model.with_acceleration(plan),)
 

@@ -4,7 +4,7 @@ Each node returns a patched clone of its input (ComfyUI's `ModelPatcher.clone()`
 MODEL and every other branch of the graph stay untouched. The technique runs inside whatever
 sampler node later samples with the MODEL; when that run ends, what it did is sent to the
 frontend as a `livecache.stats` message for *this* node (web/comfyui/livecache.js shows it).
-A further technique is one more node of the same shape around `adapters.comfy_unet.add_session`.
+A further technique is one more node of the same shape around `adapters.comfy_unet.apply_technique`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from ..accel.cache_schedule import CalibratedSchedule
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
-from ..adapters.comfy_unet import DeepCacheSession, RehashSession, apply_deepcache, apply_step_rehash
+from ..adapters.comfy_unet import TechniqueSession, apply_deepcache, apply_step_rehash
 from .diffusers_nodes import ApplyDeepCache
 from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
@@ -26,6 +26,17 @@ def _on_model(diffusers_node: type) -> dict[str, Any]:
     required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
                                               "copy is returned."})
     return required
+
+
+def _reporter(unique_id: str | None):
+    """What sends a run's stats line (the registry's report for the technique) to the node's frontend."""
+
+    def report(session: TechniqueSession) -> None:
+        line = session.report()
+        if line is not None:
+            send_stats(unique_id, *line)
+
+    return report
 
 
 class DeepCacheModel:
@@ -53,14 +64,7 @@ class DeepCacheModel:
         else:  # the same core with explicit full steps; a run of another length fails at its start, naming both
             config = DeepCacheConfig(cache_interval, cache_branch_id, "calibrated",
                                      full_steps_override=tuple(calibrated_schedule.full_steps))
-
-        def report(session: DeepCacheSession) -> None:
-            stats = session.stats
-            send_stats(unique_id, f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls, "
-                       f"schedule {stats.schedule}",
-                       {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls})
-
-        return (apply_deepcache(model, config, report),)
+        return (apply_deepcache(model, config, _reporter(unique_id)),)
 
 
 class StepRehashModel:
@@ -81,10 +85,4 @@ class StepRehashModel:
     def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
               unique_id: str | None = None) -> tuple[Any]:
         config = StepRehashConfig(float(threshold), int(max_skips), mode)
-
-        def report(session: RehashSession) -> None:
-            stats = session.stats
-            send_stats(unique_id, f"Step rehash: {stats.skipped_steps} of {len(stats.pattern)} steps skipped "
-                       f"({stats.pattern})", {"skipped_steps": stats.skipped_steps, "steps": len(stats.pattern)})
-
-        return (apply_step_rehash(model, config, report),)
+        return (apply_step_rehash(model, config, _reporter(unique_id)),)

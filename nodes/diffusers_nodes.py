@@ -15,13 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..accel.cachequant import CacheQuantStats
 from ..accel.deepcache import DeepCacheConfig
-from ..accel.quant import QuantStats
-from ..accel.rehash import StepRehashStats
-from ..accel.slicing import SlicingStats
+from ..adapters.diffusers_site import accelerated
 from ..adapters.diffusers_slicing import sliced_decoder
-from ..adapters.diffusers_unet import accelerated, deep_modules
+from ..adapters.diffusers_unet import deep_modules
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
@@ -135,34 +132,8 @@ class DiffusersSampler:
             latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed)
         seconds = time.perf_counter() - started
         for handle in handles:
-            send_stats(unique_id, *_report(handle.stats, seconds))
+            send_stats(unique_id, *handle.report(seconds))
         return ({"samples": latents},)
-
-
-def _report(stats: object, seconds: float) -> tuple[str, dict]:
-    """The line and numbers the UI shows for one technique's stats after a sampler run."""
-    if isinstance(stats, StepRehashStats):
-        return (f"Step rehash: {stats.skipped_steps} of {len(stats.pattern)} steps skipped "
-                f"({stats.computed_calls} U-Net calls) in {seconds:.2f} s, steps {stats.pattern}",
-                {"skipped_steps": stats.skipped_steps, "computed_calls": stats.computed_calls,
-                 "skipped_calls": stats.skipped_calls, "seconds": seconds})
-    if isinstance(stats, QuantStats):
-        return (f"{stats.label}: {stats.quantized_layers} layers, {stats.backend}, weights {stats.size_ratio:.2f}× "
-                f"smaller{', quantization error corrected' if stats.corrected else ''}; {stats.calls} U-Net calls "
-                f"in {seconds:.2f} s",
-                {"quantized_layers": stats.quantized_layers, "size_ratio": stats.size_ratio, "calls": stats.calls,
-                 "seconds": seconds})
-    if isinstance(stats, CacheQuantStats):
-        return (f"CacheQuant ({stats.label}): {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
-                f"in {seconds:.2f} s, schedule {stats.schedule}, {stats.backend or 'no quantization'}",
-                {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "size_ratio": stats.size_ratio,
-                 "seconds": seconds})
-    if isinstance(stats, SlicingStats):
-        return (f"Slicing: {stats.group_calls} sliced calls run as {stats.slice_calls} slices in {seconds:.2f} s",
-                {"group_calls": stats.group_calls, "slice_calls": stats.slice_calls, "seconds": seconds})
-    return (f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
-            f"in {seconds:.2f} s, schedule {stats.schedule}",
-            {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "seconds": seconds})
 
 
 class DecodeImages:

@@ -1,15 +1,15 @@
 """Nodes for Streamlined Inference's techniques: step rehash and feature slicing.
 
 Like DeepCache's node, each validates its settings, checks that the technique stacks with what the
-model already carries (`accel.compose`: one per technique, no extrapolating rehash over DeepCache), and
+model already carries (the registry's rules: one per technique, no extrapolating rehash over DeepCache), and
 returns a new `LC_PIPE` with one more config; the sampler (and, for slicing, the decoder) apply it.
 """
 
 from __future__ import annotations
 
-from ..accel.compose import check_stack
 from ..accel.rehash import StepRehashConfig
 from ..accel.slicing import SlicingConfig
+from ..accel.techniques import check_stack
 from ..models.pipeline import DiffusionModel
 
 

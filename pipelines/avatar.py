@@ -187,7 +187,8 @@ class AvatarRenderer:
         """W8A8 (`accel/quant.py`): int8 weights per channel, dynamic 8-bit activations, calibrated on a few
         frames of the default portrait speaking a synthetic speech-like signal."""
         from ..accel.quant import QuantConfig
-        from ..adapters.diffusers_quant import apply_quantization, calibrate_quantization
+        from ..adapters.diffusers_quant import calibrate_quantization
+        from ..adapters.diffusers_site import apply_technique
         from .portrait import default_portrait
         from .testsignal import speech_like
 
@@ -200,7 +201,7 @@ class AvatarRenderer:
 
         plan = calibrate_quantization(self.model.unet, QuantConfig(method="w8a8"), [run])
         self.clock = StageClock()  # calibration frames are not rendering work
-        return apply_quantization(self.model.unet, plan)
+        return apply_technique(self.model.unet, plan)
 
     @property
     def quant_backend(self) -> str | None:

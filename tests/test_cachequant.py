@@ -18,16 +18,16 @@ from livecache.accel.cache_schedule import (
     segments_cost,
     uniform_with,
 )
-from livecache.accel.cachequant import CacheQuantConfig
+from livecache.accel.cachequant import CacheQuantConfig, Calibration
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.quant import QuantConfig, group_fake_quant, int8_available, log2_quantize, quantize_weight
 from livecache.adapters.diffusers_quant import (
     calibrate_cachequant_unet,
     calibrate_quantization,
     calibrate_schedule,
-    cross_attentions,
 )
-from livecache.adapters.diffusers_unet import accelerated
+from livecache.adapters.diffusers_site import accelerated
+from livecache.adapters.diffusers_unet import cross_attentions
 from livecache.bench.metrics import psnr
 from livecache.bench.workloads import SD15_SCHEDULER
 from livecache.models.calibration import calibration_runs
@@ -110,7 +110,7 @@ def test_measure_segments_runs_each_segment_once_against_the_uncached_output():
 
 
 def test_output_objective_schedule_is_measured_end_to_end(model, runs):
-    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim")
+    schedule = calibrate_schedule(model.unet, Calibration(runs, STEPS, model.name, "ddim"), 3, 0)
     assert schedule.objective == "output" and schedule.k == 3
     segments = torch.tensor(schedule.segments)
     assert schedule.cost == pytest.approx(segments_cost(segments, schedule.full_steps))
@@ -123,7 +123,7 @@ def test_output_objective_schedule_is_measured_end_to_end(model, runs):
 
 
 def test_calibrated_schedule_beats_uniform_on_calibration_data(model, runs):
-    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim", objective="feature")
+    schedule = calibrate_schedule(model.unet, Calibration(runs, STEPS, model.name, "ddim"), 3, 0, objective="feature")
     assert schedule.objective == "feature" and schedule.segments is None
     errors = torch.tensor(schedule.errors)
     uniform = uniform_with(STEPS, 3)
@@ -136,7 +136,8 @@ def test_calibrated_schedule_beats_uniform_on_calibration_data(model, runs):
 
 
 def test_schedule_file_round_trip_and_clear_mismatch_errors(model, runs, tmp_path, unet_factory):
-    schedule = calibrate_schedule(model.unet, runs, STEPS, 3, 0, model.name, "ddim", {"prompts": ["a", "b"]})
+    calibration = Calibration(runs, STEPS, model.name, "ddim", {"prompts": ["a", "b"]})
+    schedule = calibrate_schedule(model.unet, calibration, 3, 0)
     path = schedule.save(tmp_path / "s.json")
     data = json.loads(path.read_text())
     assert data["schedule"].count("F") == 3 and data["steps"] == STEPS and data["calibration"]["prompts"] == ["a", "b"]
@@ -240,7 +241,8 @@ def test_dgq_fidelity_follows_the_bits_and_attention_quantizer_is_restored(model
 
 
 def test_cachequant_corrections_reduce_the_errors_they_target(model, runs, reference, unet_factory):
-    plan = calibrate_cachequant_unet(model.unet, CacheQuantConfig(full_steps=3), runs, STEPS, model.name, "ddim")
+    calibration = Calibration(runs, STEPS, model.name, "ddim")
+    plan = calibrate_cachequant_unet(model.unet, CacheQuantConfig(full_steps=3), calibration)
     assert plan.schedule.objective == "output" and plan.schedule.cost <= plan.schedule.uniform_cost
     assert plan.cache_correction.error_after < plan.cache_correction.error_before
     before, after = plan.quant.correction_error

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from livecache.accel.compose import application_order, check_stack
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.rehash import StepRehashConfig
 from livecache.accel.slicing import SlicingConfig
-from livecache.adapters.diffusers_unet import accelerated
+from livecache.accel.techniques import application_order, check_stack
+from livecache.adapters.diffusers_site import accelerated
 from livecache.models.sampling import make_scheduler
 
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,

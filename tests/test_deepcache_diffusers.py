@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from livecache.accel.deepcache import DeepCacheConfig
-from livecache.adapters.diffusers_unet import accelerated, apply_deepcache, deep_modules, unet_layers
+from livecache.adapters.diffusers_site import accelerated, apply_technique
+from livecache.adapters.diffusers_unet import deep_modules, unet_layers
 from livecache.bench.metrics import psnr
 from livecache.models.sampling import make_scheduler
 
@@ -51,7 +52,7 @@ def test_cached_path_runs_deep_blocks_fewer_times(tiny_unet, deep_counter):
     baseline = deep_counter(tiny_unet)
     generate(tiny_unet, p.scheduler, steps=10)
     baseline.handle.remove()
-    handle = apply_deepcache(p, DeepCacheConfig(cache_interval=3))
+    handle = apply_technique(p, DeepCacheConfig(cache_interval=3))
     counter = deep_counter(tiny_unet)
     generate(tiny_unet, p.scheduler, steps=10)
     handle.remove()
@@ -63,7 +64,7 @@ def test_cached_path_runs_deep_blocks_fewer_times(tiny_unet, deep_counter):
 def test_remove_restores_bit_identical_outputs(tiny_unet):
     p = pipe(tiny_unet)
     before = generate(tiny_unet, p.scheduler)
-    handle = apply_deepcache(p, DeepCacheConfig(cache_interval=2, cache_branch_id=2, schedule="non-uniform"))
+    handle = apply_technique(p, DeepCacheConfig(cache_interval=2, cache_branch_id=2, schedule="non-uniform"))
     cached = generate(tiny_unet, p.scheduler)
     handle.remove()
     after = generate(tiny_unet, p.scheduler)
@@ -118,10 +119,10 @@ def test_cfg_halves_in_separate_calls_keep_separate_caches(tiny_unet):
 
 
 def test_applying_twice_is_refused(tiny_unet):
-    handle = apply_deepcache(pipe(tiny_unet), DeepCacheConfig())
+    handle = apply_technique(pipe(tiny_unet), DeepCacheConfig())
     try:
         with pytest.raises(ValueError, match="another feature cache is applied"):
-            apply_deepcache(pipe(tiny_unet), DeepCacheConfig())
+            apply_technique(pipe(tiny_unet), DeepCacheConfig())
     finally:
         handle.remove()
     assert all("forward" not in m.__dict__ for m in tiny_unet.modules())

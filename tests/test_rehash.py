@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from livecache.accel.rehash import StepRehash, StepRehashConfig
-from livecache.adapters.diffusers_rehash import apply_rehash
-from livecache.adapters.diffusers_unet import accelerated
+from livecache.adapters.diffusers_site import accelerated, apply_technique
 from livecache.bench.metrics import psnr
 from livecache.models.sampling import make_scheduler
 
@@ -130,7 +129,7 @@ def test_threshold_zero_computes_every_step_bit_identically(tiny_unet):
 def test_remove_restores_bit_identical_outputs(tiny_unet):
     target = SimpleNamespace(unet=tiny_unet, scheduler=make_scheduler("ddim", SCHEDULER_CONFIG))
     before = generate(tiny_unet, target.scheduler)
-    handle = apply_rehash(target, StepRehashConfig(threshold=1.0, max_skips=3))
+    handle = apply_technique(target, StepRehashConfig(threshold=1.0, max_skips=3))
     rehashed = generate(tiny_unet, target.scheduler)
     handle.remove()
     assert handle.stats.skipped_steps > 0 and not torch.equal(before, rehashed)

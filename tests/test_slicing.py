@@ -6,8 +6,8 @@ import torch
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.forward_override import ForwardOverrides
 from livecache.accel.slicing import FeatureSlicer, OperatorGroup, SlicingConfig, slice_tree
+from livecache.adapters.diffusers_site import accelerated
 from livecache.adapters.diffusers_slicing import sliced_decoder, unet_groups
-from livecache.adapters.diffusers_unet import accelerated
 from livecache.bench.slicing_bench import _motion_unet, _vae, peak_memory
 
 TOL = 1e-5

@@ -1,0 +1,126 @@
+"""A model *site*: what an adapter says about one model of its family, in the terms the cores use.
+
+A core never looks a model up itself: it asks its site where the blocks are (a U-Net's deep
+modules below a skip branch, the layers a quantizer replaces, the operator groups a slicer may
+cut), how to read the noise level of a call, and how model calls and generations are announced.
+Adapters subclass `Site` for their family (a diffusers U-Net, a ComfyUI `UNetModel` during one
+sampling run; next a DiT's block span) and implement what the family offers; everything a family
+lacks fails with a message naming the family and the missing part, so a technique that cannot
+work on a model says so before it touches anything.
+
+Three ways a site announces what happens, each returning something to `remove()`:
+- `watch_calls(begin, end)`: each model call starts (with its noise level and inputs) and ends;
+  by default forward hooks on `root`, for hosts whose wrappers see every call they announce it;
+- `wrap_calls(around)`: each whole model call is handed to `around`, which runs it or answers for it
+  (step rehash);
+- `watch_generations(start)`: a generation of `n` steps starts (a diffusers scheduler's
+  `set_timesteps`, a ComfyUI sampling run). By default nothing announces it: the cores' step clocks
+  find new generations in the noise levels alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .cache_schedule import model_fingerprint
+from .slicing import OperatorGroup, SliceAxis
+
+LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
+CallStart = Callable[[float, tuple[Any, ...], dict[str, Any]], None]
+# around(compute, x, level, context) -> the call's output tensor; compute() runs the model
+Around = Callable[[Callable[[], torch.Tensor], torch.Tensor, float, Sequence[torch.Tensor]], torch.Tensor]
+
+
+class Removable(Protocol):
+    def remove(self) -> None: ...
+
+
+class Removal:
+    """A `Removable` around a function (or nothing to do), run at most once."""
+
+    def __init__(self, undo: Callable[[], None] | None = None) -> None:
+        self._undo = undo
+
+    def remove(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+
+
+def hook_calls(root: nn.Module, read_level: LevelReader, begin: CallStart, end: Callable[[], None]) -> Removal:
+    """Announce every call of `root` as one model call: `begin(level, args, kwargs)` before, `end()` after."""
+    handles = [root.register_forward_pre_hook(lambda _m, args, kwargs: begin(read_level(args, kwargs), args, kwargs),
+                                              with_kwargs=True),
+               root.register_forward_hook(lambda *_: end())]
+    return Removal(lambda: [handle.remove() for handle in handles])
+
+
+@dataclass(frozen=True)
+class CacheSite:
+    """One model at one cache branch, as the caching cores and their calibration see it."""
+
+    root: nn.Module  # the module whose calls are model calls
+    read_level: LevelReader
+    deep_modules: tuple[nn.Module, ...]  # what a feature cache reuses, in execution order
+    feature_module: nn.Module  # the deep output the shallow branch reads (recorded, corrected)
+    quant_layers: Mapping[str, nn.Module]  # the Linear/Conv2d layers a quantizer replaces, by name
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Tells checkpoints apart (schedules and plans refuse another model); computed once, on use."""
+        return model_fingerprint(self.root)
+
+
+class Site:
+    """One model of a family; subclasses implement what their family offers."""
+
+    family = "model"
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        # where the record of applied techniques lives (`accel.registry.applied_to`): on the root, so it
+        # outlives this site object and lists everything applied to the model
+        self.holder: Any = root
+
+    def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """The noise level (timestep or sigma) of one call of `root`."""
+        raise self._lacks("noise level reader")
+
+    def deep_modules(self, branch_id: int) -> list[nn.Module]:
+        """The largest modules entirely below skip branch `branch_id`, in execution order (feature caches)."""
+        raise self._lacks("skip branches with deep modules (DeepCache and CacheQuant need a U-Net)")
+
+    def feature_module(self, branch_id: int) -> nn.Module:
+        return self.deep_modules(branch_id)[-1]
+
+    def quant_layers(self) -> dict[str, nn.Module]:
+        raise self._lacks("map of quantizable layers")
+
+    def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
+        """Modules independent along `axis`; with `cache_inside`, none may contain a module a cache overrides."""
+        raise self._lacks("map of sliceable operator groups")
+
+    def quantize_attention(self, bits: int) -> Removable:
+        raise self._lacks("attention score quantization")
+
+    def cache_site(self, branch_id: int) -> CacheSite:
+        deep = tuple(self.deep_modules(branch_id))
+        return CacheSite(self.root, self.read_level, deep, self.feature_module(branch_id), self.quant_layers())
+
+    def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
+        return hook_calls(self.root, self.read_level, begin, end)
+
+    def wrap_calls(self, around: Around) -> Removable:
+        raise self._lacks("way to answer for whole model calls")
+
+    def watch_generations(self, start: Callable[[int], None]) -> Removable:
+        return Removal()
+
+    def _lacks(self, what: str) -> TypeError:
+        return TypeError(f"{self.family} ({type(self.root).__name__}) offers no {what}")

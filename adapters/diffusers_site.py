@@ -1,0 +1,153 @@
+"""The diffusers U-Net as a site, and how techniques are applied to diffusers pipelines.
+
+`UNetSite` tells the cores what they need about a `UNet2DConditionModel` (the maps in
+`diffusers_unet`, `diffusers_slicing` and `diffusers_rehash`) and, with a scheduler, when a
+generation starts: the scheduler's `set_timesteps` is the one place a diffusers scheduler is
+patched (`GenerationWatch`), shared by every technique on it and restored exactly.
+`apply_technique` and `accelerated` apply configs through the technique registry, which records
+them on the U-Net (`accel.registry.applied_to(unet)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from ..accel.quant import log2_quantize
+from ..accel.registry import Handle
+from ..accel.site import Around, Removable, Removal, Site
+from ..accel.slicing import OperatorGroup, SliceAxis
+from ..accel.techniques import REGISTRY
+from .diffusers_rehash import wrap_unet_calls
+from .diffusers_slicing import unet_groups
+from .diffusers_unet import cross_attentions, deep_modules, quant_layers, read_timestep
+
+_WATCH = "_livecache_generation_watch"
+
+
+class GenerationWatch:
+    """The one patch of a diffusers scheduler's `set_timesteps`: tells listeners a generation of n steps starts.
+
+    Installed when the first listener joins and taken off when the last one leaves, putting back exactly
+    what was there (the class method, or an instance override someone else set).
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+        self._listeners: list[Callable[[int], None]] = []
+        self._previous = scheduler.__dict__.get("set_timesteps")
+        original = scheduler.set_timesteps
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            for listener in list(self._listeners):
+                listener(len(scheduler.timesteps))
+            return result
+
+        setattr(set_timesteps, _WATCH, self)
+        self._patch = set_timesteps
+        scheduler.set_timesteps = set_timesteps
+
+    @classmethod
+    def listen(cls, scheduler: Any, start: Callable[[int], None]) -> Removal:
+        """Call `start(num_steps)` after each `scheduler.set_timesteps(...)` until the removal is removed."""
+        current = scheduler.__dict__.get("set_timesteps")
+        watch = getattr(current, _WATCH, None) or cls(scheduler)
+        watch._listeners.append(start)
+        return Removal(lambda: watch._leave(start))
+
+    def _leave(self, start: Callable[[int], None]) -> None:
+        self._listeners.remove(start)
+        if self._listeners or self._scheduler.__dict__.get("set_timesteps") is not self._patch:
+            return  # still listened to, or someone patched over us: an empty watch just passes calls through
+        if self._previous is None:
+            del self._scheduler.set_timesteps
+        else:
+            self._scheduler.set_timesteps = self._previous
+
+
+class UNetSite(Site):
+    """A diffusers `UNet2DConditionModel` (and, when given, the scheduler that samples with it)."""
+
+    family = "diffusers"
+
+    def __init__(self, unet: nn.Module, scheduler: Any | None = None) -> None:
+        super().__init__(unet)
+        self.scheduler = scheduler
+
+    def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        return read_timestep(args, kwargs)
+
+    def deep_modules(self, branch_id: int) -> list[nn.Module]:
+        return deep_modules(self.root, branch_id)
+
+    def quant_layers(self) -> dict[str, nn.Module]:
+        return quant_layers(self.root)
+
+    def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
+        return unet_groups(self.root, axis, cache_inside)
+
+    def quantize_attention(self, bits: int) -> Removable:
+        """DGQ's log2 score quantizer on the cross-attentions: diffusers' plain `AttnProcessor` (which
+        materialises the score matrix) and an instance override of `get_attention_scores`."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        restore: list[tuple[nn.Module, Any]] = []
+        for attention in cross_attentions(self.root):
+            restore.append((attention, attention.processor))
+            attention.set_processor(AttnProcessor())
+            original = attention.get_attention_scores
+            attention.get_attention_scores = lambda *a, f=original, **k: log2_quantize(f(*a, **k), bits)
+
+        def undo() -> None:
+            while restore:
+                attention, processor = restore.pop()
+                attention.__dict__.pop("get_attention_scores", None)
+                attention.set_processor(processor)
+
+        return Removal(undo)
+
+    def wrap_calls(self, around: Around) -> Removable:
+        return wrap_unet_calls(self.root, around)
+
+    def watch_generations(self, start: Callable[[int], None]) -> Removable:
+        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
+        # (uniform caching works from the noise levels alone)
+        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
+
+
+def site_of(target: Any) -> UNetSite:
+    """The site of a diffusers pipeline (`target.unet` and its scheduler) or of a bare U-Net."""
+    unet = getattr(target, "unet", target)
+    return UNetSite(unet, getattr(target, "scheduler", None) if unet is not target else None)
+
+
+def apply_technique(target: Any, config: Any) -> Handle:
+    """Apply one technique to a diffusers pipeline or a bare U-Net; `handle.remove()` (or removing it by name
+    from `applied_to(unet)`) takes it off again.
+
+    With a pipeline, its scheduler's `set_timesteps` marks each new generation and its length, which
+    schedules such as DeepCache's non-uniform one need.
+    """
+    return REGISTRY.apply(site_of(target), [config])[0]
+
+
+@contextmanager
+def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[Handle]]:
+    """Apply each acceleration config to `unet` (and `scheduler`) for the duration of a `with` block.
+
+    The registry checks and orders the configs (one per technique; slicing innermost, then the feature
+    caches, then step rehash outermost) whatever order they are given in; the handles (`.stats`,
+    `.remove()`) come back in the order of `configs`. Removal runs even when sampling fails, outermost
+    first, so the U-Net leaves the block exactly as it entered — which is what lets node classes share
+    one loaded model without mutating it.
+    """
+    handles = REGISTRY.apply(UNetSite(unet, scheduler), configs)
+    try:
+        yield handles
+    finally:
+        for handle in reversed(sorted(handles, key=lambda h: h.technique.rank)):
+            handle.remove()
