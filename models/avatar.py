@@ -36,6 +36,7 @@ tensors of the wrong shape raise `WeightsError` naming the file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -67,7 +68,14 @@ class AvatarSpec:
     states: tuple[str, ...] = STATES
 
     def __post_init__(self) -> None:
-        if self.resolution < 16 or self.resolution % 8:
+        for name in ("audio_context_s", "crop_scale", "crop_dy", "mask_rx", "mask_ry"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < self.audio_context_s <= 10 or not 0 < self.crop_scale <= 10:
+            raise ValueError(f"audio_context_s and crop_scale must be in (0, 10], got {self.audio_context_s} "
+                             f"and {self.crop_scale}")
+        if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 16, got {self.resolution}")
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be 1..4 (LCM), got {self.steps}")
