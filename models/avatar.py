@@ -35,7 +35,6 @@ tensors of the wrong shape raise `WeightsError` naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from .embedded import WEIGHTS_ROOT
-from .loading import WeightsError, load_state_into, read_config, read_json, save_component, weight_file
+from .loading import WeightsError, load_state_into, read_config, read_json, save_component, save_json, weight_file
 
 AVATAR_DIR = WEIGHTS_ROOT / "avatar"
 STATES = ("speaking", "listening", "idle")
@@ -299,11 +298,10 @@ def save_model(model: AvatarModel, folder: Path, extra: dict[str, Any] | None = 
                    "diffusion_pytorch_model", half=True)
     save_component(model.audio_encoder, folder / "audio_encoder", asdict(model.audio_encoder.config), "model",
                    half=True)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
+    save_json(folder / "scheduler" / "scheduler_config.json", model.scheduler_config)
     index = {"_class_name": "LiveCacheAvatar", **asdict(model.spec), **(extra or {})}
     index["states"] = list(index["states"])
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_json(folder / "model_index.json", index)
     return folder
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from ..files import text_writer, write_replacing
 
 WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -143,21 +145,22 @@ def load_state_into(module: nn.Module, file: Path) -> nn.Module:
 
 
 def save_weights(module: nn.Module, file: Path, half: bool = False) -> None:
-    """Write a module's weights as safetensors via a temporary file: a crash never leaves half a file."""
-    file.parent.mkdir(parents=True, exist_ok=True)
+    """Write a module's weights as safetensors, whole or not at all (`files.write_replacing`)."""
     state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
              for k, v in module.state_dict().items()}
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(file)
+    data = save(state)
+    write_replacing(file, lambda stream: stream.write(data))
 
 
 def save_component(module: nn.Module, folder: Path, config: dict[str, Any], name: str, half: bool = False) -> None:
-    """A component folder: `config.json` beside `<name>.safetensors`, each written atomically."""
+    """A component folder: `config.json` beside `<name>.safetensors`, each written whole or not at all."""
     save_weights(module, folder / f"{name}{WEIGHT_SUFFIX}", half=half)
-    tmp_config = folder / ".config.json.tmp"
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp_config.replace(folder / "config.json")
+    save_json(folder / "config.json", config, sort_keys=True)
+
+
+def save_json(file: Path, data: Any, sort_keys: bool = False) -> None:
+    """A config file the pack writes (and rewrites when retrained), whole or not at all."""
+    write_replacing(file, text_writer(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"))
 
 
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
