@@ -130,11 +130,11 @@ def _order(api: Api, outputs: list[str]) -> list[str]:
     order: list[str] = []
     state: dict[str, str] = {}
     for output in outputs:
-        stack: list[tuple[str, list[str]]] = [(output, _upstream(api, output))]
-        path = [output]
         if state.get(output) == "done":
             continue
         state[output] = "active"
+        stack: list[tuple[str, list[str]]] = [(output, _upstream(api, output))]
+        path = [output]
         while stack:
             node_id, pending = stack[-1]
             if not pending:

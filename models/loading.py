@@ -29,7 +29,7 @@ MAX_CONFIG_BYTES = 1 << 20  # configs are a few kB; a bigger file is not a confi
 SIZE_LIMITS: dict[str, int] = {
     "sample_size": 4096, "resolution": 4096, "in_channels": 1024, "out_channels": 1024, "latent_channels": 256,
     "block_out_channels": 16384, "layers_per_block": 64, "cross_attention_dim": 16384, "attention_head_dim": 4096,
-    "num_attention_heads": 1024, "transformer_layers_per_block": 256, "norm_num_groups": 4096,
+    "num_attention_heads": 1024, "norm_num_groups": 4096,
     "num_class_embeds": 1_000_000, "projection_class_embeddings_input_dim": 65536,
     "vocab_size": 1_000_000, "hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
     "max_position_embeddings": 65536, "num_train_timesteps": 100_000, "original_inference_steps": 10_000,

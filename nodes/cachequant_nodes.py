@@ -10,6 +10,7 @@ on a model that already has DeepCache (two feature caches on one U-Net).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
@@ -24,6 +25,7 @@ from ..models.sampling import SCHEDULERS
 from .context import output_dir
 from .validation import verdict
 
+LOG = logging.getLogger("livecache")
 CALIBRATION_INPUTS = {
     "calibration_prompts": ("STRING", {"default": "0, 3, 7", "multiline": False,
                                        "tooltip": "Comma-separated prompts the calibration generations draw "
@@ -116,7 +118,10 @@ class CalibrateSchedule:
         schedule = calibrate_schedule(model.unet, runs, steps, full_steps, cache_branch_id, model.name, scheduler,
                                       _info(calibration_prompts, calibration_seeds, guidance), objective)
         if save_as.strip():
-            schedule.save(_schedule_path(save_as))
+            wanted = _schedule_path(save_as)
+            saved = schedule.save(wanted)
+            if saved != wanted:
+                LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
         return (schedule,)
 
 
