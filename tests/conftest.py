@@ -70,10 +70,18 @@ def assert_close_reassociated(actual, expected, ulps: int = REASSOCIATION_ULPS) 
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(actual), finite) and torch.equal(actual[~finite], expected[~finite])
     scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
-    tolerance = ulps * torch.finfo(expected.dtype).eps * scale
+    tolerance = reassociation_bound(expected.dtype, ulps) * scale
     worst = float((actual[finite].double() - expected[finite].double()).abs().max()) if bool(finite.any()) else 0.0
     assert worst <= tolerance, (f"max |difference| {worst:.3g} exceeds {ulps} eps × max|expected| "
                                 f"= {tolerance:.3g} (max|expected| {scale:.3g})")
+
+
+def reassociation_bound(dtype: torch.dtype = torch.float32, ulps: int = REASSOCIATION_ULPS) -> float:
+    """The relative bound `assert_close_reassociated` applies (for results reported as max|Δ| / max|expected|)."""
+    return ulps * torch.finfo(dtype).eps
+
+
+assert_close_reassociated.bound = reassociation_bound
 
 
 @pytest.fixture
