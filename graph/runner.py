@@ -1,8 +1,11 @@
 """Validate and execute an API-format workflow with the node classes of this pack.
 
-Everything that can be checked before running is checked first — unknown node types, missing or
-unknown inputs, links to missing nodes or outputs, type mismatches, values out of bounds, cycles —
-so a bad workflow fails in one line naming the node and nothing is computed or written. Only nodes
+Everything that can be checked before running is checked first — the file's structure
+(`graph.schema`), unknown node types, missing or unknown inputs, links to missing nodes or outputs,
+type mismatches, values out of bounds or not finite, cycles, then each node class's own
+`VALIDATE_INPUTS` hook (ComfyUI's convention; e.g. a prompt the model cannot read) — so a bad
+workflow fails in one line naming the node and nothing is computed or written (loaders a hook needs
+run early; see `_preview`). Only nodes
 that feed an output node run, in dependency order, each once, like ComfyUI's executor.
 """
 
