@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from .files import raise_on_sigterm
+
+    raise_on_sigterm()  # a `kill` unwinds like Ctrl-C: half-written files are removed, not left behind
     try:
         return int(_load(args._module).main(args) or 0)
     except KeyboardInterrupt:

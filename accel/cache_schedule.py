@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..files import text_writer, write_new, write_numbered
 from .schedules import Schedule, count_full, format_schedule, uniform_schedule
 from .step_clock import StepClock
 
@@ -300,39 +301,128 @@ class CalibratedSchedule:
         return json.dumps(data, indent=1) + "\n"
 
     def save(self, path: str | Path) -> Path:
+        """Write the schedule whole as a new file and return where it went; nothing is ever overwritten.
+
+        The same schedule already at `path` (a re-run of the same calibration) is kept as it is; any
+        other file there keeps its content, and this schedule goes beside it as `<stem>_NNNNN.json`.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
+        text = self.to_json()
+        try:
+            return write_new(path, text_writer(text))
+        except FileExistsError:
+            if path.is_file() and path.read_bytes() == text.encode("utf-8"):
+                return path
+            return write_numbered(path.parent, path.stem, path.suffix, text_writer(text))
 
     @classmethod
     def load(cls, path: str | Path) -> CalibratedSchedule:
+        """Read and validate a schedule file; anything off raises a ValueError naming the file and field."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            size = path.stat().st_size
+            if size > MAX_SCHEDULE_BYTES:
+                raise ValueError(f"{path}: {size} bytes is too large for a cache schedule "
+                                 f"(at most {MAX_SCHEDULE_BYTES})")
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise ValueError(f"{path}: no such cache schedule file") from err
+        except RecursionError:
+            raise ValueError(f"{path}: not a cache schedule (JSON nested too deeply)") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a cache schedule (not UTF-8 text: {err})") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not a cache schedule (invalid JSON: {err})") from err
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the cache schedule ({err.strerror or err})") from None
         if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT:
             raise ValueError(f"{path}: not a cache schedule (expected format {SCHEDULE_FORMAT!r})")
         try:
-            full = tuple(bool(x) for x in data["full_steps"])
-            errors = tuple(tuple(float(v) for v in row) for row in data["errors"])
-            segments = data.get("segments")
-            if segments is not None:
-                segments = tuple(tuple(math.inf if v is None else float(v) for v in row) for row in segments)
-            objective = str(data.get("objective", "feature"))
-            if objective not in ("feature", "output"):
-                raise ValueError(f"unknown objective {objective!r}")
-            schedule = cls(str(data["fingerprint"]), str(data["model"]), int(data["steps"]), str(data["scheduler"]),
-                           full, errors, float(data["uniform_cost"]), float(data["cost"]),
-                           dict(data.get("calibration", {})), objective, segments)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: cache schedule file is missing or has a bad field ({err})") from err
-        if len(full) != schedule.steps or not full[0] or len(errors) != schedule.steps:
-            raise ValueError(f"{path}: cache schedule is inconsistent ({len(full)} flags for {schedule.steps} steps)")
-        return schedule
+            return _schedule_from(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+MAX_SCHEDULE_BYTES = 8 << 20  # a 200-step schedule with both matrices is under 2 MB
+MAX_STEPS = 1000
+MAX_TEXT = 1000  # fingerprint, model, scheduler: short names
+
+
+def _schedule_from(data: dict[str, Any]) -> CalibratedSchedule:
+    """The schedule a parsed file describes, every field checked against what `to_json` writes."""
+    for name in ("fingerprint", "model", "steps", "scheduler", "full_steps", "errors", "uniform_cost", "cost"):
+        if name not in data:
+            raise ValueError(f"cache schedule has no '{name}' field")
+    steps = data["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"field 'steps' must be a whole number of steps in 1..{MAX_STEPS}, got {_short(steps)}")
+    text = {name: _text(data, name) for name in ("fingerprint", "model", "scheduler")}
+    flags = data["full_steps"]
+    if not isinstance(flags, list) or len(flags) != steps:
+        raise ValueError(f"field 'full_steps' must be a list of {steps} flags (one per step), got {_short(flags)}")
+    for k, flag in enumerate(flags):
+        if flag not in (0, 1) or isinstance(flag, float):  # true/false or 0/1 (what to_json writes)
+            raise ValueError(f"field 'full_steps'[{k}] must be true/false or 1/0, got {_short(flag)}")
+    if not flags[0]:
+        raise ValueError("field 'full_steps': step 0 must be a full step (the first flag is false)")
+    errors = _matrix(data["errors"], "errors", steps, allow_null=False)
+    segments = data.get("segments")
+    if segments is not None:
+        segments = _matrix(segments, "segments", steps, allow_null=True)  # null: a segment not measured
+    objective = data.get("objective", "feature")
+    if objective not in ("feature", "output"):
+        raise ValueError(f"field 'objective' must be 'feature' or 'output', got {_short(objective)}")
+    calibration = data.get("calibration", {})
+    if not isinstance(calibration, dict):
+        raise ValueError(f"field 'calibration' must be an object, got {_short(calibration)}")
+    return CalibratedSchedule(text["fingerprint"], text["model"], steps, text["scheduler"],
+                              tuple(bool(f) for f in flags), errors, _cost(data, "uniform_cost"),
+                              _cost(data, "cost"), dict(calibration), objective, segments)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return f"{'a list' if isinstance(value, list) else 'an object'} of {len(value)} item(s)"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}… ({len(text)} characters)"
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data[name]
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise ValueError(f"field '{name}' must be a non-empty string of at most {MAX_TEXT} characters, "
+                         f"got {_short(value)}")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _cost(data: dict[str, Any], name: str) -> float:
+    """A schedule's cost: a number >= 0, infinite only when it uses an unmeasured segment (never NaN)."""
+    value = data[name]
+    if not (_number(value) or value == math.inf):
+        raise ValueError(f"field '{name}' must be a number >= 0, got {_short(value)}")
+    return float(value)
+
+
+def _matrix(value: Any, name: str, steps: int, allow_null: bool) -> tuple[tuple[float, ...], ...]:
+    """A steps × steps matrix of finite numbers >= 0 (null -> inf where `allow_null`)."""
+    if not isinstance(value, list) or len(value) != steps or not all(
+            isinstance(row, list) and len(row) == steps for row in value):
+        rows = len(value) if isinstance(value, list) else None
+        cols = len(value[0]) if rows and isinstance(value[0], list) else None
+        got = f"{rows}×{cols}" if rows and cols is not None else _short(value)
+        raise ValueError(f"field '{name}' must be a {steps}×{steps} matrix (one row per step), got {got}")
+    out = []
+    for i, row in enumerate(value):
+        for j, v in enumerate(row):
+            if not (_number(v) or allow_null and v is None):
+                raise ValueError(f"field '{name}'[{i}][{j}] must be a finite number >= 0"
+                                 f"{' or null' if allow_null else ''}, got {_short(v)}")
+        out.append(tuple(math.inf if v is None else float(v) for v in row))
+    return tuple(out)
 
 
 def calibrated_schedule(stats: PairStats, full_steps: int, fingerprint: str, model: str, scheduler: str,

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..accel.temporal_cache import TemporalReuseConfig
+from ..files import text_writer, write_replacing
 from ..models.avatar import AVATAR_DIR, load_model
 from .metrics import psnr
 
@@ -191,8 +192,8 @@ def main(args: argparse.Namespace) -> int:
     _print(rows, teacher, args, len(audio) / rate)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "teacher_lip_sync": teacher[0]},
-                                        indent=2) + "\n")
+        result = {"rows": [asdict(r) for r in rows], "teacher_lip_sync": teacher[0]}
+        write_replacing(args.json, text_writer(json.dumps(result, indent=2) + "\n"))
     return 0
 
 

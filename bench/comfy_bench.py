@@ -32,6 +32,7 @@ from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
 from ..adapters.comfy_unet import apply_deepcache, apply_step_rehash
 from .comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
+from ..files import text_writer, write_replacing
 from .metrics import psnr, ssim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+        write_replacing(args.json, text_writer(json.dumps([asdict(r) for r in rows], indent=2, default=str)))
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 
 from ..accel.deepcache import DeepCacheConfig
 from ..adapters.diffusers_site import accelerated
+from ..files import text_writer, write_replacing
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
 from .peers import PeerUnavailable, run_deepcache_authors, run_tgate, run_tome
@@ -192,7 +193,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_title(f"{work} ({dtype})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_replacing(path, lambda stream: fig.savefig(stream, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -251,8 +252,8 @@ def write_outputs(rows: list, args: argparse.Namespace) -> None:
     """`--json` (every row plus the arguments) and the speed-vs-PSNR plot (`--plot`, default beside the JSON)."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "args": {
-            k: str(v) for k, v in vars(args).items() if not k.startswith("_")}}, indent=2) + "\n")
+        write_replacing(args.json, text_writer(json.dumps({"rows": [asdict(r) for r in rows], "args": {
+            k: str(v) for k, v in vars(args).items() if not k.startswith("_")}}, indent=2) + "\n"))
         print(f"wrote {args.json}")
     plot_path = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if plot_path:

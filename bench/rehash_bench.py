@@ -24,6 +24,7 @@ import torch
 
 from ..accel.rehash import StepRehashConfig
 from ..adapters.diffusers_site import accelerated
+from ..files import text_writer, write_replacing
 from ..models.sampling import decode, make_scheduler, sample
 from .metrics import psnr, ssim
 from .table import cell
@@ -144,6 +145,6 @@ def main(args: argparse.Namespace) -> int:
     print("skipped = steps whose U-Net evaluation step rehash skipped (pattern: F computed, . skipped); "
           "PSNR/SSIM against the unaccelerated run with the same scheduler and steps")
     if args.json:
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        write_replacing(args.json, text_writer(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2) + "\n"))
         print(f"wrote {args.json}")
     return 0

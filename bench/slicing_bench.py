@@ -41,6 +41,7 @@ import torch
 from ..accel.slicing import SlicingConfig
 from ..adapters.diffusers_site import accelerated
 from ..adapters.diffusers_slicing import sliced_decoder
+from ..files import text_writer, write_replacing
 
 VIDEO_FRAMES = 16
 
@@ -269,6 +270,6 @@ def main(args: argparse.Namespace) -> int:
     print(HEADER)
     print(format_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        write_replacing(args.json, text_writer(json.dumps({"rows": [asdict(r) for r in rows]}, indent=2) + "\n"))
         print(f"wrote {args.json}")
     return 0

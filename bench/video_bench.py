@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
+from ..files import text_writer, write_replacing
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model
 from .metrics import psnr
 
@@ -250,6 +251,6 @@ def main(args: argparse.Namespace) -> int:
         print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_replacing(args.json, text_writer(json.dumps(result, indent=2) + "\n"))
         print(f"wrote {args.json}")
     return 0

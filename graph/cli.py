@@ -44,12 +44,17 @@ def main(args: argparse.Namespace) -> int:
         ui = execute(api, NODE_CLASS_MAPPINGS, on_node=lambda i, n, node_id, kind: print(
             f"[{i + 1}/{n}] node {node_id} {kind}", file=sys.stderr))
     except WorkflowError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except NodeFailure as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     for node_id, result in ui.items():
         for image in result.get("images", []):
             print(f"node {node_id}: saved {output_dir() / image['subfolder'] / image['filename']}")
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    """The error as the single line the exit code promises (a node's message may span lines)."""
+    return " ".join(str(err).split())

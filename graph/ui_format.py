@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..nodes.validation import short
 from .errors import WorkflowError
+from .schema import check_ui
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
@@ -29,20 +31,11 @@ def has_seed_control(name: str, spec: tuple) -> bool:
     return spec[0] == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed"))
 
 
-def ui_to_api(workflow: dict[str, Any], classes: dict[str, type]) -> dict[str, dict[str, Any]]:
+def ui_to_api(workflow: Any, classes: dict[str, type]) -> dict[str, dict[str, Any]]:
     """Convert a UI-format workflow; raises `WorkflowError` naming the node for anything off."""
-    nodes = workflow.get("nodes")
-    links = workflow.get("links", [])
-    if not isinstance(nodes, list) or not isinstance(links, list):
-        raise WorkflowError("UI workflow: 'nodes' and 'links' must be lists")
-    link_table: dict[int, tuple[str, int]] = {}
-    for link in links:
-        if not isinstance(link, list) or len(link) < 5:
-            raise WorkflowError(f"UI workflow: malformed link {link!r} (expected [id, from, slot, to, slot, type])")
-        link_table[link[0]] = (str(link[1]), int(link[2]))
-    for node in nodes:
-        if not isinstance(node, dict) or "id" not in node or "type" not in node:
-            raise WorkflowError(f"UI workflow: malformed node {str(node)[:80]!r} (needs 'id' and 'type')")
+    check_ui(workflow)
+    nodes = workflow["nodes"]
+    link_table: dict[int, tuple[str, int]] = {link[0]: (str(link[1]), link[2]) for link in workflow.get("links") or []}
     by_id = {str(node["id"]): node for node in nodes}
     api: dict[str, dict[str, Any]] = {}
     for node in nodes:
@@ -52,40 +45,46 @@ def ui_to_api(workflow: dict[str, Any], classes: dict[str, type]) -> dict[str, d
         if class_type not in classes:
             raise WorkflowError(f"node {node_id} ({class_type}): unknown node type")
         inputs: dict[str, Any] = {}
-        for entry in node.get("inputs", []) or []:
-            link_id = entry.get("link")
-            if link_id is None:
+        for entry in node.get("inputs") or []:
+            if entry.get("link") is None:
                 continue
-            source = _source(link_id, link_table, by_id, f"node {node_id} ({class_type}): input '{entry.get('name')}'")
+            where = f"node {node_id} ({class_type}): input '{entry['name']}'"
+            source = _source(entry["link"], link_table, by_id, where)
             if source is not None:
                 inputs[entry["name"]] = list(source)
-        inputs.update(_widget_inputs(node_id, class_type, classes[class_type], node.get("widgets_values", []),
+        inputs.update(_widget_inputs(node_id, class_type, classes[class_type], node.get("widgets_values") or [],
                                      set(inputs)))
         api[node_id] = {"class_type": class_type, "inputs": inputs}
     return api
 
 
-def _source(link_id: Any, links: dict[int, tuple[str, int]], nodes: dict[str, dict[str, Any]], where: str,
-            seen: frozenset[str] = frozenset()) -> tuple[str, int] | None:
+def _source(link_id: int, links: dict[int, tuple[str, int]], nodes: dict[str, dict[str, Any]],
+            where: str) -> tuple[str, int] | None:
     """Where a link really comes from: through reroutes and bypassed nodes (matched by type, as the
-    frontend does); None when it comes from a primitive, whose value already sits in widgets_values."""
-    if link_id not in links:
-        raise WorkflowError(f"{where} uses link {link_id}, which is not in the link table")
-    node_id, slot = links[link_id]
-    node = nodes.get(node_id)
-    if node is None or node_id in seen:
-        return node_id, slot  # validation names the missing node or the cycle
-    if node["type"] == "PrimitiveNode":
-        return None
-    if node["type"] != "Reroute" and node.get("mode") != MODE_BYPASS:
-        return node_id, slot
-    outputs = node.get("outputs") or []
-    wanted = outputs[slot].get("type") if slot < len(outputs) else None
-    for entry in node.get("inputs") or []:
-        if entry.get("link") is not None and (node["type"] == "Reroute" or entry.get("type") == wanted):
-            return _source(entry["link"], links, nodes, where, seen | {node_id})
-    raise WorkflowError(f"{where} comes through bypassed node {node_id} ({node['type']}), "
-                        f"which has no linked input of type {wanted} to pass through")
+    frontend does); None when it comes from a primitive, whose value already sits in widgets_values.
+
+    A loop over the chain, not recursion: a workflow may chain thousands of reroutes."""
+    seen: set[str] = set()
+    while True:
+        if link_id not in links:
+            raise WorkflowError(f"{where} uses link {link_id}, which is not in the link table")
+        node_id, slot = links[link_id]
+        node = nodes.get(node_id)
+        if node is None or node_id in seen:
+            return node_id, slot  # validation names the missing node or the cycle
+        if node["type"] == "PrimitiveNode":
+            return None
+        if node["type"] != "Reroute" and node.get("mode") != MODE_BYPASS:
+            return node_id, slot
+        seen.add(node_id)
+        outputs = node.get("outputs") or []
+        wanted = outputs[slot].get("type") if slot < len(outputs) else None
+        passing = [entry["link"] for entry in node.get("inputs") or [] if entry.get("link") is not None
+                   and (node["type"] == "Reroute" or entry.get("type") == wanted)]
+        if not passing:
+            raise WorkflowError(f"{where} comes through bypassed node {node_id} ({node['type']}), "
+                                f"which has no linked input of type {short(wanted)} to pass through")
+        link_id = passing[0]
 
 
 def _widget_inputs(node_id: str, class_type: str, cls: type, values: Any, linked: set[str]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ tensors of the wrong shape raise `WeightsError` naming the file.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .embedded import WEIGHTS_ROOT
-from .loading import WeightsError, load_state_into, read_config, read_json, save_component, weight_file
+from .loading import WeightsError, load_state_into, read_config, read_json, save_component, save_json, weight_file
 
 AVATAR_DIR = WEIGHTS_ROOT / "avatar"
 STATES = ("speaking", "listening", "idle")
@@ -67,7 +67,14 @@ class AvatarSpec:
     states: tuple[str, ...] = STATES
 
     def __post_init__(self) -> None:
-        if self.resolution < 16 or self.resolution % 8:
+        for name in ("audio_context_s", "crop_scale", "crop_dy", "mask_rx", "mask_ry"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < self.audio_context_s <= 10 or not 0 < self.crop_scale <= 10:
+            raise ValueError(f"audio_context_s and crop_scale must be in (0, 10], got {self.audio_context_s} "
+                             f"and {self.crop_scale}")
+        if not isinstance(self.resolution, int) or self.resolution < 16 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 16, got {self.resolution}")
         if not 1 <= self.steps <= 4:
             raise ValueError(f"steps must be 1..4 (LCM), got {self.steps}")
@@ -291,11 +298,10 @@ def save_model(model: AvatarModel, folder: Path, extra: dict[str, Any] | None = 
                    "diffusion_pytorch_model", half=True)
     save_component(model.audio_encoder, folder / "audio_encoder", asdict(model.audio_encoder.config), "model",
                    half=True)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2) + "\n")
+    save_json(folder / "scheduler" / "scheduler_config.json", model.scheduler_config)
     index = {"_class_name": "LiveCacheAvatar", **asdict(model.spec), **(extra or {})}
     index["states"] = list(index["states"])
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_json(folder / "model_index.json", index)
     return folder
 
 

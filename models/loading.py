@@ -12,19 +12,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from ..files import text_writer, write_replacing
 
 WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few kB; a bigger file is not a config
+
+# Upper bounds of the sizes a config may set, by key, wherever it appears in any config file we read
+# (component configs, model_index.json, scheduler configs). Sizes decide allocations (a U-Net's
+# `sample_size` the noise tensor, an avatar's `resolution` every crop), so a hostile or mistyped value
+# must fail here, naming the file, not in the allocator. Each bound sits far above every released
+# model of the family (SDXL: sample_size 128, block_out_channels up to 1280, cross_attention_dim 2048).
+SIZE_LIMITS: dict[str, int] = {
+    "sample_size": 4096, "resolution": 4096, "in_channels": 1024, "out_channels": 1024, "latent_channels": 256,
+    "block_out_channels": 16384, "layers_per_block": 64, "cross_attention_dim": 16384, "attention_head_dim": 4096,
+    "num_attention_heads": 1024, "norm_num_groups": 4096,
+    "num_class_embeds": 1_000_000, "projection_class_embeddings_input_dim": 65536,
+    "vocab_size": 1_000_000, "hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
+    "max_position_embeddings": 65536, "num_train_timesteps": 100_000, "original_inference_steps": 10_000,
+    "dim": 65536, "depth": 1024, "heads": 1024, "patch": 1024, "channels": 1024, "num_classes": 1_000_000,
+    "chunk": 4096, "context": 4096, "n_mels": 1024, "n_fft": 65536, "hop": 65536, "frames": 65536,
+    "sample_rate": 384_000,
+}
 
 
 class WeightsError(ValueError):
     """A weights folder or file is missing, unsafe or does not match the model."""
 
 
-def resolve_inside(path: str | Path, roots: list[Path]) -> Path:
-    """`path` resolved (symlinks too) and checked to lie inside one of `roots`: no `..` escapes."""
+def resolve_inside(path: str | Path, roots: list[Path], what: str = "the model folders") -> Path:
+    """`path` resolved (symlinks too) and checked to lie inside one of `roots` (`what` names them in the
+    error): no `..` escapes."""
     candidate = Path(path).expanduser()
     for root in roots:
         full = (root / candidate).resolve() if not candidate.is_absolute() else candidate.resolve()
@@ -32,17 +53,40 @@ def resolve_inside(path: str | Path, roots: list[Path]) -> Path:
             if full.exists():
                 return full
     allowed = ", ".join(str(r) for r in roots)
-    raise WeightsError(f"{path}: not found inside the model folders ({allowed})")
+    raise WeightsError(f"{path}: not found inside {what} ({allowed})")
 
 
 def read_json(file: Path, needed_for: str) -> dict[str, Any]:
-    """A JSON object from `file`; missing or malformed files raise naming the file and why it is needed."""
+    """A JSON object from `file`, its sizes checked (`check_sizes`); anything else raises naming the file."""
     if not file.is_file():
         raise WeightsError(f"{file}: missing ({needed_for})")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise WeightsError(f"{file}: {file.stat().st_size} bytes is too large for a config file "
+                           f"(at most {MAX_CONFIG_BYTES})")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise WeightsError(f"{file}: not a config (JSON nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, integers too long to convert
         raise WeightsError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{file}: must hold a JSON object ({{\"key\": value, ...}}), not a {type(data).__name__}")
+    check_sizes(data, file)
+    return data
+
+
+def check_sizes(config: dict[str, Any], file: Path) -> None:
+    """Refuse a size in `SIZE_LIMITS` that is not a positive integer (or a list of them) within its bound."""
+    for key, limit in SIZE_LIMITS.items():
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= limit:
+                shown = str(value) if len(str(value)) <= 60 else f"{str(value)[:60]}…"
+                raise WeightsError(f"{file}: {key} = {shown} must be a positive integer of at most {limit}"
+                                   f"{' (or a list of them)' if isinstance(value, list) else ''}")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -65,7 +109,11 @@ def weight_file(folder: Path) -> Path:
 
 
 def load_state_into(module: nn.Module, file: Path) -> nn.Module:
-    """Load `file` into `module` strictly; a mismatch names the file and the first differing keys."""
+    """Load `file` into `module` strictly; a mismatch names the file and the first differing keys.
+
+    Tensors must also fit in kind (floating point where the model has floating point: int8 weights
+    are a quantized checkpoint this loader cannot read) and be finite (a NaN weight makes every output
+    NaN)."""
     try:
         state = load_file(str(file))
     except Exception as err:  # safetensors raises several types for corrupt files
@@ -84,26 +132,35 @@ def load_state_into(module: nn.Module, file: Path) -> nn.Module:
             k = wrong[0]
             parts.append(f"shape of {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
         raise WeightsError(f"{file}: does not match the model config ({'; '.join(parts)})")
+    for key in sorted(state):
+        tensor, expected = state[key], own[key]
+        if tensor.is_floating_point() != expected.is_floating_point() or (tensor.dtype == torch.bool) != (
+                expected.dtype == torch.bool):
+            raise WeightsError(f"{file}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}, the model "
+                               f"needs {'floating point' if expected.is_floating_point() else expected.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{file}: tensor {key} holds NaN or infinite values")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return module
 
 
 def save_weights(module: nn.Module, file: Path, half: bool = False) -> None:
-    """Write a module's weights as safetensors via a temporary file: a crash never leaves half a file."""
-    file.parent.mkdir(parents=True, exist_ok=True)
+    """Write a module's weights as safetensors, whole or not at all (`files.write_replacing`)."""
     state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
              for k, v in module.state_dict().items()}
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(file)
+    data = save(state)
+    write_replacing(file, lambda stream: stream.write(data))
 
 
 def save_component(module: nn.Module, folder: Path, config: dict[str, Any], name: str, half: bool = False) -> None:
-    """A component folder: `config.json` beside `<name>.safetensors`, each written atomically."""
+    """A component folder: `config.json` beside `<name>.safetensors`, each written whole or not at all."""
     save_weights(module, folder / f"{name}{WEIGHT_SUFFIX}", half=half)
-    tmp_config = folder / ".config.json.tmp"
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp_config.replace(folder / "config.json")
+    save_json(folder / "config.json", config, sort_keys=True)
+
+
+def save_json(file: Path, data: Any, sort_keys: bool = False) -> None:
+    """A config file the pack writes (and rewrites when retrained), whole or not at all."""
+    write_replacing(file, text_writer(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"))
 
 
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
@@ -115,7 +172,7 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
         unet = UNet2DConditionModel.from_config(config)
     except Exception as err:
         raise WeightsError(f"{folder / 'config.json'}: not a UNet2DConditionModel config ({err})") from None
-    return load_state_into(unet, weight_file(folder)).to(dtype).eval()
+    return nn.Module.to(load_state_into(unet, weight_file(folder)), dtype).eval()  # diffusers' `to` warns
 
 
 def load_scheduler_config(folder: Path) -> dict[str, Any]:

@@ -99,5 +99,5 @@ def _vae(root: Path, dtype: torch.dtype) -> tuple[nn.Module | None, float]:
     from diffusers import AutoencoderKL
 
     config = read_config(folder)
-    vae = load_state_into(AutoencoderKL.from_config(config), weight_file(folder)).to(dtype).eval()
+    vae = nn.Module.to(load_state_into(AutoencoderKL.from_config(config), weight_file(folder)), dtype).eval()
     return vae, float(config.get("scaling_factor", 0.18215))

@@ -17,6 +17,7 @@ from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import input_roots, model_roots
 from .memory import check_fits
+from .validation import verdict
 
 EMBEDDED_AVATAR = "embedded:avatar"
 EXAMPLES = Path(__file__).resolve().parent.parent / "workflows"
@@ -63,15 +64,24 @@ class LoadAudioFile:
                        "of the examples shipped in the pack's workflows/ folder (hello_avatar.wav).",
         })}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, file: str | None = None) -> bool | str:
+        return verdict(cls, {"file": file}, lambda: isinstance(file, str) and _audio_path(file))
+
     def load(self, file: str) -> tuple[dict]:
         import soundfile
 
-        path = resolve_inside(file.strip(), [*input_roots(), EXAMPLES])
+        path = _audio_path(file)
         try:
             data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         except Exception as err:  # soundfile raises its own error types for unreadable files
             raise ValueError(f"{path}: not a readable audio file ({err})") from None
         return ({"waveform": torch.from_numpy(data.T.copy()).unsqueeze(0), "sample_rate": int(rate)},)
+
+
+def _audio_path(file: str) -> Path:
+    return resolve_inside(file.strip(), [*input_roots(), EXAMPLES],
+                          "the input folders or the pack's example clips")
 
 
 class DefaultPortrait:
@@ -91,6 +101,10 @@ class DefaultPortrait:
         from ..pipelines.portrait import default_portrait
 
         return (torch.from_numpy(default_portrait(size).astype(np.float32) / 255.0).unsqueeze(0),)
+
+
+def _avatar_folder(weights: str) -> Path:
+    return AVATAR_DIR if weights.strip() in ("", EMBEDDED_AVATAR) else resolve_inside(weights.strip(), model_roots())
 
 
 class AvatarDiffusion:
@@ -123,6 +137,10 @@ class AvatarDiffusion:
                                  "tooltip": "Int8 U-Net (W8A8, calibrated when the model loads)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weights: str | None = None) -> bool | str:
+        return verdict(cls, {"weights": weights}, lambda: isinstance(weights, str) and _avatar_folder(weights))
+
     def render(self, portrait: torch.Tensor, audio: dict, weights: str, size: str, fps: int, steps: int,
                temporal_cache: bool, max_batch: int, w8a8: bool = False) -> tuple[torch.Tensor]:
         from ..pipelines.avatar import clip_frames
@@ -140,9 +158,7 @@ class AvatarDiffusion:
         # when it cannot fit, then fill it frame by frame as frames are rendered (no list, stack or copies).
         check_fits(count * side * side * 3 * 4, f"the avatar clip ({count} frames of {side}x{side}, float32 IMAGE)",
                    "shorten the audio, or lower fps or size")
-        folder = str(AVATAR_DIR) if weights.strip() in ("", EMBEDDED_AVATAR) else \
-            str(resolve_inside(weights.strip(), model_roots()))
-        engine = _engine(folder, steps, temporal_cache, max_batch, w8a8)
+        engine = _engine(str(_avatar_folder(weights)), steps, temporal_cache, max_batch, w8a8)
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         session = engine.open_session(rgb, SessionOptions(size=side, fps=float(fps)))
         out = np.empty((count, side, side, 3), np.float32)

@@ -10,6 +10,7 @@ on a model that already has DeepCache (two feature caches on one U-Net).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
@@ -22,7 +23,9 @@ from ..models.calibration import calibration_runs
 from ..models.pipeline import DiffusionModel
 from ..models.sampling import SCHEDULERS
 from .context import output_dir
+from .validation import verdict
 
+LOG = logging.getLogger("livecache")
 CALIBRATION_INPUTS = {
     "calibration_prompts": ("STRING", {"default": "0, 3, 7", "multiline": False,
                                        "tooltip": "Comma-separated prompts the calibration generations draw "
@@ -50,6 +53,18 @@ def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_se
             "seeds": calibration_seeds, "guidance": guidance}
     runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
     return Calibration(runs, steps, model.name, scheduler, info)
+
+
+def _check_prompts(model: DiffusionModel | None, calibration_prompts: str | None) -> None:
+    """Calibration prompts the model cannot read fail before the calibration starts."""
+    if model is not None and isinstance(calibration_prompts, str):
+        for prompt in calibration_prompts.split(","):
+            model.encode_prompt(prompt.strip())
+
+
+def _check_steps(full_steps: int | None, steps: int | None) -> None:
+    if isinstance(full_steps, int) and isinstance(steps, int) and full_steps > steps:
+        raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
 
 
 def _schedule_path(path: str) -> Path:
@@ -88,16 +103,28 @@ class CalibrateSchedule:
                                                              "(e.g. schedules/my_model.json); empty: not saved."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None,
+                        calibration_prompts: str | None = None, save_as: str | None = None,
+                        model: DiffusionModel | None = None) -> bool | str:
+        return verdict(cls, {"full_steps": full_steps, "steps": steps, "calibration_prompts": calibration_prompts,
+                             "save_as": save_as},
+                       lambda: _check_steps(full_steps, steps),
+                       lambda: isinstance(save_as, str) and save_as.strip() and _schedule_path(save_as),
+                       lambda: _check_prompts(model, calibration_prompts))
+
     def calibrate(self, model: DiffusionModel, full_steps: int, cache_branch_id: int, calibration_prompts: str,
                   calibration_seeds: int, steps: int, scheduler: str, guidance: float, objective: str,
                   save_as: str) -> tuple[CalibratedSchedule]:
-        if full_steps > steps:
-            raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
+        _check_steps(full_steps, steps)
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         schedule = calibrate_schedule(model.unet, calibration, full_steps, cache_branch_id, objective)
         if save_as.strip():
-            schedule.save(_schedule_path(save_as))
+            wanted = _schedule_path(save_as)
+            saved = schedule.save(wanted)
+            if saved != wanted:
+                LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
         return (schedule,)
 
 
@@ -117,6 +144,12 @@ class LoadSchedule:
             "path": ("STRING", {"default": "schedules/digits.json",
                                 "tooltip": "File inside the output folder, as written by Calibrate Cache Schedule."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, path: str | None = None) -> bool | str:
+        """The file is read and checked now: a missing or broken schedule fails before anything runs."""
+        return verdict(cls, {"path": path}, lambda: isinstance(path, str) and CalibratedSchedule.load(
+            _schedule_path(path)))
 
     def load(self, model: DiffusionModel, path: str) -> tuple[CalibratedSchedule]:
         schedule = CalibratedSchedule.load(_schedule_path(path))
@@ -153,6 +186,12 @@ class ApplyCacheQuant:
         }, "optional": {
             "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, calibration_prompts: str | None = None,
+                        model: DiffusionModel | None = None) -> bool | str:
+        return verdict(cls, {"calibration_prompts": calibration_prompts},
+                       lambda: _check_prompts(model, calibration_prompts))
 
     def apply(self, model: DiffusionModel, quantization: str, correct_cache: bool, correct_quant: bool,
               full_steps: int, cache_branch_id: int, calibration_prompts: str, calibration_seeds: int, steps: int,
@@ -199,6 +238,17 @@ class Quantize:
                                     "tooltip": "Calibrate per-channel corrections of each layer's quant error."}),
             **CALIBRATION_INPUTS,
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, method: str | None = None, weight_bits: int | None = None, act_bits: int | None = None,
+                        attention_bits: int | None = None, calibration_prompts: str | None = None,
+                        model: DiffusionModel | None = None) -> bool | str:
+        bits = (method, weight_bits, act_bits, attention_bits)
+        return verdict(cls, {"method": method, "weight_bits": weight_bits, "act_bits": act_bits,
+                             "attention_bits": attention_bits, "calibration_prompts": calibration_prompts},
+                       lambda: None in bits or QuantConfig(method, weight_bits, act_bits,
+                                                           attention_bits=attention_bits),
+                       lambda: _check_prompts(model, calibration_prompts))
 
     def apply(self, model: DiffusionModel, method: str, weight_bits: int, act_bits: int, attention_bits: int,
               correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,

@@ -19,11 +19,13 @@ from ..accel.deepcache import DeepCacheConfig
 from ..adapters.diffusers_site import accelerated
 from ..adapters.diffusers_slicing import sliced_decoder
 from ..adapters.diffusers_unet import deep_modules
+from ..files import write_numbered
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
 from .context import model_roots, output_dir
 from .ui_messages import send_stats
+from .validation import verdict
 
 LOG = logging.getLogger("livecache")
 EMBEDDED = "embedded:digits"
@@ -53,11 +55,19 @@ class LoadDiffusersModel:
                        "your diffusers model folders (unet/, scheduler/, optional vae/, text encoder).",
         })}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, source: str | None = None) -> bool | str:
+        return verdict(cls, {"source": source}, lambda: isinstance(source, str) and _model_folder(source))
+
     def load(self, source: str) -> tuple[DiffusionModel]:
-        source = source.strip()
-        if source in ("", EMBEDDED):
-            return (_load_cached(None),)
-        return (_load_cached(str(resolve_inside(source, model_roots()))),)
+        folder = _model_folder(source)
+        return (_load_cached(None if folder is None else str(folder)),)
+
+
+def _model_folder(source: str) -> Path | None:
+    """None for the embedded model, else the folder inside the model roots (refused outside them)."""
+    source = source.strip()
+    return None if source in ("", EMBEDDED) else resolve_inside(source, model_roots())
 
 
 class ApplyDeepCache:
@@ -121,6 +131,14 @@ class DiffusersSampler:
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images per run."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt: str | None = None, negative_prompt: str | None = None,
+                        model: DiffusionModel | None = None) -> bool | str:
+        """A prompt the model cannot read fails before anything runs (the digits model reads digits only)."""
+        return verdict(cls, {"prompt": prompt, "negative_prompt": negative_prompt},
+                       *[lambda p=p: model.encode_prompt(p) for p in (prompt, negative_prompt)
+                         if isinstance(p, str) and model is not None])
+
     def sample(self, model: DiffusionModel, prompt: str, negative_prompt: str, seed: int, steps: int,
                guidance: float, scheduler: str, batch_size: int, unique_id: str | None = None) -> tuple[dict]:
         cond = model.encode_prompt(prompt).repeat(batch_size, 1, 1)
@@ -178,27 +196,33 @@ class SaveImages:
                                 "tooltip": "Enlarge by this integer factor (nearest neighbour) before saving."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str | None = None, upscale: int | None = None) -> bool | str:
+        return verdict(cls, {"filename_prefix": filename_prefix, "upscale": upscale},
+                       lambda: filename_prefix is None or _output_prefix(filename_prefix))
+
     def save(self, images: torch.Tensor, filename_prefix: str, upscale: int) -> dict:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
             raise ValueError("images must be an IMAGE: a float [B, H, W, C] tensor with C in 1, 3, 4")
-        prefix = Path(filename_prefix.strip() or "livecache")
-        if prefix.is_absolute() or ".." in prefix.parts:
-            raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside the output folder")
+        prefix = _output_prefix(filename_prefix)
         folder = output_dir() / prefix.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        taken = len(list(folder.glob(f"{prefix.name}_*.png")))
         written = []
-        for i, image in enumerate(images):
+        for image in images:
             array = (image.float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
             picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
             if upscale > 1:
                 picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
-            path = folder / f"{prefix.name}_{taken + i:05d}.png"
-            tmp = path.with_name(f".{path.name}.tmp")
-            picture.save(tmp, format="PNG")
-            tmp.replace(path)
-            written.append(path)
+            written.append(write_numbered(folder, prefix.name, ".png",
+                                          lambda stream, picture=picture: picture.save(stream, format="PNG")))
         LOG.info("saved %d image(s) to %s", len(written), folder)
         subfolder = "" if prefix.parent == Path(".") else prefix.parent.as_posix()
         return {"ui": {"images": [{"filename": p.name, "subfolder": subfolder, "type": "output"} for p in written]},
                 "result": ()}
+
+
+def _output_prefix(filename_prefix: str) -> Path:
+    """The prefix as a relative path inside the output folder: no absolute paths, no `..`, no NUL."""
+    prefix = Path(filename_prefix.strip() or "livecache")
+    if prefix.is_absolute() or ".." in prefix.parts or "\0" in filename_prefix:
+        raise ValueError(f"filename_prefix {filename_prefix[:80]!r} must stay inside the output folder")
+    return prefix

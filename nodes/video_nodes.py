@@ -19,6 +19,7 @@ from ..models.loading import resolve_inside
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model, parse_video_prompt
 from .context import model_roots
 from .ui_messages import send_stats
+from .validation import verdict
 
 EMBEDDED_VIDEO = "embedded:video"
 MAX_SEED = 2**63 - 1
@@ -53,11 +54,20 @@ class LoadVideoModel:
             "tooltip": "'embedded:video' for the model that ships with LiveCache, or a folder name inside your "
                        "model folders holding config.json + model.safetensors from `livecache train video`."})}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, source: str | None = None) -> bool | str:
+        return verdict(cls, {"source": source}, lambda: isinstance(source, str) and _video_folder(source))
+
     def load(self, source: str) -> tuple[VideoModel]:
-        source = source.strip()
-        folder = None if source in ("", EMBEDDED_VIDEO) else str(resolve_inside(source, model_roots()))
-        model = _load_cached(folder)
+        folder = _video_folder(source)
+        model = _load_cached(None if folder is None else str(folder))
         return (VideoModel(model, CausalCacheConfig(enabled=False, window=model.config.context)),)
+
+
+def _video_folder(source: str) -> Path | None:
+    """None for the embedded model, else the folder inside the model roots (refused outside them)."""
+    source = source.strip()
+    return None if source in ("", EMBEDDED_VIDEO) else resolve_inside(source, model_roots())
 
 
 class CausalCache:
@@ -111,6 +121,10 @@ class VideoSampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
                              "tooltip": "Noise seed; the same seed and settings give the same video."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
+        return verdict(cls, {"prompt": prompt}, lambda: isinstance(prompt, str) and parse_video_prompt(prompt))
 
     def sample(self, video_model: VideoModel, prompt: str, chunks: int, chunk_length: int, steps: int,
                sampler: str, seed: int, unique_id: str | None = None) -> tuple[torch.Tensor]:

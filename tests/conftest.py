@@ -52,3 +52,39 @@ class DeepCallCounter:
 @pytest.fixture
 def deep_counter():
     return DeepCallCounter
+
+
+REASSOCIATION_ULPS = 64
+
+
+def assert_close_reassociated(actual, expected, ulps: int = REASSOCIATION_ULPS) -> None:
+    """`actual` is `expected` computed in another order (slices, split batches, a cache replayed).
+
+    Why scaled: float addition is not associative, so a sum reduced in another order differs by a few
+    units in the last place *of the largest terms*, i.e. of the tensor's magnitude, not of each element
+    (an element near zero can differ by far more than rtol of itself). So every element must lie within
+    `ulps` machine epsilons of the dtype times max|expected|. Shapes, dtypes and non-finite entries must
+    match exactly; bit-identical results (a restored model) are compared with torch.equal instead.
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite) and torch.equal(actual[~finite], expected[~finite])
+    scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
+    tolerance = reassociation_bound(expected.dtype, ulps) * scale
+    worst = float((actual[finite].double() - expected[finite].double()).abs().max()) if bool(finite.any()) else 0.0
+    assert worst <= tolerance, (f"max |difference| {worst:.3g} exceeds {ulps} eps × max|expected| "
+                                f"= {tolerance:.3g} (max|expected| {scale:.3g})")
+
+
+def reassociation_bound(dtype: torch.dtype = torch.float32, ulps: int = REASSOCIATION_ULPS) -> float:
+    """The relative bound `assert_close_reassociated` applies (for results reported as max|Δ| / max|expected|)."""
+    return ulps * torch.finfo(dtype).eps
+
+
+assert_close_reassociated.bound = reassociation_bound
+
+
+@pytest.fixture
+def close_reassociated():
+    """`assert_close_reassociated` for tests (fixtures, not imports: the suite runs in importlib mode)."""
+    return assert_close_reassociated

@@ -6,9 +6,9 @@ from livecache.bench.slicing_bench import slicing_rows
 from livecache.bench.workloads import sd15_workload
 
 
-def test_slicing_rows_report_memory_speed_and_exactness():
+def test_slicing_rows_report_memory_speed_and_exactness(close_reassociated):
     (row,) = slicing_rows("sd15-tiny", batch=2, slices=2, runs=1, only="vae", progress=lambda _: None)
-    assert row.slices == 2 and row.max_abs_diff <= 1e-5
+    assert row.slices == 2 and row.max_rel_diff <= close_reassociated.bound()  # exact up to float order
     assert row.peak_mb_sliced < row.peak_mb_full and row.memory_ratio > 1.2
     assert row.seconds_full > 0 and row.speed > 0
 

@@ -256,3 +256,47 @@ def test_cachequant_corrections_reduce_the_errors_they_target(model, runs, refer
     assert torch.equal(generate(model, [])[0], reference)
     with pytest.raises(ValueError, match="calibrated for model tiny"):
         generate(tiny_model(unet_factory, seed=1), [plan])
+
+
+def valid_schedule_json() -> dict:
+    schedule = CalibratedSchedule("f" * 16, "m", 4, "ddim", (True, False, True, False),
+                                  tuple(tuple(0.0 if j <= i else 0.1 for j in range(4)) for i in range(4)), 0.3, 0.2)
+    return json.loads(schedule.to_json())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"full_steps": [1, "yes", 1, 0]}, r"field 'full_steps'\[1\] must be true/false or 1/0, got 'yes'"),
+    ({"full_steps": [1, 0.5, 1, 0]}, r"field 'full_steps'\[1\] must be true/false or 1/0, got 0.5"),
+    ({"full_steps": [0, 1, 1, 0]}, r"field 'full_steps': step 0 must be a full step \(the first flag is false\)"),
+    ({"full_steps": [1, 0]}, r"field 'full_steps' must be a list of 4 flags"),
+    ({"errors": [[0.1]] * 4}, r"field 'errors' must be a 4×4 matrix \(one row per step\), got 4×1"),
+    ({"errors": [[0, float("nan"), 0, 0]] * 4}, r"field 'errors'\[0\]\[1\] must be a finite number >= 0, got nan"),
+    ({"errors": [[0, float("inf"), 0, 0]] * 4}, r"field 'errors'\[0\]\[1\] must be a finite number >= 0, got inf"),
+    ({"segments": [[None, -1, 0, 0]] * 4}, r"field 'segments'\[0\]\[1\] must be a finite number >= 0 or null"),
+    ({"steps": 4.5}, r"field 'steps' must be a whole number of steps in 1\.\.1000, got 4.5"),
+    ({"steps": True}, r"field 'steps' must be a whole number"),
+    ({"cost": float("nan")}, r"field 'cost' must be a number >= 0, got nan"),
+    ({"model": "x" * 5000}, r"field 'model' must be a non-empty string of at most 1000 characters"),
+    ({"calibration": []}, r"field 'calibration' must be an object"),
+    ({"objective": "speed"}, r"field 'objective' must be 'feature' or 'output'"),
+])
+def test_hostile_schedule_files_are_refused_naming_the_field(tmp_path, change, message):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**valid_schedule_json(), **change}))
+    with pytest.raises(ValueError, match=rf"s\.json: {message}"):
+        CalibratedSchedule.load(path)
+
+
+def test_schedule_files_that_are_not_schedules_are_refused_without_tracebacks(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**valid_schedule_json(), "calibration": {"notes": "x" * (50 << 20)}}))
+    with pytest.raises(ValueError, match=r"s\.json: \d+ bytes is too large for a cache schedule"):
+        CalibratedSchedule.load(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="JSON nested too deeply"):
+        CalibratedSchedule.load(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        CalibratedSchedule.load(path)
+    path.write_text(json.dumps(valid_schedule_json()))
+    assert CalibratedSchedule.load(path).full_steps == (True, False, True, False)

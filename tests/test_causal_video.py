@@ -63,18 +63,18 @@ def run(model, enabled: bool, window: int, chunks: int = 3, sampler: str = "lcm"
 
 
 @pytest.mark.parametrize("sampler", ["lcm", "ddim"])
-def test_cache_shared_equals_recompute_while_context_fits(sampler):
+def test_cache_shared_equals_recompute_while_context_fits(sampler, close_reassociated):
     model = tiny_model()
     cached, recomputed = run(model, True, 16, sampler=sampler), run(model, False, 16, sampler=sampler)
     assert cached.shape == (2, 12, 3, 16, 16)
     assert float(cached.std()) > 0.05  # not a trivial (constant) output
-    assert (cached - recomputed).abs().max() < 1e-4
+    close_reassociated(cached, recomputed)
 
 
-def test_after_eviction_the_modes_diverge_so_the_check_above_can_fail():
+def test_after_eviction_the_modes_diverge_so_the_check_above_can_fail(close_reassociated):
     model = tiny_model()
     cached, recomputed = run(model, True, 4, chunks=3), run(model, False, 4, chunks=3)
-    assert (cached[:, :8] - recomputed[:, :8]).abs().max() < 1e-4  # clips 1-2: context fits the window
+    close_reassociated(cached[:, :8], recomputed[:, :8])  # clips 1-2: context fits the window
     assert (cached[:, 8:] - recomputed[:, 8:]).abs().max() > 1e-3  # clip 3 sees keys made with evicted context
 
 
@@ -172,14 +172,14 @@ def test_shipped_model_loads_and_moves():
     assert (frames[1:] - frames[:-1]).abs().mean() < 0.2  # ... coherently, not as fresh noise each frame
 
 
-def test_nodes_do_not_mutate_and_sample_image_frames():
+def test_nodes_do_not_mutate_and_sample_image_frames(close_reassociated):
     (loaded,) = LoadVideoModel().load("embedded:video")
     (cached,) = CausalCache().apply(loaded, True, 4)
     assert not loaded.cache.enabled and cached.cache.enabled and cached.model is loaded.model
     (frames,) = VideoSampler().sample(cached, "texture", 2, 4, 2, "lcm", 0)
     assert frames.shape == (8, 32, 32, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
     (again,) = VideoSampler().sample(loaded, "texture", 2, 4, 2, "lcm", 0)  # recompute: the same frames
-    assert (frames - again).abs().max() < 1e-4
+    close_reassociated(frames, again)
 
 
 @pytest.mark.parametrize("name", ["causal_video_default.json", "causal_video_default_api.json"])

@@ -29,7 +29,7 @@ def lcm4(unet, scheduler):
     return x
 
 
-def test_lcm_deepcache_slicing_rehash_stack_in_any_order(tiny_unet):
+def test_lcm_deepcache_slicing_rehash_stack_in_any_order(tiny_unet, close_reassociated):
     scheduler = make_scheduler("lcm", SCHEDULER_CONFIG)
     plain = lcm4(tiny_unet, scheduler)
     with accelerated(tiny_unet, scheduler, [DEEPCACHE, REHASH]) as (cache, rehash):
@@ -38,7 +38,7 @@ def test_lcm_deepcache_slicing_rehash_stack_in_any_order(tiny_unet):
         stacked = lcm4(tiny_unet, scheduler)
     with accelerated(tiny_unet, scheduler, [SLICING, DEEPCACHE, REHASH]):
         reordered = lcm4(tiny_unet, scheduler)
-    assert torch.allclose(stacked, unsliced, rtol=1e-5, atol=1e-5)  # slicing is exact under the caches
+    close_reassociated(stacked, unsliced)  # slicing is exact under the caches, up to float order
     assert torch.equal(stacked, reordered)
     assert rehash2.stats.pattern == rehash.stats.pattern and cache2.stats.schedule == "F.F."
     assert slicing.stats.slice_calls > 0 and not torch.equal(stacked, plain)

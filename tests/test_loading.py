@@ -1,6 +1,7 @@
 """Weights load from local folders with safetensors only, and every failure names the file."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -108,3 +109,60 @@ def test_folder_with_clip_text_encoder_and_vae_loads_and_samples(model_copy):
                      2, model.default_guidance, progress=False)
     images = decode(model, latents)
     assert images.shape == (1, 16, 16, 3) and 0 <= float(images.min()) <= float(images.max()) <= 1
+
+
+def test_config_sizes_are_checked_on_load_naming_the_file(model_copy, tmp_path):
+    from livecache.models.avatar import AVATAR_DIR
+    from livecache.models.avatar import load_model as load_avatar
+    from livecache.models.video import VIDEO_DIR, load_video_model
+
+    config_file = model_copy / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    for bad, shown in ((100_000, "100000"), (True, "True"), (-16, "-16"), (16.5, "16.5")):
+        config_file.write_text(json.dumps({**config, "sample_size": bad}))
+        with pytest.raises(WeightsError, match=rf"unet/config\.json: sample_size = {shown} must be a positive integer"):
+            load_model(model_copy)
+    config_file.write_text(json.dumps([config]))
+    with pytest.raises(WeightsError, match=r"unet/config\.json: must hold a JSON object .* not a list"):
+        load_model(model_copy)
+
+    avatar = tmp_path / "avatar"
+    shutil.copytree(AVATAR_DIR, avatar)
+    index = json.loads((avatar / "model_index.json").read_text())
+    (avatar / "model_index.json").write_text(json.dumps({**index, "resolution": 65536}))
+    with pytest.raises(WeightsError, match=r"model_index\.json: resolution = 65536 must be a positive integer of "
+                                           r"at most 4096"):
+        load_avatar(avatar)
+    (avatar / "model_index.json").write_text(json.dumps({**index, "audio_context_s": float("nan")}))
+    with pytest.raises(WeightsError, match=r"model_index\.json: audio_context_s must be a finite number"):
+        load_avatar(avatar)
+
+    video = tmp_path / "video"
+    shutil.copytree(VIDEO_DIR, video)
+    video_config = json.loads((video / "config.json").read_text())
+    (video / "config.json").write_text(json.dumps({**video_config, "dim": 10**9}))
+    with pytest.raises(WeightsError, match=r"video/config\.json: dim = 1000000000 must be a positive integer"):
+        load_video_model(video)
+
+
+def test_nan_and_integer_weights_are_refused(model_copy):
+    from safetensors.torch import load_file, save_file
+
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    save_file({**state, name: torch.full_like(state[name], float("nan"))}, str(weights))
+    with pytest.raises(WeightsError, match=rf"tensor {re.escape(name)} holds NaN or infinite values"):
+        load_model(model_copy)
+    save_file({**state, name: state[name].to(torch.int8)}, str(weights))
+    with pytest.raises(WeightsError, match=rf"tensor {re.escape(name)} is int8, the model needs floating point"):
+        load_model(model_copy)
+
+
+def test_a_missing_audio_file_names_the_input_folders(tmp_path, monkeypatch):
+    from livecache.nodes.avatar_nodes import LoadAudioFile
+
+    monkeypatch.setenv("LIVECACHE_INPUT", str(tmp_path))
+    with pytest.raises(WeightsError, match="nowhere.wav: not found inside the input folders or the pack's example"):
+        LoadAudioFile().load("nowhere.wav")
+    assert "not found inside the input folders" in LoadAudioFile.VALIDATE_INPUTS(file="nowhere.wav")

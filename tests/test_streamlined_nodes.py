@@ -60,7 +60,7 @@ def test_nodes_refuse_stacks_that_cannot_work():
         ApplyStepRehash().apply(bare_model(), 0.1, 0, "reuse")
 
 
-def test_decode_slices_the_vae_decoder():
+def test_decode_slices_the_vae_decoder(close_reassociated):
     from livecache.bench.slicing_bench import _vae
 
     vae = _vae(tiny=True)
@@ -71,5 +71,6 @@ def test_decode_slices_the_vae_decoder():
     (plain,) = DecodeImages().decode(model, latents)
     (sliced,) = DecodeImages().decode(ApplySlicing().apply(model, "batch", 4, True)[0], latents)
     handle.remove()
-    assert len(calls) == 1 + 3 and (plain - sliced).abs().max() <= 1e-5
+    assert len(calls) == 1 + 3
+    close_reassociated(sliced, plain)
     assert "forward" not in vae.decoder.__dict__

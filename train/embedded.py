@@ -9,7 +9,6 @@ features give the FID-style score. Both write safetensors through `save_componen
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..models.embedded import (
     build_digits_unet,
 )
 from ..models.features import DigitFeatures
-from ..models.loading import save_component, save_weights
+from ..models.loading import save_component, save_json, save_weights
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -76,11 +75,9 @@ def train_digits(out_dir: Path = DIGITS_DIR, steps: int = 1500, batch: int = 64,
     save_component(ema_unet, out_dir / "unet", dict(UNET_CONFIG, _class_name="UNet2DConditionModel"),
                    "diffusion_pytorch_model", half=True)
     save_component(ema_encoder, out_dir / "prompt_encoder", {"_class_name": "DigitPromptEncoder"}, "model", half=True)
-    scheduler_dir = out_dir / "scheduler"
-    scheduler_dir.mkdir(parents=True, exist_ok=True)
-    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
-    (out_dir / "model_index.json").write_text(json.dumps({"_class_name": "LiveCacheDigits", "steps": steps,
-                                                           "batch": batch, "seed": seed}, indent=2) + "\n")
+    save_json(out_dir / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    save_json(out_dir / "model_index.json", {"_class_name": "LiveCacheDigits", "steps": steps, "batch": batch,
+                                             "seed": seed})
     return out_dir
 
 
