@@ -31,8 +31,8 @@ import torch
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
 from ..adapters.comfy_unet import apply_deepcache, apply_step_rehash
-from .comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
 from ..files import text_writer, write_replacing
+from .comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
 from .metrics import psnr, ssim
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
