@@ -363,3 +363,35 @@ def test_server_shutdown_tells_websocket_clients_why(tmp_path):
         srv.assert_clean_log()
     stopped = [json.loads(m) for m in rest if isinstance(m, str) and '"stopped"' in m]
     assert [m["reason"] for m in stopped] == ["shutdown"] and code == 1001
+
+
+def test_engine_failure_ends_the_session_with_a_reason(monkeypatch, caplog):
+    """An engine that fails mid-stream: the client hears engine_error and `stopped`, the slot is freed."""
+    from livecache.realtime import server as server_module
+    from livecache.realtime.engines import create_engine
+
+    embedded = type(create_engine("embedded"))
+
+    class FailingEngine(embedded):
+        def render_batch(self, requests):
+            raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(server_module, "create_engine", lambda name, **options: FailingEngine())
+
+    async def run():
+        live = await server_module.LiveServer().start()
+        try:
+            async with websockets.connect(live.url.replace("http://", "ws://") + "/ws") as ws:
+                await ws.send(json.dumps({"type": "start", "size": 256}))
+                rest = await messages_until_closed(ws)
+                return rest, ws.close_code, len(live.hub.sessions), live.hub.counters.snapshot()
+        finally:
+            await live.stop()
+
+    rest, code, remaining, counters = asyncio.run(run())
+    events = [json.loads(m) for m in rest if isinstance(m, str)]
+    assert [e["type"] for e in events] == ["ready", "error", "stopped"]
+    assert events[1]["code"] == "engine_error" and "the device went away" in events[1]["message"]
+    assert events[2]["reason"] == "engine_error" and code == 1011
+    assert remaining == 0 and counters["sessions_ended"] == {"engine_error": 1}
+    assert not [r for r in caplog.records if r.exc_info]
