@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -73,8 +74,12 @@ class UploadDecoder:
         self._pending += 1
         job = self._executor.submit(fn, data)
         # released when the thread is done with it (not when a caller gives up), so the bound is real
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        job.add_done_callback(lambda _: self._finished(loop))
         return await asyncio.wrap_future(job)
+
+    def _finished(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (server shutdown): nothing to release
+            loop.call_soon_threadsafe(self._release)
 
     def _release(self) -> None:
         self._pending -= 1

@@ -98,6 +98,7 @@ async def info(request: web.Request) -> web.Response:
     hub: SessionHub = request.app["hub"]
     return web.json_response({
         "engine": hub.engine.name, "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
+        "connecting": sum(not s.connected for s in hub.sessions.values()),
         "limits": {"max_message_bytes": MAX_MESSAGE, "max_audio_message_bytes": MAX_AUDIO_MESSAGE,
                    "max_portrait_bytes": MAX_UPLOAD_BYTES, "portrait_sides": [MIN_SIDE, MAX_SIDE],
                    "portrait_formats": list(UPLOAD_FORMATS), "max_pending_decodes": MAX_PENDING_DECODES,

@@ -188,7 +188,8 @@ class Connection:
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
         except PortraitError as exc:
-            raise ProtocolError("bad_portrait", str(exc), "portrait") from None
+            field = "portrait_b64" if isinstance(portrait, bytes) else "portrait"
+            raise ProtocolError("bad_portrait", str(exc), field) from None
         except ValueError as exc:
             raise ProtocolError("bad_option", str(exc)) from None
         self.session = session
