@@ -22,6 +22,18 @@ def _bounded(low: int, high: int):
     return parse
 
 
+def _seconds(low: float, high: float):
+    """An argparse type for a duration in seconds within [low, high]."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds, got {value:g}")
+        return value
+
+    return parse
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the live avatar: open http://HOST:PORT/ in a browser (microphone in, avatar video and voice out), "
@@ -41,6 +53,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="--engine diffusion: int8 U-Net (W8A8, calibrated at start-up)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
+    parser.add_argument("--connect-timeout", type=_seconds(0.5, 600),
+                        help="seconds a WebRTC offer has to connect (ICE and DTLS) before its session is closed "
+                             "and its slot freed (default 20)")
+    parser.add_argument("--request-timeout", type=_seconds(0.5, 600),
+                        help="seconds a new connection has to send a complete request head (default 10)")
+    parser.add_argument("--body-timeout", type=_seconds(0.5, 3600),
+                        help="seconds a request has to deliver its body, e.g. a portrait upload (default 60)")
+    parser.add_argument("--max-connections-per-address", type=_bounded(1, 4096),
+                        help="open connections one client address may hold; more are refused with 503 "
+                             "(default 32)")
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
                         "machines need before they allow the microphone")
     parser.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
@@ -76,14 +98,18 @@ async def _serve(args: argparse.Namespace) -> None:
     import signal
     import ssl
 
-    from .server import LiveServer
+    from .server import LiveServer, ServerLimits
 
     context = None
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
     options = {k: v for k, v in (("weights", args.weights), ("w8a8", args.w8a8)) if v}
-    server = await LiveServer(args.host, args.port, args.engine, args.max_sessions, context, options).start()
+    chosen = {"max_sessions": args.max_sessions, "connect_timeout_s": args.connect_timeout,
+              "head_timeout_s": args.request_timeout, "body_timeout_s": args.body_timeout,
+              "max_connections_per_address": args.max_connections_per_address}
+    limits = ServerLimits(**{k: v for k, v in chosen.items() if v is not None})  # unset: ServerLimits' default
+    server = await LiveServer(args.host, args.port, args.engine, limits, context, options).start()
     print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
           f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()

@@ -3,37 +3,90 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from ..pipelines.portrait import default_portrait, find_face
 from .engines.base import AvatarEngine, SessionOptions
-from .metrics import SessionMetrics
+from .metrics import ServerCounters, SessionMetrics
 from .portrait import PortraitError, decode_upload
+from .schema import Field
 from .session import LiveSession
 from .worker import RenderWorker
 
 SIZES = (256, 384, 512)
 MAX_FPS = 30.0
+MAX_PENDING_DECODES = 4  # uploads decoding or waiting to; more at once are refused as busy
+DECODE_NICENESS = 10  # the decode thread yields the CPU to the render threads (Linux: niceness is per thread)
+CONNECT_TIMEOUT_S = 20.0  # a WebRTC session must connect (ICE + DTLS) within this, or it is closed
+
+# The client's session choices, shared by the websocket `start` message and the WebRTC offer.
+SESSION_FIELDS = {
+    "size": Field("integer", 512, choices=SIZES),
+    "fps": Field("number", 25, low=1, high=MAX_FPS),
+    "seed": Field("integer", 0, low=0, high=2**32 - 1),
+    "portrait": Field("string", "default", max_len=64, code="bad_portrait"),
+}
+
+T = TypeVar("T")
 
 
 class LimitError(RuntimeError):
     """A request exceeds a server limit; the message says which and what to do."""
 
 
-def parse_options(raw: dict[str, object]) -> SessionOptions:
-    """Validate client options with messages that name the field and the allowed values."""
-    size, fps, seed = raw.get("size", 512), raw.get("fps", 25), raw.get("seed", 0)
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not 1 <= fps <= MAX_FPS:
-        raise ValueError(f"fps must be a number between 1 and {MAX_FPS:g}, got {fps!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    return SessionOptions(size=int(size), fps=float(fps), seed=seed)
+def session_options(fields: dict[str, object]) -> SessionOptions:
+    """SessionOptions from a message already validated against SESSION_FIELDS."""
+    return SessionOptions(size=int(fields["size"]), fps=float(fields["fps"]), seed=int(fields["seed"]))
+
+
+def _lower_priority() -> None:
+    if sys.platform.startswith("linux"):  # elsewhere setpriority would renice the whole process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+
+
+class UploadDecoder:
+    """Decodes uploaded portraits on one low-priority thread of its own, never on the render workers, and
+    refuses uploads beyond `max_pending` in flight: a burst of uploads then costs bounded memory and CPU and
+    cannot stall a live session's frames."""
+
+    def __init__(self, counters: ServerCounters, max_pending: int = MAX_PENDING_DECODES) -> None:
+        self.counters = counters
+        self.max_pending = max_pending
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="lc-decode", initializer=_lower_priority)
+        self._pending = 0
+
+    async def run(self, fn: Callable[[bytes], T], data: bytes) -> T:
+        if self._pending >= self.max_pending:
+            self.counters.refused["decode_busy"] += 1
+            raise LimitError(f"{self._pending} portraits are being decoded already (the limit is "
+                             f"{self.max_pending}); try again in a moment")
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        job = self._executor.submit(fn, data)
+        # released when the thread is done with it (not when a caller gives up), so the bound is real
+        job.add_done_callback(lambda _: self._finished(loop))
+        return await asyncio.wrap_future(job)
+
+    def _finished(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (server shutdown): nothing to release
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self._pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _validated(data: bytes) -> np.ndarray:
@@ -44,11 +97,15 @@ def _validated(data: bytes) -> np.ndarray:
 
 
 class SessionHub:
-    def __init__(self, engine: AvatarEngine, max_sessions: int = 4, max_portraits: int = 16) -> None:
+    def __init__(self, engine: AvatarEngine, max_sessions: int = 4, max_portraits: int = 16,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, counters: ServerCounters | None = None) -> None:
         self.engine = engine
         self.max_sessions = max_sessions
         self.max_portraits = max_portraits
+        self.connect_timeout_s = connect_timeout_s
+        self.counters = counters or ServerCounters()
         self.worker = RenderWorker(engine)
+        self.decoder = UploadDecoder(self.counters)
         self.sessions: dict[str, LiveSession] = {}
         self._portraits: OrderedDict[str, np.ndarray] = OrderedDict({"default": default_portrait(512)})
         self._pending = 0
@@ -59,7 +116,7 @@ class SessionHub:
 
     async def add_portrait(self, data: bytes) -> str:
         """Validate an upload (size, decodable, a face in it) and keep it under a fresh id."""
-        rgb = await self.worker.run(_validated, data)
+        rgb = await self.decoder.run(_validated, data)
         pid = uuid.uuid4().hex[:12]
         self._portraits[pid] = rgb
         while len(self._portraits) > self.max_portraits:
@@ -78,25 +135,32 @@ class SessionHub:
     async def open(self, portrait: str | bytes, options: SessionOptions, transport: str) -> LiveSession:
         """Start a session; raises LimitError, PortraitError or ValueError with a client-facing message."""
         if len(self.sessions) + self._pending >= self.max_sessions:
+            self.counters.refused["busy"] += 1
             raise LimitError(f"server is at its limit of {self.max_sessions} sessions; try again later")
         self._pending += 1
         try:
             metrics = SessionMetrics()
-            rgb = await self.worker.run(decode_upload, portrait) if isinstance(portrait, bytes) else \
+            rgb = await self.decoder.run(decode_upload, portrait) if isinstance(portrait, bytes) else \
                 self.portrait(portrait)
             engine_session = await self.worker.open_session(rgb, options)
         finally:
             self._pending -= 1
         session = LiveSession(engine_session, self.worker, options, transport, metrics)
         self.sessions[session.id] = session
-        session.on_close(self._forget(session.id))
+        self.counters.opened += 1
+        session.on_close(self._forget(session))
         return session
 
-    def _forget(self, sid: str):
+    def _forget(self, session: LiveSession):
         async def forget() -> None:
-            self.sessions.pop(sid, None)
+            self.sessions.pop(session.id, None)
+            self.counters.ended[str(session.end_reason)] += 1
         return forget
 
+    async def end_sessions(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self.sessions.values())), return_exceptions=True)
+
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)
+        await self.end_sessions("shutdown")
+        self.decoder.close()
         await self.worker.close()

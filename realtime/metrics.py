@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from statistics import median
 
 
@@ -59,3 +59,19 @@ class SessionMetrics:
             "dropped_frames": self.dropped_frames,
             "dropped_audio_ms": round(self.dropped_audio_ms, 1),
         }
+
+
+class ServerCounters:
+    """Server-wide counts behind /api/info: sessions opened, how each one ended, and what was refused.
+
+    They make the slow leaks visible that per-session numbers cannot: WebRTC offers that never connected
+    (`ended["connect_timeout"]`), clients refused for a full server, connections cut for sending too slowly.
+    """
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.ended: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    def snapshot(self) -> dict[str, object]:
+        return {"sessions_opened": self.opened, "sessions_ended": dict(self.ended), "refused": dict(self.refused)}

@@ -9,23 +9,49 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from .engines import create_engine
-from .hub import LimitError, SessionHub
-from .portrait import MAX_UPLOAD_BYTES, PortraitError
+from .engines.base import STATES
+from .guard import ConnectionGuard
+from .hub import CONNECT_TIMEOUT_S, MAX_PENDING_DECODES, LimitError, SessionHub
+from .metrics import ServerCounters
+from .portrait import MAX_SIDE, MAX_UPLOAD_BYTES, MIN_SIDE, UPLOAD_FORMATS, PortraitError
+from .schema import Field, SchemaError, validate
 from .session import LiveSession
 from .webrtc import answer_offer
 from .wsapi import MAX_AUDIO_MESSAGE, MAX_MESSAGE
 from .wsapi import handle as handle_ws
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web" / "live"
+STATE_BODY = {"state": Field("string", choices=(*STATES, "auto"))}
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every limit that keeps one server serving many clients (`livecache serve` options; /api/info reports them)."""
+
+    max_sessions: int = 4
+    connect_timeout_s: float = CONNECT_TIMEOUT_S  # a WebRTC offer must connect within this
+    head_timeout_s: float = 10.0  # a new connection must deliver a complete request head within this
+    body_timeout_s: float = 60.0  # ... and the request's body within this (a 4 MB portrait at ~0.6 Mbit/s)
+    keepalive_s: float = 15.0  # an idle kept-alive connection (or a partial later request) is closed after this
+    max_connections_per_address: int = 32
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, object] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+def _bad_request(exc: ValueError) -> web.Response:
+    """400 with the client-facing message, naming the field when a schema check failed."""
+    return _error(400, str(exc), exc.field if isinstance(exc, SchemaError) else None)
 
 
 async def _json_body(request: web.Request) -> object:
@@ -43,6 +69,27 @@ def _session(request: web.Request) -> LiveSession:
     return session
 
 
+@web.middleware
+async def bounded_body(request: web.Request, handler):
+    """Read every request body whole, within the body deadline and the size limit, before a handler runs: no
+    handler can then wait forever on a client that stops sending, and each answers 408/413 the same way."""
+    limits: ServerLimits = request.app["limits"]
+    if request.body_exists:
+        try:
+            await asyncio.wait_for(request.read(), limits.body_timeout_s)  # cached: handlers read it again
+        except asyncio.TimeoutError:
+            request.app["counters"].refused["body_timeout"] += 1
+            response = _error(408, f"request body not received within {limits.body_timeout_s:g} s")
+            response.force_close()
+            return response
+        except web.HTTPRequestEntityTooLarge:
+            response = _error(413, f"request body is larger than {request.client_max_size} bytes (portraits: "
+                              f"at most {MAX_UPLOAD_BYTES} bytes)")
+            response.force_close()
+            return response
+    return await handler(request)
+
+
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_ROOT / "index.html")
 
@@ -51,8 +98,12 @@ async def info(request: web.Request) -> web.Response:
     hub: SessionHub = request.app["hub"]
     return web.json_response({
         "engine": hub.engine.name, "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
+        "connecting": sum(not s.connected for s in hub.sessions.values()),
         "limits": {"max_message_bytes": MAX_MESSAGE, "max_audio_message_bytes": MAX_AUDIO_MESSAGE,
-                   "max_portrait_bytes": MAX_UPLOAD_BYTES},
+                   "max_portrait_bytes": MAX_UPLOAD_BYTES, "portrait_sides": [MIN_SIDE, MAX_SIDE],
+                   "portrait_formats": list(UPLOAD_FORMATS), "max_pending_decodes": MAX_PENDING_DECODES,
+                   **asdict(request.app["limits"])},
+        "counters": request.app["counters"].snapshot(),
     })
 
 
@@ -62,11 +113,9 @@ async def default_portrait(request: web.Request) -> web.Response:
 
 async def upload_portrait(request: web.Request) -> web.Response:
     try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"portrait is larger than {MAX_UPLOAD_BYTES} bytes")
-    try:
-        pid = await request.app["hub"].add_portrait(data)
+        pid = await request.app["hub"].add_portrait(await request.read())
+    except LimitError as exc:
+        return _error(503, str(exc))
     except PortraitError as exc:
         return _error(400, str(exc))
     return web.json_response({"portrait": pid})
@@ -77,8 +126,8 @@ async def offer(request: web.Request) -> web.Response:
         return web.json_response(await answer_offer(request.app["hub"], await _json_body(request)))
     except LimitError as exc:
         return _error(503, str(exc))
-    except (PortraitError, ValueError) as exc:
-        return _error(400, str(exc))
+    except ValueError as exc:  # PortraitError and SchemaError included
+        return _bad_request(exc)
 
 
 async def sessions(request: web.Request) -> web.Response:
@@ -93,10 +142,10 @@ async def session_stats(request: web.Request) -> web.Response:
 async def session_state(request: web.Request) -> web.Response:
     session = _session(request)
     try:
-        body = await _json_body(request)
-        session.states.force(body.get("state") if isinstance(body, dict) else None)
+        body = validate(await _json_body(request), STATE_BODY, "the body")
     except ValueError as exc:
-        return _error(400, str(exc))
+        return _bad_request(exc)
+    session.states.force(str(body["state"]))
     return web.json_response(session.stats())
 
 
@@ -105,39 +154,47 @@ async def session_condition(request: web.Request) -> web.Response:
     websocket `condition` message without its "type"."""
     session = _session(request)
     try:
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            raise ValueError('the body must be a JSON object such as {"prompt": "7"}')
+        body = validate(await _json_body(request), {}, 'the body (such as {"prompt": "7"})', extra=True)
         return web.json_response(session.engine_session.control(body))
     except ValueError as exc:
-        return _error(400, str(exc))
+        return _bad_request(exc)
 
 
 async def session_stop(request: web.Request) -> web.Response:
     session = _session(request)
-    await session.close()
+    await session.close("api")
     return web.json_response(session.stats())
 
 
 async def _on_startup(app: web.Application) -> None:
     engine = create_engine(app["engine_name"], **app["engine_options"])
-    app["hub"] = SessionHub(engine, max_sessions=app["max_sessions"])
+    limits: ServerLimits = app["limits"]
+    app["hub"] = SessionHub(engine, max_sessions=limits.max_sessions, connect_timeout_s=limits.connect_timeout_s,
+                            counters=app["counters"])
     await app["hub"].warm_up()
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    """Close websockets and sessions before the loop stops, so no task outlives the server."""
+    """End sessions (their clients hear `stopped`, reason "shutdown"), then close the remaining websockets,
+    before the loop stops, so no task outlives the server."""
+    hub: SessionHub = app["hub"]
+    await hub.end_sessions("shutdown")
     await asyncio.gather(*(c.ws.close(code=1001, message=b"server shutdown") for c in list(app["connections"])),
                          return_exceptions=True)
-    await app["hub"].close()
+    await hub.close()
 
 
-def build_app(engine: str = "embedded", max_sessions: int = 4,
+def build_app(engine: str = "embedded", limits: ServerLimits | None = None,
               engine_options: dict[str, object] | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024)
+    limits = limits or ServerLimits()
+    counters = ServerCounters()
+    guard = ConnectionGuard(counters, limits.max_connections_per_address, limits.head_timeout_s)
+    app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024, middlewares=[guard.middleware, bounded_body])
     app["engine_name"] = engine
     app["engine_options"] = dict(engine_options or {})
-    app["max_sessions"] = max_sessions
+    app["limits"] = limits
+    app["counters"] = counters
+    app["guard"] = guard
     app["connections"] = set()
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
@@ -157,14 +214,22 @@ def build_app(engine: str = "embedded", max_sessions: int = 4,
 
 
 class LiveServer:
-    """Start/stop wrapper used by the CLI, the bench and the tests (port 0 picks a free port)."""
+    """Start/stop wrapper used by the CLI, the bench and the tests (port 0 picks a free port).
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, engine: str = "embedded", max_sessions: int = 4,
-                 ssl_context: ssl.SSLContext | None = None, engine_options: dict[str, object] | None = None):
+    It listens with `loop.create_server` on aiohttp's protocol factory (`runner.server`) wrapped in the
+    connection guard, which is why it does not use aiohttp's TCPSite.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, engine: str = "embedded",
+                 limits: ServerLimits | None = None, ssl_context: ssl.SSLContext | None = None,
+                 engine_options: dict[str, object] | None = None):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
-        self.app = build_app(engine, max_sessions, engine_options)
-        self._runner = web.AppRunner(self.app, handle_signals=False)
+        self.limits = limits or ServerLimits()
+        self.app = build_app(engine, self.limits, engine_options)
+        self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=2.0,
+                                     keepalive_timeout=self.limits.keepalive_s)
+        self._listener: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
@@ -176,10 +241,14 @@ class LiveServer:
 
     async def start(self) -> LiveServer:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=2.0, ssl_context=self.ssl_context)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        assert self._runner.server is not None
+        factory = self.app["guard"].protocol_factory(self._runner.server)
+        tls = {"ssl": self.ssl_context, "ssl_handshake_timeout": self.limits.head_timeout_s} if self.ssl_context else {}
+        self._listener = await asyncio.get_running_loop().create_server(factory, self.host, self.port, **tls)
+        self.port = self._listener.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner then shuts the open ones down
         await self._runner.cleanup()

@@ -7,9 +7,10 @@ time lives here, so both transports behave and measure the same way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import av
 import numpy as np
@@ -26,6 +27,21 @@ from .worker import RenderWorker
 # clients may legitimately send faster than real time (text-to-speech output), so their audio is
 # buffered as sent, pauses included; the slightly longer delay absorbs TCP and scheduling jitter.
 PLAYOUT = {"webrtc": (0.03, 0.15, True), "websocket": (0.04, 8.0, False)}
+
+# Why a session ended, as `stopped` messages and the server counters report it. Every way a session can end
+# goes through `LiveSession.close(reason)`, so every transport tears down the same way whichever side ends it.
+END_REASONS = ("client", "api", "disconnect", "connect_timeout", "engine_error", "shutdown", "bad_offer")
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel and await `tasks`, except the one running this (a task that ends its own session)."""
+    current = asyncio.current_task()
+    others = [t for t in tasks if t is not current]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 class LiveSession:
@@ -45,6 +61,8 @@ class LiveSession:
         self._resampler = MonoResampler(rate)
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.closed = asyncio.Event()
+        self.connected = transport != "webrtc"  # a WebRTC session is connecting until ICE and DTLS complete
+        self.end_reason: str | None = None
 
     def push_pcm16(self, samples: np.ndarray, rate: int) -> None:
         """Client audio (PCM16 mono at `rate`) onto the timeline; overflow is counted, not stored."""
@@ -85,12 +103,20 @@ class LiveSession:
     def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._closers.append(callback)
 
-    async def close(self) -> None:
+    async def close(self, reason: str) -> None:
+        """End the session once, for `reason` (one of END_REASONS): stop its frames, then run the closers the
+        hub and the transport registered (newest first), so the client hears why and every resource goes."""
         if self.closed.is_set():
             return
+        if reason not in END_REASONS:
+            raise ValueError(f"unknown end reason {reason!r}")
+        self.end_reason = reason
         self.closed.set()
         for callback in reversed(self._closers):
-            await callback()
+            try:
+                await callback()
+            except Exception:  # one failing teardown step must not leak the others' resources
+                log.exception("closing session %s (%s)", self.id, reason)
         self.engine_session.close()
 
     def info(self) -> dict[str, object]:
@@ -104,5 +130,6 @@ class LiveSession:
         }
 
     def stats(self) -> dict[str, object]:
-        return {"session": self.id, "state": self.states.state, "forced": self.states.forced,
-                **self.metrics.snapshot()}
+        phase = "ended" if self.closed.is_set() else "live" if self.connected else "connecting"
+        return {"session": self.id, "state": self.states.state, "forced": self.states.forced, "phase": phase,
+                "ended": self.end_reason, **self.metrics.snapshot()}

@@ -19,13 +19,15 @@ from aiortc.rtp import RtpPacket
 from av import AudioFrame, VideoFrame
 
 from .audio import float_to_pcm16
-from .hub import SessionHub, parse_options
-from .session import LiveSession
+from .hub import SESSION_FIELDS, SessionHub, session_options
+from .schema import Field, validate
+from .session import LiveSession, cancel_tasks
 
 VIDEO_CLOCK = 90000
 AUDIO_RATE = 48000
 AUDIO_PTIME = 0.02
 MAX_SDP = 64 * 1024
+OFFER = {"type": Field("string", choices=("offer",)), "sdp": Field("string", max_len=MAX_SDP), **SESSION_FIELDS}
 
 
 class AvatarVideoTrack(MediaStreamTrack):
@@ -106,15 +108,11 @@ async def _consume(track: MediaStreamTrack, session: LiveSession) -> None:
             session.push_frame(await track.recv())
 
 
-def _validate_offer(body: object) -> tuple[str, dict[str, object]]:
-    if not isinstance(body, dict):
-        raise ValueError('the offer must be a JSON object {"sdp": ..., "type": "offer"}')
-    sdp, kind = body.get("sdp"), body.get("type")
-    if kind != "offer" or not isinstance(sdp, str):
-        raise ValueError('the offer needs "type": "offer" and an "sdp" string')
-    if len(sdp) > MAX_SDP or not sdp.startswith("v=0") or "m=" not in sdp:
-        raise ValueError(f"malformed SDP offer: expected an SDP document (v=0 ... m=...) under {MAX_SDP} bytes")
-    return sdp, body
+def _validate_offer(body: object) -> dict[str, object]:
+    offer = validate(body, OFFER, "the offer")
+    if not str(offer["sdp"]).startswith("v=0") or "m=" not in str(offer["sdp"]):
+        raise ValueError("malformed SDP offer: expected an SDP document (v=0 ... m=...)")
+    return offer
 
 
 async def _negotiate(pc: RTCPeerConnection, sdp: str, session: LiveSession) -> None:
@@ -136,17 +134,20 @@ async def _negotiate(pc: RTCPeerConnection, sdp: str, session: LiveSession) -> N
 
 
 async def answer_offer(hub: SessionHub, body: object) -> dict[str, object]:
-    """Open a session for a browser offer and return the answer plus the session's info."""
-    sdp, params = _validate_offer(body)
-    options = parse_options(params)
-    session = await hub.open(str(params.get("portrait", "default")), options, "webrtc")
+    """Open a session for a browser offer and return the answer plus the session's info.
+
+    The session counts against the server's limit from the offer on, so one that does not connect
+    (ICE never completes, the client vanished after the answer) is closed after `hub.connect_timeout_s`,
+    which also closes its peer connection and releases its UDP sockets.
+    """
+    offer = _validate_offer(body)
+    session = await hub.open(str(offer["portrait"]), session_options(offer), "webrtc")
     pc = RTCPeerConnection()
     tasks: set[asyncio.Task[None]] = set()
+    connected = asyncio.Event()
 
     async def shutdown() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_tasks(tasks)
         await pc.close()
 
     session.on_close(shutdown)
@@ -161,12 +162,22 @@ async def answer_offer(hub: SessionHub, body: object) -> dict[str, object]:
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
-            await session.close()
+        if pc.connectionState == "connected":
+            session.connected = True
+            connected.set()
+        elif pc.connectionState in ("failed", "closed"):
+            await session.close("disconnect")
+
+    async def deadline() -> None:
+        try:
+            await asyncio.wait_for(connected.wait(), hub.connect_timeout_s)
+        except asyncio.TimeoutError:
+            await session.close("connect_timeout")
 
     try:
-        await _negotiate(pc, sdp, session)
+        await _negotiate(pc, sdp=str(offer["sdp"]), session=session)
     except Exception:
-        await session.close()
+        await session.close("bad_offer")
         raise
+    tasks.add(asyncio.create_task(deadline()))
     return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, **session.info()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import socket
 import struct
@@ -20,16 +19,34 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from .audio import INPUT_RATES, float_to_pcm16
-from .engines.base import RenderedFrame
-from .hub import LimitError, SessionHub, parse_options
-from .portrait import PortraitError
-from .session import LiveSession
+from .engines.base import STATES, RenderedFrame
+from .hub import SESSION_FIELDS, LimitError, SessionHub, session_options
+from .portrait import MAX_UPLOAD_BYTES, PortraitError
+from .schema import Field, Schema, SchemaError, validate
+from .session import LiveSession, cancel_tasks
 
 MAX_MESSAGE = 8 * 1024 * 1024  # hard cap (the connection is closed with 1009 above it)
 MAX_AUDIO_MESSAGE = 64 * 1024  # one binary audio chunk; larger chunks are refused with an error
 SEND_QUEUE = 2
 SEND_BUFFER = 256 * 1024  # about half a second of 512x512 JPEG frames
 STATS_EVERY_S = 1.0
+
+_TYPE = {"type": Field("string")}
+# message type -> (its fields, the error code for a bad field unless the field names its own, more fields allowed)
+MESSAGES: dict[str, tuple[Schema, str, bool]] = {
+    "start": ({**_TYPE, **SESSION_FIELDS,
+               "sample_rate": Field("integer", 16000, choices=INPUT_RATES, code="bad_sample_rate"),
+               "jpeg_quality": Field("integer", 80, low=10, high=95),
+               "portrait_b64": Field("string", None, max_len=4 * (MAX_UPLOAD_BYTES // 3 + 1), code="bad_portrait")},
+              "bad_option", False),
+    "state": ({**_TYPE, "state": Field("string", choices=(*STATES, "auto"))}, "bad_state", False),
+    "condition": (_TYPE, "bad_condition", True),  # the engine checks the rest (engine_session.control)
+    "interrupt": (_TYPE, "bad_message", False),
+    "stats": (_TYPE, "bad_message", False),
+    "stop": (_TYPE, "bad_message", False),
+}
+# how the connection closes after its session ends, by end reason (1000 normal, 1001 going away, 1011 error)
+CLOSE_CODES = {"shutdown": 1001, "engine_error": 1011}
 
 
 def pack_frame(header: dict[str, object], jpeg: bytes, pcm: bytes) -> bytes:
@@ -48,13 +65,37 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 class ProtocolError(ValueError):
     """A client message broke the protocol; reported as an error message, the connection stays open."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.field = field
+
+
+def parse_message(text: str) -> dict[str, object]:
+    """A control message checked against its type's schema (defaults filled in), or ProtocolError."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # syntax errors, 5000-digit numbers, [[[[... nesting
+        raise ProtocolError("bad_json", f"control messages must be JSON objects: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("bad_message", 'control messages are JSON objects with a string "type"', "type")
+    kind = message["type"]
+    if kind not in MESSAGES:
+        raise ProtocolError("bad_type", f"unknown type {kind[:40]!r}; use {', '.join(MESSAGES)}", "type")
+    schema, code, extra = MESSAGES[kind]
+    try:
+        return validate(message, schema, f'a "{kind}" message', extra=extra)
+    except SchemaError as exc:
+        raise ProtocolError(exc.code or code, str(exc), exc.field) from None
 
 
 class Connection:
-    """One websocket client: control handling, audio intake, and the frame sender with drop-oldest."""
+    """One websocket client: control handling, audio intake, and the frame sender with drop-oldest.
+
+    Every send goes through `_send`, which treats a client that has gone as the end of its session
+    instead of an error; every way the session ends goes through `LiveSession.close`, whose closer
+    registered here (`_session_ended`) stops the tasks, tells the client why and closes the connection.
+    """
 
     def __init__(self, ws: web.WebSocketResponse, hub: SessionHub) -> None:
         self.ws = ws
@@ -66,48 +107,58 @@ class Connection:
         self._queue: asyncio.Queue[RenderedFrame] = asyncio.Queue(SEND_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def send_json(self, message: dict[str, object]) -> None:
-        async with self._send_lock:
-            await self.ws.send_str(json.dumps(message))
+    async def _send(self, data: str | bytes) -> bool:
+        """Send to a client that may have gone; False (never an exception) when it has."""
+        if self.ws.closed:
+            return False
+        try:
+            async with self._send_lock:
+                if isinstance(data, str):
+                    await self.ws.send_str(data)
+                else:
+                    await self.ws.send_bytes(data)
+        except ConnectionError:  # reset or closing transport: the reader sees the disconnect and ends the session
+            return False
+        return True
 
-    async def error(self, code: str, message: str) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message})
+    async def send_json(self, message: dict[str, object]) -> bool:
+        return await self._send(json.dumps(message))
+
+    async def error(self, code: str, message: str, field: str | None = None) -> bool:
+        event: dict[str, object] = {"type": "error", "code": code, "message": message}
+        if field is not None:
+            event["field"] = field
+        return await self.send_json(event)
 
     async def run(self) -> None:
         try:
             async for msg in self.ws:
                 try:
                     if msg.type == WSMsgType.TEXT:
-                        await self._control(msg.data)
+                        await self._control(parse_message(msg.data))
                     elif msg.type == WSMsgType.BINARY:
                         self._audio(msg.data)
                     elif msg.type == WSMsgType.ERROR:
                         break
                 except ProtocolError as exc:
-                    await self.error(exc.code, str(exc))
+                    await self.error(exc.code, str(exc), exc.field)
         finally:
-            await self._stop()
+            if self.session is not None:
+                await self.session.close("disconnect")
 
-    async def _control(self, text: str) -> None:
-        try:
-            message = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # syntax errors, 5000-digit numbers, [[[[... nesting
-            raise ProtocolError("bad_json", f"control messages must be JSON objects: {exc}") from None
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            raise ProtocolError("bad_message", 'control messages are JSON objects with a string "type"')
+    async def _control(self, message: dict[str, object]) -> None:
         kind = message["type"]
         if kind == "start":
             await self._start(message)
         elif kind == "stop":
-            await self._stop()
-            await self.ws.close()
+            if self.session is not None:
+                await self.session.close("client")
+            else:
+                await self.ws.close()
         elif self.session is None:
             raise ProtocolError("no_session", f'"{kind}" needs a session: send {{"type": "start"}} first')
         elif kind == "state":
-            try:
-                self.session.states.force(message.get("state"))
-            except ValueError as exc:
-                raise ProtocolError("bad_state", str(exc)) from None
+            self.session.states.force(str(message["state"]))
             states = self.session.states
             await self.send_json({"type": "state", "state": states.forced or states.state,
                                   "forced": states.forced is not None})
@@ -122,37 +173,44 @@ class Connection:
             except ValueError as exc:
                 raise ProtocolError("bad_condition", str(exc)) from None
             await self.send_json({"type": "condition", **applied})
-        else:
-            raise ProtocolError("bad_type", f"unknown type {kind!r}; use start, state, condition, interrupt, "
-                                "stats or stop")
 
     async def _start(self, message: dict[str, object]) -> None:
         if self.session is not None:
             raise ProtocolError("already_started", "this connection already has a session; open another one")
-        rate = message.get("sample_rate", 16000)
-        if rate not in INPUT_RATES:
-            raise ProtocolError("bad_sample_rate", f"sample_rate must be one of {list(INPUT_RATES)}, got {rate!r}")
-        quality = message.get("jpeg_quality", 80)
-        if not isinstance(quality, int) or not 10 <= quality <= 95:
-            raise ProtocolError("bad_option", f"jpeg_quality must be an integer 10..95, got {quality!r}")
-        portrait: str | bytes = str(message.get("portrait", "default"))
-        if "portrait_b64" in message:
+        portrait: str | bytes = str(message["portrait"])
+        if message["portrait_b64"] is not None:
             try:
                 portrait = base64.b64decode(str(message["portrait_b64"]), validate=True)
             except (binascii.Error, ValueError):
-                raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64") from None
+                raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64", "portrait_b64") from None
         try:
-            options = parse_options(message)
-            self.session = await self.hub.open(portrait, options, "websocket")
+            session = await self.hub.open(portrait, session_options(message), "websocket")
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
         except PortraitError as exc:
-            raise ProtocolError("bad_portrait", str(exc)) from None
+            field = "portrait_b64" if isinstance(portrait, bytes) else "portrait"
+            raise ProtocolError("bad_portrait", str(exc), field) from None
         except ValueError as exc:
             raise ProtocolError("bad_option", str(exc)) from None
-        self.sample_rate, self.quality = int(rate), quality  # type: ignore[arg-type]
-        await self.send_json({"type": "ready", **self.session.info()})
-        self._tasks = [asyncio.create_task(t) for t in (self._produce(), self._send(), self._report())]
+        self.session = session
+        session.on_close(self._session_ended)
+        self.sample_rate, self.quality = int(message["sample_rate"]), int(message["jpeg_quality"])
+        if not await self.send_json({"type": "ready", **session.info()}):
+            await session.close("disconnect")  # the client left while its session was being prepared
+            return
+        self._tasks = [asyncio.create_task(t) for t in (self._produce(), self._send_frames(), self._report())]
+
+    async def _session_ended(self) -> None:
+        """This connection's half of ending a session, whoever ended it: no frame or stats after `stopped`."""
+        session, self.session = self.session, None
+        await cancel_tasks(self._tasks)
+        self._tasks = []
+        if session is None:
+            return
+        reason = str(session.end_reason)
+        await self.send_json({"type": "stopped", "reason": reason, **session.stats()})
+        if not self.ws.closed:
+            await self.ws.close(code=CLOSE_CODES.get(reason, 1000), message=f"session ended: {reason}".encode())
 
     def _audio(self, data: bytes) -> None:
         if self.session is None:
@@ -176,9 +234,9 @@ class Connection:
                 self._queue.put_nowait(frame)
         except Exception as exc:  # an engine failure ends the session with a reason instead of silence
             await self.error("engine_error", f"rendering failed: {exc}")
-            await self.ws.close()
+            await session.close("engine_error")
 
-    async def _send(self) -> None:
+    async def _send_frames(self) -> None:
         session = self.session
         assert session is not None
         audio_t, state, seq = 0.0, None, 0
@@ -191,30 +249,20 @@ class Connection:
             seq += 1
             header = {"type": "frame", "seq": seq, "pts": round(frame.t, 6), "audio_pts": round(start, 6),
                       "state": frame.state, "mouth": round(frame.mouth, 3), "audio_rate": session.timeline.rate}
-            async with self._send_lock:
-                await self.ws.send_bytes(pack_frame(header, jpeg, pcm))
+            if not await self._send(pack_frame(header, jpeg, pcm)):
+                return
             session.delivered(frame)
             if frame.state != state:
                 state = frame.state
                 await self.send_json({"type": "state", "state": state, "forced": session.states.forced is not None})
 
     async def _report(self) -> None:
-        assert self.session is not None
+        session = self.session
+        assert session is not None
         while True:
             await asyncio.sleep(STATS_EVERY_S)
-            await self.send_json({"type": "stats", **self.session.stats()})
-
-    async def _stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self.session is not None:
-            session, self.session = self.session, None
-            await session.close()
-            if not self.ws.closed:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self.send_json({"type": "stopped", **session.stats()})
+            if not await self.send_json({"type": "stats", **session.stats()}):
+                return
 
 
 async def handle(request: web.Request) -> web.WebSocketResponse:

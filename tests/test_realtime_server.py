@@ -315,7 +315,8 @@ def test_state_can_be_forced_over_http(server):
 
     status, stats, bad, error, missing, frames = asyncio.run(run())
     assert status == 200 and stats["forced"] == "listening"
-    assert bad == 400 and "unknown state" in error["error"]
+    assert bad == 400 and error["field"] == "state"
+    assert "must be one of" in error["error"] and "sulking" in error["error"]
     assert missing == 404
     assert all(f["state"] == "listening" and f["mouth"] < 0.05 for f in frames[-10:])
 
