@@ -27,10 +27,10 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection
 
+from livecache.bench.loopback import RTC_RATE, rtc_session
+from livecache.examples.ws_client import stream
+from livecache.pipelines.testsignal import talk_and_pause
 from livecache.realtime.audio import float_to_pcm16
-from livecache.realtime.examples.ws_client import stream
-from livecache.realtime.loopback import RTC_RATE, rtc_session
-from livecache.realtime.testsignal import talk_and_pause
 
 LOG_PROBLEMS = ("Traceback", "Error handling request", "exception was never retrieved", "Unhandled exception")
 

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from livecache.pipelines.portrait import PortraitError, default_portrait
 from livecache.realtime import hub as hub_module
 from livecache.realtime import portrait as portrait_module
 from livecache.realtime.engines import create_engine
 from livecache.realtime.engines.base import SessionOptions
 from livecache.realtime.hub import LimitError, SessionHub
-from livecache.realtime.portrait import KEEP_SIDE, PortraitError, decode_upload, default_portrait
+from livecache.realtime.portrait import KEEP_SIDE, decode_upload
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
