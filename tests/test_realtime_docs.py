@@ -7,6 +7,7 @@ hand-kept list, so a message type, error code or endpoint added later without do
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_defaults_and_limits_match_the_code(what, values):
 
 
 def test_uploaded_portraits_kept_matches_the_hub():
-    keep = hub.SessionHub.__init__.__defaults__[-1]
+    keep = inspect.signature(hub.SessionHub).parameters["max_portraits"].default
     assert re.search(rf"\| {keep} \(", _limits_row("uploaded portraits kept"))
 
 
