@@ -18,7 +18,7 @@ import pytest
 from livecache.bench.loopback import spawn_server
 from livecache.pipelines import states
 from livecache.realtime import audio, hub, portrait, session, webrtc, wsapi
-from livecache.realtime.engines.base import AvatarEngine, SessionOptions
+from livecache.realtime.engines.base import Engine, SessionOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "realtime-protocol.md"
@@ -149,7 +149,7 @@ def _limits_row(what: str) -> str:
     ("frame rate (`fps`)", [int(hub.MAX_FPS), int(SessionOptions.fps)]),
     ("`seed`", [SessionOptions.seed]),
     ("websocket input `sample_rate`", [*audio.INPUT_RATES]),
-    ("engine audio rate (`audio_rate` in `ready` and frame headers)", [AvatarEngine.sample_rate]),
+    ("engine audio rate (`audio_rate` in `ready` and frame headers)", [Engine.sample_rate]),
     ("WebRTC outgoing audio", [webrtc.AUDIO_RATE, int(webrtc.AUDIO_PTIME * 1000)]),
     ("WebRTC video clock", [webrtc.VIDEO_CLOCK]),
     ("largest websocket message", [wsapi.MAX_MESSAGE]),
