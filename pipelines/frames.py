@@ -37,9 +37,10 @@ class RenderRequest:
 
 @dataclass
 class RenderedFrame:
-    """An RGB uint8 frame for media time `t`; `mouth` (0 closed .. 1 wide open) feeds metrics and clients."""
+    """An RGB uint8 frame for media time `t`; `mouth` (0 closed .. 1 wide open) feeds metrics and clients, and is
+    None from renderers that draw no mouth (the video stream)."""
 
     image: np.ndarray
     t: float
     state: State
-    mouth: float
+    mouth: float | None

@@ -8,14 +8,13 @@ window. Frames are small (32×32) and upscaled to the session size for display.
 
 The live engine (`livecache serve --engine video`, `realtime/engines/video.py`) is this renderer; the
 runtime still owns time: frames are requested on the session clock and rendered on the engine's
-worker thread, off the event loop. A `condition` control message (`{"prompt": "7"}` or `"shapes"`,
-`"texture"`) switches the class for the next clip; the committed frames keep steering the motion, so
-the picture changes over a clip or two instead of cutting. Audio is silence for this engine.
+worker thread, off the event loop. A condition (`"7"`, `"a seven"`, `"shapes"`, `"texture"` or a class
+index) switches the class for the next clip; the committed frames keep steering the motion, so the
+picture changes over a clip or two instead of cutting. The stream draws pictures only: no mouth, no audio.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,41 +32,31 @@ class VideoStreamSession:
     """One stream: its causal cache, noise generator, current class and the frames of the last clip."""
 
     def __init__(self, model: CausalVideoDiT, options: SessionOptions, window: int, steps: int,
-                 sampler: str) -> None:
+                 sampler: str, prompt: str | int | None = None) -> None:
         self.model = model
         self.options = options
         self.stream = CausalVideoStream(model, CausalCacheConfig(enabled=True, window=window))
         self.steps, self.sampler = steps, SAMPLERS[sampler]
         self.generator = torch.Generator().manual_seed(options.seed)
-        self.label = options.seed % len(CLASS_NAMES)  # until the client sends a condition
+        # the first class: the prompt's, else one chosen by the seed
+        self.label = options.seed % len(CLASS_NAMES) if prompt is None else parse_video_prompt(prompt)
         self._frames: deque[np.ndarray] = deque()
-        self._lock = threading.Lock()  # control arrives on the event loop, clips are made on the worker
 
-    @property
-    def mouth_box(self) -> tuple[int, int, int, int]:
-        return 0, 0, 0, 0  # no face in this engine
-
-    def control(self, message: dict[str, object]) -> dict[str, object]:
-        """`{"prompt": "7" | "a seven" | "shapes" | "texture"}` or `{"class": 0..11}`: the next clip's class."""
-        if "prompt" not in message and "class" not in message:
-            raise ValueError('a condition needs "prompt" (e.g. "7", "shapes", "texture") or "class" (0..11)')
-        value = message["prompt"] if "prompt" in message else message["class"]
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise ValueError(f"prompt must be a string and class an integer, got {value!r}")
-        label = parse_video_prompt(value)
-        with self._lock:
-            self.label = label
-        return {"class": label, "name": CLASS_NAMES[label]}
+    def set_condition(self, prompt: str | int) -> int:
+        """The class of the next clip from a prompt (`"7"`, `"a seven"`, `"shapes"`, `"texture"`) or a class
+        index; raises ValueError for one it cannot read. Call it between frames (the live runtime does so on
+        the render worker, in turn with this session's frames)."""
+        self.label = parse_video_prompt(prompt)
+        return self.label
 
     def next_frame(self) -> np.ndarray:
         """The next RGB uint8 frame at the session size, sampling a new clip when the buffer is empty."""
         if not self._frames:
             cfg = self.model.config
-            with self._lock:
-                label = self.label
             noise = torch.randn(1, cfg.chunk, cfg.channels, cfg.resolution, cfg.resolution,
                                 generator=self.generator)
-            clip = self.stream.next_chunk(noise, torch.tensor([label]), self.sampler, self.steps, self.generator)
+            clip = self.stream.next_chunk(noise, torch.tensor([self.label]), self.sampler, self.steps,
+                                          self.generator)
             pixels = ((clip[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             size = (self.options.size, self.options.size)
             self._frames.extend(cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in pixels)
@@ -93,13 +82,13 @@ class VideoRenderer:
         torch.set_num_threads(threads)
         self.window, self.steps, self.sampler = window, steps, sampler
 
-    def open_session(self, portrait: np.ndarray, options: SessionOptions) -> VideoStreamSession:
-        """The portrait is ignored: the video is generated from the class condition alone."""
-        return self.session_class(self.model, options, self.window, self.steps, self.sampler)
+    def open_session(self, options: SessionOptions, prompt: str | int | None = None) -> VideoStreamSession:
+        """A stream generated from the class condition alone, starting from `prompt` (None: chosen by the seed)."""
+        return self.session_class(self.model, options, self.window, self.steps, self.sampler, prompt)
 
     def render_batch(self, requests: Sequence[RenderRequest]) -> list[RenderedFrame]:
         out = []
         for req in requests:
             assert isinstance(req.session, VideoStreamSession)
-            out.append(RenderedFrame(req.session.next_frame(), req.t, req.state, 0.0))
+            out.append(RenderedFrame(req.session.next_frame(), req.t, req.state, None))
         return out

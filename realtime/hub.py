@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 
 from ..pipelines.portrait import default_portrait, find_face
-from .engines.base import AvatarEngine, SessionOptions
+from .engines.base import Engine, EngineSession, PortraitSource, PromptSource, SessionOptions, SessionSource
 from .metrics import ServerCounters, SessionMetrics
 from .portrait import PortraitError, decode_upload
-from .schema import Field
+from .schema import Field, SchemaError
 from .session import LiveSession
 from .worker import RenderWorker
 
@@ -30,12 +30,21 @@ MAX_PENDING_DECODES = 4  # uploads decoding or waiting to; more at once are refu
 DECODE_NICENESS = 10  # the decode thread yields the CPU to the render threads (Linux: niceness is per thread)
 CONNECT_TIMEOUT_S = 20.0  # a WebRTC session must connect (ICE + DTLS) within this, or it is closed
 
-# The client's session choices, shared by the websocket `start` message and the WebRTC offer.
+MAX_PROMPT = 200  # characters of a prompt (the embedded video model reads a few words)
+
+# The client's session choices, shared by the websocket `start` message and the WebRTC offer. `portrait` is for
+# engines that take one (unset: the default portrait), `prompt` for engines that take a prompt.
 SESSION_FIELDS = {
     "size": Field("integer", 512, choices=SIZES),
     "fps": Field("number", 25, low=1, high=MAX_FPS),
     "seed": Field("integer", 0, low=0, high=2**32 - 1),
-    "portrait": Field("string", "default", max_len=64, code="bad_portrait"),
+    "portrait": Field("string", None, max_len=64, code="bad_portrait"),
+    "prompt": Field("string", None, max_len=MAX_PROMPT),
+}
+# A condition (the websocket `condition` message, the HTTP condition body): a prompt or a class index.
+CONDITION_FIELDS = {
+    "prompt": Field("string", None, max_len=MAX_PROMPT, code="bad_condition"),
+    "class": Field("integer", None, code="bad_condition"),  # the engine checks its own range of classes
 }
 
 T = TypeVar("T")
@@ -48,6 +57,15 @@ class LimitError(RuntimeError):
 def session_options(fields: dict[str, object]) -> SessionOptions:
     """SessionOptions from a message already validated against SESSION_FIELDS."""
     return SessionOptions(size=int(fields["size"]), fps=float(fields["fps"]), seed=int(fields["seed"]))
+
+
+def condition_value(fields: dict[str, object]) -> str | int:
+    """The prompt or class of a body already validated against CONDITION_FIELDS: exactly one of them."""
+    given = [k for k in CONDITION_FIELDS if fields.get(k) is not None]
+    if len(given) != 1:
+        raise SchemaError(None, 'a condition needs either "prompt" (e.g. "7", "shapes", "texture") or "class" '
+                          f"(a class index), got {' and '.join(given) or 'neither'}", "bad_condition")
+    return fields[given[0]]  # type: ignore[return-value] - validated: a string or an integer
 
 
 def _lower_priority() -> None:
@@ -97,7 +115,7 @@ def _validated(data: bytes) -> np.ndarray:
 
 
 class SessionHub:
-    def __init__(self, engine: AvatarEngine, max_sessions: int = 4, max_portraits: int = 16,
+    def __init__(self, engine: Engine, max_sessions: int = 4, max_portraits: int = 16,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S, counters: ServerCounters | None = None) -> None:
         self.engine = engine
         self.max_sessions = max_sessions
@@ -111,8 +129,12 @@ class SessionHub:
         self._pending = 0
 
     async def warm_up(self) -> None:
-        """Prepare the default portrait before the first client, so its first frame is not the slow one."""
-        await self.worker.open_session(self._portraits["default"], SessionOptions())
+        """Open (and close) a default session before the first client, so its first frame is not the slow one
+        (for an avatar engine this prepares the default portrait)."""
+        default = PortraitSource(self._portraits["default"]) if self.engine.traits.takes == "portrait" else \
+            PromptSource()
+        session = await self.worker.open(default, SessionOptions())
+        await self.worker.run(session.close)
 
     async def add_portrait(self, data: bytes) -> str:
         """Validate an upload (size, decodable, a face in it) and keep it under a fresh id."""
@@ -132,17 +154,19 @@ class SessionHub:
     def default_png(self) -> bytes:
         return cv2.imencode(".png", cv2.cvtColor(self._portraits["default"], cv2.COLOR_RGB2BGR))[1].tobytes()
 
-    async def open(self, portrait: str | bytes, options: SessionOptions, transport: str) -> LiveSession:
-        """Start a session; raises LimitError, PortraitError or ValueError with a client-facing message."""
+    async def open(self, options: SessionOptions, transport: str, portrait: str | bytes | None = None,
+                   prompt: str | None = None) -> LiveSession:
+        """Start a session from what the client sent: a portrait (an id or uploaded bytes) for an engine that
+        takes one, a prompt for one that takes a prompt. Raises LimitError, PortraitError or ValueError
+        (SchemaError naming the field when the client sent the wrong kind of source) with a client-facing
+        message."""
         if len(self.sessions) + self._pending >= self.max_sessions:
             self.counters.refused["busy"] += 1
             raise LimitError(f"server is at its limit of {self.max_sessions} sessions; try again later")
         self._pending += 1
         try:
             metrics = SessionMetrics()
-            rgb = await self.decoder.run(decode_upload, portrait) if isinstance(portrait, bytes) else \
-                self.portrait(portrait)
-            engine_session = await self.worker.open_session(rgb, options)
+            engine_session = await self._open_engine_session(options, portrait, prompt)
         finally:
             self._pending -= 1
         session = LiveSession(engine_session, self.worker, options, transport, metrics)
@@ -150,6 +174,22 @@ class SessionHub:
         self.counters.opened += 1
         session.on_close(self._forget(session))
         return session
+
+    async def _open_engine_session(self, options: SessionOptions, portrait: str | bytes | None,
+                                   prompt: str | None) -> EngineSession:
+        name = self.engine.name
+        if self.engine.traits.takes == "prompt":
+            if portrait is not None:
+                raise SchemaError("portrait", f"the {name} engine takes a prompt, not a portrait", "bad_portrait")
+            try:
+                return await self.worker.open(PromptSource(prompt), options)
+            except ValueError as exc:  # the engine cannot read the prompt
+                raise SchemaError("prompt", str(exc)) from None
+        if prompt is not None:
+            raise SchemaError("prompt", f"the {name} engine takes a portrait, not a prompt")
+        source: SessionSource = PortraitSource(await self.decoder.run(decode_upload, portrait)
+                                               if isinstance(portrait, bytes) else self.portrait(portrait or "default"))
+        return await self.worker.open(source, options)
 
     def _forget(self, session: LiveSession):
         async def forget() -> None:

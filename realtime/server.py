@@ -17,7 +17,7 @@ from aiohttp import web
 from .engines import create_engine
 from .engines.base import STATES
 from .guard import ConnectionGuard
-from .hub import CONNECT_TIMEOUT_S, MAX_PENDING_DECODES, LimitError, SessionHub
+from .hub import CONDITION_FIELDS, CONNECT_TIMEOUT_S, MAX_PENDING_DECODES, LimitError, SessionHub, condition_value
 from .metrics import ServerCounters
 from .portrait import MAX_SIDE, MAX_UPLOAD_BYTES, MIN_SIDE, UPLOAD_FORMATS, PortraitError
 from .schema import Field, SchemaError, validate
@@ -97,7 +97,8 @@ async def index(request: web.Request) -> web.FileResponse:
 async def info(request: web.Request) -> web.Response:
     hub: SessionHub = request.app["hub"]
     return web.json_response({
-        "engine": hub.engine.name, "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
+        "engine": hub.engine.name, "capabilities": hub.engine.traits.as_json(),
+        "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
         "connecting": sum(not s.connected for s in hub.sessions.values()),
         "limits": {"max_message_bytes": MAX_MESSAGE, "max_audio_message_bytes": MAX_AUDIO_MESSAGE,
                    "max_portrait_bytes": MAX_UPLOAD_BYTES, "portrait_sides": [MIN_SIDE, MAX_SIDE],
@@ -143,19 +144,22 @@ async def session_state(request: web.Request) -> web.Response:
     session = _session(request)
     try:
         body = validate(await _json_body(request), STATE_BODY, "the body")
-    except ValueError as exc:
+        await session.force_state(str(body["state"]))
+    except SchemaError as exc:
         return _bad_request(exc)
-    session.states.force(str(body["state"]))
+    except ValueError as exc:  # an engine without states
+        return _error(400, str(exc), "state")
     return web.json_response(session.stats())
 
 
 async def session_condition(request: web.Request) -> web.Response:
     """Change an engine's condition mid-stream (the video engine's class/prompt); same body as the
-    websocket `condition` message without its "type"."""
+    websocket `condition` message without its "type". The engine applies it on its worker, in turn with the
+    session's frames."""
     session = _session(request)
     try:
-        body = validate(await _json_body(request), {}, 'the body (such as {"prompt": "7"})', extra=True)
-        return web.json_response(session.engine_session.control(body))
+        body = validate(await _json_body(request), CONDITION_FIELDS, 'the body (such as {"prompt": "7"})')
+        return web.json_response(await session.condition(condition_value(body)))
     except ValueError as exc:
         return _bad_request(exc)
 

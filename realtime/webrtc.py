@@ -70,11 +70,10 @@ class AvatarAudioTrack(MediaStreamTrack):
         t = self._n * AUDIO_PTIME
         await clock.sleep_until(t)
         self._n += 1
-        timeline = self.session.timeline
-        src = timeline.read(t, t + AUDIO_PTIME)
+        src = self.session.audio_out(t, t + AUDIO_PTIME)
         n_out = round(AUDIO_PTIME * AUDIO_RATE)
         # linear interpolation is plenty for 16 kHz speech and costs nothing next to Opus
-        up = np.interp(np.arange(n_out) * timeline.rate / AUDIO_RATE, np.arange(src.size), src)
+        up = np.interp(np.arange(n_out) * self.session.audio_rate / AUDIO_RATE, np.arange(src.size), src)
         frame = AudioFrame.from_ndarray(float_to_pcm16(up).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = round(t * AUDIO_RATE)
@@ -124,7 +123,9 @@ async def _negotiate(pc: RTCPeerConnection, sdp: str, session: LiveSession) -> N
     kinds = {t.kind for t in pc.getTransceivers()}
     if "video" not in kinds:
         raise ValueError("the offer has no video: add a recvonly video transceiver to receive the avatar")
-    if "audio" in kinds:  # without a microphone the avatar still idles, listens and blinks
+    # without a microphone the avatar still idles, listens and blinks; an engine that gives no audio (the video
+    # engine) sends no audio track, whatever the offer has
+    if "audio" in kinds and session.traits.audio:
         pc.addTrack(AvatarAudioTrack(session))
     pc.addTrack(AvatarVideoTrack(session))
     try:
@@ -141,7 +142,7 @@ async def answer_offer(hub: SessionHub, body: object) -> dict[str, object]:
     which also closes its peer connection and releases its UDP sockets.
     """
     offer = _validate_offer(body)
-    session = await hub.open(str(offer["portrait"]), session_options(offer), "webrtc")
+    session = await hub.open(session_options(offer), "webrtc", offer["portrait"], offer["prompt"])  # type: ignore[arg-type]
     pc = RTCPeerConnection()
     tasks: set[asyncio.Task[None]] = set()
     connected = asyncio.Event()

@@ -8,31 +8,37 @@ engine sets one worker and a larger batch — the server code is the same either
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-import numpy as np
+from .engines.base import Control, Engine, EngineSession, RenderedFrame, RenderRequest, SessionOptions, SessionSource
 
-from .engines.base import AvatarEngine, EngineSession, RenderedFrame, RenderRequest, SessionOptions
+T = TypeVar("T")
 
 
 class RenderWorker:
-    def __init__(self, engine: AvatarEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.executor = ThreadPoolExecutor(max(1, engine.workers), thread_name_prefix=f"lc-{engine.name}")
         self._queue: asyncio.Queue[tuple[RenderRequest, asyncio.Future[RenderedFrame]]] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._serve()) for _ in range(max(1, engine.workers))]
 
-    async def open_session(self, portrait: np.ndarray, options: SessionOptions) -> EngineSession:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.engine.open_session, portrait, options)
+    async def open(self, source: SessionSource, options: SessionOptions) -> EngineSession:
+        return await self.run(self.engine.open, source, options)
+
+    async def control(self, session: EngineSession, control: Control) -> dict[str, object]:
+        """A control for `session` on the engine's threads (the live session keeps it in turn with its frames)."""
+        return await self.run(session.control, control)
 
     async def render(self, request: RenderRequest) -> RenderedFrame:
         future: asyncio.Future[RenderedFrame] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((request, future))
         return await future
 
-    async def run(self, fn, *args):
-        """Other per-frame CPU work (encoding) on the same threads, so it is bounded by the same pool."""
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Engine calls besides rendering, and other per-frame CPU work (encoding), on the same threads, so they
+        are bounded by the same pool and never run on the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def _serve(self) -> None:

@@ -1,6 +1,6 @@
 """The websocket streaming API: JSON control messages, PCM16 audio in, JPEG frames (with their audio) out.
 
-One connection carries one session. The protocol is specified in the README ("Live runtime"); the framing of an
+One connection carries one session. The protocol is specified in docs/realtime-protocol.md; the framing of an
 outgoing frame message is `pack_frame` below. A slow client never grows server memory: at most
 `SEND_QUEUE` frames (plus a bounded socket buffer) wait for it, older ones are dropped and counted.
 """
@@ -20,7 +20,7 @@ from aiohttp import WSMsgType, web
 
 from .audio import INPUT_RATES, float_to_pcm16
 from .engines.base import STATES, RenderedFrame
-from .hub import SESSION_FIELDS, LimitError, SessionHub, session_options
+from .hub import CONDITION_FIELDS, SESSION_FIELDS, LimitError, SessionHub, condition_value, session_options
 from .portrait import MAX_UPLOAD_BYTES, PortraitError
 from .schema import Field, Schema, SchemaError, validate
 from .session import LiveSession, cancel_tasks
@@ -32,18 +32,18 @@ SEND_BUFFER = 256 * 1024  # about half a second of 512x512 JPEG frames
 STATS_EVERY_S = 1.0
 
 _TYPE = {"type": Field("string")}
-# message type -> (its fields, the error code for a bad field unless the field names its own, more fields allowed)
-MESSAGES: dict[str, tuple[Schema, str, bool]] = {
+# message type -> (its fields, the error code for a bad field unless the field names its own)
+MESSAGES: dict[str, tuple[Schema, str]] = {
     "start": ({**_TYPE, **SESSION_FIELDS,
                "sample_rate": Field("integer", 16000, choices=INPUT_RATES, code="bad_sample_rate"),
                "jpeg_quality": Field("integer", 80, low=10, high=95),
                "portrait_b64": Field("string", None, max_len=4 * (MAX_UPLOAD_BYTES // 3 + 1), code="bad_portrait")},
-              "bad_option", False),
-    "state": ({**_TYPE, "state": Field("string", choices=(*STATES, "auto"))}, "bad_state", False),
-    "condition": (_TYPE, "bad_condition", True),  # the engine checks the rest (engine_session.control)
-    "interrupt": (_TYPE, "bad_message", False),
-    "stats": (_TYPE, "bad_message", False),
-    "stop": (_TYPE, "bad_message", False),
+              "bad_option"),
+    "state": ({**_TYPE, "state": Field("string", choices=(*STATES, "auto"))}, "bad_state"),
+    "condition": ({**_TYPE, **CONDITION_FIELDS}, "bad_condition"),  # the engine reads the prompt
+    "interrupt": (_TYPE, "bad_message"),
+    "stats": (_TYPE, "bad_message"),
+    "stop": (_TYPE, "bad_message"),
 }
 # how the connection closes after its session ends, by end reason (1000 normal, 1001 going away, 1011 error)
 CLOSE_CODES = {"shutdown": 1001, "engine_error": 1011}
@@ -60,6 +60,17 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def frame_header(session: LiveSession, frame: RenderedFrame, seq: int, audio_pts: float) -> dict[str, object]:
+    """A frame's header: `state` only from engines with states, `mouth` only from engines with a mouth."""
+    header: dict[str, object] = {"type": "frame", "seq": seq, "pts": round(frame.t, 6),
+                                 "audio_pts": round(audio_pts, 6), "audio_rate": session.audio_rate}
+    if session.traits.states:
+        header["state"] = frame.state
+    if frame.mouth is not None:
+        header["mouth"] = round(frame.mouth, 3)
+    return header
 
 
 class ProtocolError(ValueError):
@@ -82,9 +93,9 @@ def parse_message(text: str) -> dict[str, object]:
     kind = message["type"]
     if kind not in MESSAGES:
         raise ProtocolError("bad_type", f"unknown type {kind[:40]!r}; use {', '.join(MESSAGES)}", "type")
-    schema, code, extra = MESSAGES[kind]
+    schema, code = MESSAGES[kind]
     try:
-        return validate(message, schema, f'a "{kind}" message', extra=extra)
+        return validate(message, schema, f'a "{kind}" message')
     except SchemaError as exc:
         raise ProtocolError(exc.code or code, str(exc), exc.field) from None
 
@@ -158,18 +169,21 @@ class Connection:
         elif self.session is None:
             raise ProtocolError("no_session", f'"{kind}" needs a session: send {{"type": "start"}} first')
         elif kind == "state":
-            self.session.states.force(str(message["state"]))
-            states = self.session.states
-            await self.send_json({"type": "state", "state": states.forced or states.state,
-                                  "forced": states.forced is not None})
+            try:
+                applied = await self.session.force_state(str(message["state"]))
+            except ValueError as exc:
+                raise ProtocolError("bad_state", str(exc), "state") from None
+            await self.send_json({"type": "state", **applied})
         elif kind == "interrupt":
-            dropped = self.session.timeline.flush()
+            dropped = await self.session.interrupt()
             await self.send_json({"type": "interrupted", "dropped_ms": round(1000 * dropped, 1)})
         elif kind == "stats":
             await self.send_json({"type": "stats", **self.session.stats()})
         elif kind == "condition":
             try:
-                applied = self.session.engine_session.control(message)
+                applied = await self.session.condition(condition_value(message))
+            except SchemaError as exc:
+                raise ProtocolError("bad_condition", str(exc), exc.field) from None
             except ValueError as exc:
                 raise ProtocolError("bad_condition", str(exc)) from None
             await self.send_json({"type": "condition", **applied})
@@ -177,16 +191,18 @@ class Connection:
     async def _start(self, message: dict[str, object]) -> None:
         if self.session is not None:
             raise ProtocolError("already_started", "this connection already has a session; open another one")
-        portrait: str | bytes = str(message["portrait"])
+        portrait: str | bytes | None = message["portrait"]  # type: ignore[assignment] - validated
         if message["portrait_b64"] is not None:
             try:
                 portrait = base64.b64decode(str(message["portrait_b64"]), validate=True)
             except (binascii.Error, ValueError):
                 raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64", "portrait_b64") from None
         try:
-            session = await self.hub.open(portrait, session_options(message), "websocket")
+            session = await self.hub.open(session_options(message), "websocket", portrait, message["prompt"])
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
+        except SchemaError as exc:  # the wrong kind of source for this engine, or a prompt it cannot read
+            raise ProtocolError(exc.code or "bad_option", str(exc), exc.field) from None
         except PortraitError as exc:
             field = "portrait_b64" if isinstance(portrait, bytes) else "portrait"
             raise ProtocolError("bad_portrait", str(exc), field) from None
@@ -230,7 +246,7 @@ class Connection:
             async for frame in session.frames():
                 if self._queue.full():  # the client is not keeping up: drop the oldest, never buffer more
                     self._queue.get_nowait()
-                    session.metrics.drop_frames()
+                    session.frame_dropped()
                 self._queue.put_nowait(frame)
         except Exception as exc:  # an engine failure ends the session with a reason instead of silence
             await self.error("engine_error", f"rendering failed: {exc}")
@@ -242,19 +258,18 @@ class Connection:
         audio_t, state, seq = 0.0, None, 0
         while True:
             frame = await self._queue.get()
-            jpeg = await session.worker.run(encode_jpeg, frame.image, self.quality)
+            jpeg = await session.offload(encode_jpeg, frame.image, self.quality)
             start = max(audio_t, frame.t - 1.0)
-            pcm = float_to_pcm16(session.timeline.read(start, frame.t)).tobytes()
+            pcm = float_to_pcm16(session.audio_out(start, frame.t)).tobytes()
             audio_t = frame.t
             seq += 1
-            header = {"type": "frame", "seq": seq, "pts": round(frame.t, 6), "audio_pts": round(start, 6),
-                      "state": frame.state, "mouth": round(frame.mouth, 3), "audio_rate": session.timeline.rate}
+            header = frame_header(session, frame, seq, start if pcm else frame.t)
             if not await self._send(pack_frame(header, jpeg, pcm)):
                 return
             session.delivered(frame)
-            if frame.state != state:
+            if session.traits.states and frame.state != state:
                 state = frame.state
-                await self.send_json({"type": "state", "state": state, "forced": session.states.forced is not None})
+                await self.send_json({"type": "state", "state": state, "forced": session.forced})
 
     async def _report(self) -> None:
         session = self.session

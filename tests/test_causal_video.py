@@ -198,15 +198,23 @@ async def _video_session(base: str) -> dict:
     from livecache.examples.ws_client import unpack_frame
 
     url = base.replace("http://", "ws://") + "/ws"
-    seen: dict = {"frames": [], "conditions": [], "errors": [], "http": []}
+    seen: dict = {"frames": [], "conditions": [], "errors": [], "http": [], "headers": [], "audio": 0}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/api/info") as res:
+            seen["info"] = await res.json()
     async with websockets.connect(url, max_size=16 * 1024 * 1024) as ws:
-        await ws.send(json.dumps({"type": "start", "size": 256, "fps": 12, "seed": 3}))
+        await ws.send(json.dumps({"type": "start", "portrait": "default"}))  # this engine takes a prompt
+        seen["refused"] = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "start", "size": 256, "fps": 12, "seed": 3, "prompt": "shapes"}))
+        await ws.send(json.dumps({"type": "state", "state": "speaking"}))  # this engine has no states
         while len(seen["frames"]) < 36:
             message = await asyncio.wait_for(ws.recv(), 20)
             if isinstance(message, bytes):
-                header, jpeg, _ = unpack_frame(message)
+                header, jpeg, pcm = unpack_frame(message)
                 image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
                 seen["frames"].append((header["seq"], image.shape, float(image.std())))
+                seen["headers"].append(header)
+                seen["audio"] += len(pcm)
                 if len(seen["frames"]) == 12:
                     await ws.send(json.dumps({"type": "condition", "prompt": "texture"}))
                     await ws.send(json.dumps({"type": "condition", "prompt": "a cat"}))
@@ -220,6 +228,7 @@ async def _video_session(base: str) -> dict:
             event = json.loads(message)
             if event["type"] == "ready":
                 seen["session"] = event["session"]
+                seen["ready"] = event
             elif event["type"] == "condition":
                 seen["conditions"].append(event)
             elif event["type"] == "error":
@@ -233,8 +242,15 @@ def test_video_engine_streams_over_websocket_and_changes_condition_mid_stream():
 
     with spawn_server("--engine", "video") as base:
         seen = asyncio.run(_video_session(base))
+    assert seen["info"]["capabilities"]["takes"] == "prompt" and not seen["info"]["capabilities"]["mouth"]
+    assert seen["refused"]["code"] == "bad_portrait" and seen["refused"]["field"] == "portrait"
+    assert "mouth_box" not in seen["ready"] and seen["ready"]["condition"] == {"class": 10, "name": "shapes"}
     assert seen["conditions"] == [{"type": "condition", "class": 11, "name": "texture"}]
-    assert [e["code"] for e in seen["errors"]] == ["bad_condition"]  # the session survives a bad one
+    # no states to force; the session survives a condition it cannot read
+    assert [(e["code"], e.get("field")) for e in seen["errors"]] == [("bad_state", "state"), ("bad_condition", None)]
+    assert "no states" in seen["errors"][0]["message"]
+    assert not any("mouth" in h or "state" in h for h in seen["headers"])  # no fake mouth or state
+    assert seen["audio"] == 0 and all(h["audio"] == 0 for h in seen["headers"])  # pictures only
     assert seen["http"][0] == (200, {"class": 5, "name": "digit 5"})
     assert seen["http"][1][0] == 400 and "cannot read 'a dog'" in seen["http"][1][1]["error"]
     seqs = [s for s, _, _ in seen["frames"]]

@@ -7,6 +7,8 @@ Needs `apt-get install chromium` and `pip install playwright` (the browser binar
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -96,3 +98,53 @@ def test_browser_joins_and_sees_the_mouth_move(speech_wav, portraits):
     assert np.percentile(mouth, 20) < 0.01  # closed in its silences
     assert seen["stats"]["steady_fps"] > 15 and seen["stats"]["frames"] > 0
     assert "time to first frame" in seen["metrics_text"]
+
+
+async def watch_video_engine(url: str, screenshot: Path) -> dict:
+    """The page against `--engine video`: what it shows, a stream started from the prompt box, a change."""
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1000, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(url + "/")
+            await page.wait_for_function("window.live.engine !== null")
+            visible = {sel: await page.is_visible(sel) for sel in
+                       ("#prompt-box", "#prompt", "#portrait-box", "#portrait-file", ".states", "#stream",
+                        "#metrics [data-key=audio_to_mouth_ms]", "#metrics [data-key=state]")}
+            poster = await page.get_attribute("#stream", "poster")
+            await page.fill("#prompt", "texture")
+            await page.click("#start")
+            await page.wait_for_function("window.live.framesShown > 5", timeout=20000)
+            first = await page.inner_text("#message")
+            await page.fill("#prompt", "a seven")
+            await page.click("#prompt-set")
+            await page.wait_for_function("document.getElementById('message').textContent.startsWith('now')")
+            changed = await page.inner_text("#message")
+            await page.wait_for_function("window.live.stats.frames > 0", timeout=5000)
+            await page.screenshot(path=str(screenshot))
+            mouth = await page.evaluate("window.live.sampleMouth()")
+            tracks = await page.evaluate("window.live.pc.getReceivers().map((r) => r.track.kind)")
+            await page.click("#stop")
+            return {"visible": visible, "poster": poster, "first": first, "changed": changed, "errors": errors,
+                    "mouth": mouth, "tracks": tracks, "title": await page.inner_text("h1")}
+        finally:
+            await browser.close()
+
+
+def test_page_shows_a_prompt_and_the_stream_for_the_video_engine(tmp_path):
+    with spawn_server("--engine", "video") as url:
+        seen = asyncio.run(watch_video_engine(url, tmp_path / "video-page.png"))
+    assert not seen["errors"]
+    visible = seen["visible"]
+    assert visible["#prompt-box"] and visible["#prompt"] and visible["#stream"]
+    assert not any(visible[sel] for sel in ("#portrait-box", "#portrait-file", ".states",
+                                            "#metrics [data-key=audio_to_mouth_ms]", "#metrics [data-key=state]"))
+    assert seen["poster"] is None and seen["title"] == "LiveCache live video"  # no face anywhere
+    assert seen["first"] == "drawing: texture" or seen["first"].startswith("first frame")
+    assert seen["changed"] == "now drawing: digit 7"
+    assert seen["mouth"] is None and seen["tracks"] == ["video"]  # no mouth to sample, no audio track
+    assert (tmp_path / "video-page.png").stat().st_size > 10_000
+    if os.environ.get("LIVECACHE_SCREENSHOTS"):  # keep it to look at (a product, not a debug page?)
+        shutil.copy(tmp_path / "video-page.png", os.environ["LIVECACHE_SCREENSHOTS"])

@@ -7,6 +7,7 @@ hand-kept list, so a message type, error code or endpoint added later without do
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from livecache.bench.loopback import spawn_server
 from livecache.pipelines import states
 from livecache.realtime import audio, hub, portrait, session, webrtc, wsapi
-from livecache.realtime.engines.base import AvatarEngine, SessionOptions
+from livecache.realtime.engines.base import Engine, SessionOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "realtime-protocol.md"
@@ -148,7 +149,7 @@ def _limits_row(what: str) -> str:
     ("frame rate (`fps`)", [int(hub.MAX_FPS), int(SessionOptions.fps)]),
     ("`seed`", [SessionOptions.seed]),
     ("websocket input `sample_rate`", [*audio.INPUT_RATES]),
-    ("engine audio rate (`audio_rate` in `ready` and frame headers)", [AvatarEngine.sample_rate]),
+    ("engine audio rate (`audio_rate` in `ready` and frame headers)", [Engine.sample_rate]),
     ("WebRTC outgoing audio", [webrtc.AUDIO_RATE, int(webrtc.AUDIO_PTIME * 1000)]),
     ("WebRTC video clock", [webrtc.VIDEO_CLOCK]),
     ("largest websocket message", [wsapi.MAX_MESSAGE]),
@@ -172,7 +173,7 @@ def test_defaults_and_limits_match_the_code(what, values):
 
 
 def test_uploaded_portraits_kept_matches_the_hub():
-    keep = hub.SessionHub.__init__.__defaults__[-1]
+    keep = inspect.signature(hub.SessionHub).parameters["max_portraits"].default
     assert re.search(rf"\| {keep} \(", _limits_row("uploaded portraits kept"))
 
 

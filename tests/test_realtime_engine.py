@@ -16,7 +16,7 @@ from livecache.pipelines.testsignal import speech_like
 from livecache.realtime.audio import AudioTimeline, MonoResampler
 from livecache.realtime.clock import MediaClock
 from livecache.realtime.engines import available_engines, create_engine
-from livecache.realtime.engines.base import RenderRequest, SessionOptions
+from livecache.realtime.engines.base import PortraitSource, RenderRequest, SessionOptions
 from livecache.realtime.metrics import SessionMetrics
 from livecache.realtime.portrait import decode_upload
 
@@ -197,7 +197,7 @@ def test_worker_renders_off_the_event_loop(engine):
 
     async def run():
         worker = RenderWorker(engine)
-        sessions = [await worker.open_session(default_portrait(512), SessionOptions(seed=k)) for k in range(4)]
+        sessions = [await worker.open(PortraitSource(default_portrait(512)), SessionOptions(seed=k)) for k in range(4)]
         audio = np.zeros(1024, np.float32)
         frames = await asyncio.gather(*(worker.render(RenderRequest(s, 0.0, audio, "idle")) for s in sessions))
         await worker.close()

@@ -157,7 +157,7 @@ def test_uploads_decode_off_the_render_workers_and_are_bounded(monkeypatch):
             await asyncio.sleep(0.2)
             with pytest.raises(LimitError, match="being decoded"):
                 await hub.add_portrait(b"x")
-            session = await asyncio.wait_for(hub.open("default", SessionOptions(size=256), "websocket"), 5)
+            session = await asyncio.wait_for(hub.open(SessionOptions(size=256), "websocket", "default"), 5)
             frames = session.frames()
             first = await asyncio.wait_for(anext(frames), 5)
             second = await asyncio.wait_for(anext(frames), 5)

@@ -9,14 +9,14 @@ render.
 from __future__ import annotations
 
 from ...pipelines.avatar import AvatarRenderer, AvatarSession
-from .base import AvatarEngine, EngineSession
+from .base import EngineSession, PortraitEngine
 
 
 class DiffusionSession(AvatarSession, EngineSession):
     """An avatar session the runtime can drive (mouth box, controls, close)."""
 
 
-class DiffusionEngine(AvatarRenderer, AvatarEngine):
+class DiffusionEngine(AvatarRenderer, PortraitEngine):
     name = "diffusion"
     workers = 1  # one U-Net; concurrency comes from batching and the stage pipeline
     session_class = DiffusionSession

@@ -1,25 +1,29 @@
-// Live avatar page: microphone -> WebRTC -> `livecache serve` -> avatar video + voice back.
+// Live page: WebRTC to `livecache serve`. An avatar engine gets the microphone and answers with video and voice;
+// the video engine gets a prompt and answers with video only. What the page shows follows the engine's
+// capabilities in /api/info (what it takes: a portrait or a prompt; whether it has states, a mouth, audio).
 // Signaling is one POST (/api/offer) after ICE gathering, so no trickle-ICE channel is needed;
 // metrics come from the server (/api/sessions/<id>) and from the browser's own WebRTC stats.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const video = $("avatar");
+const video = $("stream");
 
 // Everything a test or a curious user may want to read back lives on window.live.
 const live = {
   pc: null,
   session: null,
-  info: null,
+  server: null, // /api/info
+  engine: null, // its capabilities: {takes, states, mouth, audio, conditions}
+  info: null, // the session's answer (size, mouth_box or condition, ...)
   portrait: "default",
   stats: {},
   framesShown: 0,
   firstFrameMs: null,
   startedAt: 0,
   /** How open the mouth is in the shown frame: the fraction of dark (luma < 70) pixels in the mouth box,
-   *  the same measure as bench/loopback.py uses (null before the first frame). */
+   *  the same measure as bench/loopback.py uses (null before the first frame, and for engines without a mouth). */
   sampleMouth() {
-    if (!live.info || video.videoWidth === 0) return null;
+    if (!live.info || !live.info.mouth_box || video.videoWidth === 0) return null;
     const [x, y, w, h] = live.info.mouth_box;
     const k = video.videoWidth / live.info.size;
     const canvas = live._canvas || (live._canvas = document.createElement("canvas"));
@@ -72,16 +76,27 @@ function waitForIce(pc) {
   });
 }
 
+/** The offer's session fields: the portrait for an avatar engine, the prompt for a prompt engine. */
+function sessionFields() {
+  if (live.engine.takes === "prompt") return { prompt: $("prompt").value.trim() || "shapes" };
+  return { portrait: live.portrait };
+}
+
 async function start() {
   $("start").disabled = true;
-  say("asking for the microphone…");
+  const speaks = live.engine.takes === "portrait"; // an avatar listens to the microphone
   try {
-    const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    let mic = null;
+    if (speaks) {
+      say("asking for the microphone…");
+      mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    }
     live.startedAt = performance.now();
     live.framesShown = 0;
     live.firstFrameMs = null;
     const pc = (live.pc = new RTCPeerConnection());
-    mic.getTracks().forEach((t) => pc.addTrack(t, mic));
+    if (mic) mic.getTracks().forEach((t) => pc.addTrack(t, mic));
+    else if (live.engine.audio) pc.addTransceiver("audio", { direction: "recvonly" });
     pc.addTransceiver("video", { direction: "recvonly" });
     const remote = new MediaStream();
     pc.ontrack = (e) => {
@@ -97,12 +112,13 @@ async function start() {
     const res = await fetch("/api/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", portrait: live.portrait }),
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", ...sessionFields() }),
     });
     const answer = await res.json();
     if (!res.ok) throw new Error(answer.error || res.statusText);
     live.session = answer.session;
     live.info = answer;
+    if (answer.condition) say(`drawing: ${answer.condition.name}`);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     video.requestVideoFrameCallback(countFrames);
     $("stop").disabled = false;
@@ -173,25 +189,48 @@ async function upload(file) {
   say("portrait ready: press Start (or Stop and Start) to use it");
 }
 
-/** The video engine's condition (class/prompt), changed mid-stream; other engines hide the box. */
-async function setCondition() {
-  if (!live.session) return say("start a session first", true);
+/** A prompt engine's condition, changed mid-stream (before Start, the prompt is the session's first one). */
+async function setCondition(event) {
+  event.preventDefault();
+  if (!live.session) return say("the stream starts with this prompt: press Start");
   const res = await fetch(`/api/sessions/${live.session}/condition`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ prompt: $("condition").value }),
+    body: JSON.stringify({ prompt: $("prompt").value }),
   });
   const body = await res.json();
-  if (res.ok) say(`now showing: ${body.name}`);
+  if (res.ok) say(`now drawing: ${body.name}`);
   else say(body.error, true);
 }
 
-fetch("/api/info")
-  .then((res) => res.json())
-  .then((info) => ($("condition-box").hidden = info.engine !== "video"))
-  .catch(() => {});
+/** Show what the engine takes and gives, and nothing it lacks. */
+function describeEngine(server) {
+  const engine = (live.engine = server.capabilities);
+  live.server = server;
+  const avatar = engine.takes === "portrait";
+  $("title").textContent = avatar ? "LiveCache live avatar" : "LiveCache live video";
+  $("intro").textContent = avatar
+    ? "Speak into your microphone: the avatar says it back with moving lips. Use headphones to avoid echo."
+    : `Type what to draw (for example ${engine.conditions.slice(-3).join(", ")}), press Start, and change it ` +
+      "while it streams.";
+  $("portrait-box").hidden = !avatar;
+  $("prompt-box").hidden = avatar;
+  document.querySelector(".states").hidden = !engine.states;
+  for (const el of document.querySelectorAll("#metrics [data-needs]")) el.hidden = !engine[el.dataset.needs];
+  if (avatar) {
+    video.poster = "/api/portraits/default.png";
+    $("portrait-preview").src = "/api/portraits/default.png";
+  }
+  $("conditions").replaceChildren(...engine.conditions.map((name) => new Option("", name)));
+  $("start").disabled = false;
+}
 
-$("condition-set").onclick = setCondition;
+fetch("/api/info")
+  .then((res) => (res.ok ? res.json() : Promise.reject(new Error(res.statusText))))
+  .then(describeEngine)
+  .catch((err) => say(`cannot reach the server: ${err.message}`, true));
+
+$("prompt-box").onsubmit = setCondition;
 $("start").onclick = start;
 $("stop").onclick = stop;
 for (const b of document.querySelectorAll(".states button")) b.onclick = () => setState(b.dataset.state);
