@@ -157,6 +157,17 @@ class DiTSite(Site):
                              + ", ".join(f"[{b[0]}, {b[-1] + 1})" for b in bounds))
         return BlockSpan(tuple(b.module for b in chosen), tuple(b.io for b in chosen))
 
+    def quant_layers(self) -> dict[str, nn.Module]:
+        """The Linear layers inside the transformer blocks, by qualified name: where the arithmetic is.
+
+        The patch and text embedders, the timestep and modulation projections outside the blocks and the
+        output projection stay float: tiny, run once per call, and carrying the signal the rest depends
+        on (the usual post-training quantization practice, as on the U-Net).
+        """
+        prefixes = tuple(f"{stage.attribute}." for stage in self.dit.stages)
+        return {name: module for name, module in self.root.named_modules()
+                if isinstance(module, nn.Linear) and name.startswith(prefixes)}
+
     def watch_generations(self, start: Callable[[int], None]) -> Removable:
         # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
         return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)

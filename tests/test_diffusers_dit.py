@@ -14,6 +14,7 @@ from torch import nn
 
 from livecache.accel.block_cache import BlockCacheConfig, forecast
 from livecache.accel.deepcache import DeepCacheConfig
+from livecache.accel.quant import QuantConfig, calibrate_quant, int8_available
 from livecache.accel.registry import applied_to
 from livecache.accel.rehash import StepRehashConfig
 from livecache.accel.schedules import format_schedule, nonuniform_schedule
@@ -351,3 +352,25 @@ def test_the_registry_stacking_rules_hold_on_a_dit():
     with pytest.raises(TypeError, match=r"diffusers DiT \(Wan\).*skip branches"):
         apply_technique(model, DeepCacheConfig())
     assert untouched(model)
+
+
+@pytest.mark.parametrize("name", [n for n in ("WanTransformer3DModel", "FluxTransformer2DModel") if n in INSTALLED])
+def test_w8a8_on_the_blocks_linear_layers_stacks_with_the_block_cache(name):
+    model, inputs = build(name)
+    site = DiTSite(model)
+    layers = site.quant_layers()
+    assert layers and all(isinstance(m, nn.Linear) for m in layers.values())
+    inside = {id(m) for b in site.blocks for m in b.modules()}
+    assert all(id(m) in inside for m in layers.values())
+    plain = run(model, inputs, LEVELS[:4])
+    plan = calibrate_quant(QuantConfig(), model, layers, site.read_level, lambda: run(model, inputs, LEVELS[:4]))
+    handles = REGISTRY.apply(site, [BlockCacheConfig(cache_interval=2), plan])
+    quantized = run(model, inputs, LEVELS[:4])
+    assert handles[1].stats.quantized_layers == len(layers)
+    assert handles[1].stats.backend.startswith("int8" if int8_available() else "simulated")
+    for k in (0, 2):  # full steps: only the quantization error, small against the output's magnitude
+        error = (quantized[k] - plain[k]).abs().max() / plain[k].abs().max()
+        assert 0 < error < 0.1
+    applied_to(model).remove_all()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, LEVELS[:4]), plain, strict=True))
