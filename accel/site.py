@@ -4,9 +4,9 @@ A core never looks a model up itself: it asks its site where the blocks are (a U
 modules below a skip branch, the layers a quantizer replaces, the operator groups a slicer may
 cut), how to read the noise level of a call, and how model calls and generations are announced.
 Adapters subclass `Site` for their family (a diffusers U-Net, a ComfyUI `UNetModel` during one
-sampling run; next a DiT's block span) and implement what the family offers; everything a family
-lacks fails with a message naming the family and the missing part, so a technique that cannot
-work on a model says so before it touches anything.
+sampling run, a diffusers DiT with its block span) and implement what the family offers;
+everything a family lacks fails with a message naming the family and the missing part, so a
+technique that cannot work on a model says so before it touches anything.
 
 Three ways a site announces what happens, each returning something to `remove()`:
 - `watch_calls(begin, end)`: each model call starts (with its noise level and inputs) and ends;
@@ -20,6 +20,7 @@ Three ways a site announces what happens, each returning something to `remove()`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,7 @@ from .slicing import OperatorGroup, SliceAxis
 
 LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
 CallStart = Callable[[float, tuple[Any, ...], dict[str, Any]], None]
+Streams = tuple[torch.Tensor, ...]  # the token streams a transformer block carries (image; text)
 # around(compute, x, level, context) -> the call's output tensor; compute() runs the model
 Around = Callable[[Callable[[], torch.Tensor], torch.Tensor, float, Sequence[torch.Tensor]], torch.Tensor]
 
@@ -77,6 +79,62 @@ class CacheSite:
         return model_fingerprint(self.root)
 
 
+@dataclass(frozen=True)
+class BlockIO:
+    """How one block's call carries the streams: which parameters they are, where its output puts them.
+
+    `inputs`: the stream parameters' names, in stream order; `positions`: where each sits when passed
+    positionally; `outputs`: each stream's index in the returned tuple, or None when the block returns
+    its one stream as a bare tensor.
+    """
+
+    inputs: tuple[str, ...]
+    positions: tuple[int, ...]
+    outputs: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, block: nn.Module, inputs: Sequence[str], outputs: Sequence[int] | None) -> BlockIO:
+        """Read the positions of `inputs` from `block`'s forward signature."""
+        params = list(inspect.signature(type(block).forward).parameters)[1:]  # without self
+        missing = [name for name in inputs if name not in params]
+        if missing:
+            raise TypeError(f"{type(block).__name__}.forward has no parameter {missing[0]!r}: this version of the "
+                            "model is not the one the adapter knows")
+        if outputs is not None and len(outputs) != len(inputs):
+            raise ValueError("a block's output must place every stream it takes")
+        return cls(tuple(inputs), tuple(params.index(n) for n in inputs), None if outputs is None else tuple(outputs))
+
+    def streams_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Streams:
+        return tuple(kwargs[n] if n in kwargs else args[p] for n, p in zip(self.inputs, self.positions, strict=True))
+
+    def streams_out(self, output: Any) -> Streams:
+        return (output,) if self.outputs is None else tuple(output[i] for i in self.outputs)
+
+    def pack(self, streams: Streams) -> Any:
+        """The block's output carrying `streams`."""
+        if self.outputs is None:
+            return streams[0]
+        out: list[Any] = [None] * len(self.outputs)
+        for index, stream in zip(self.outputs, streams, strict=True):
+            out[index] = stream
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """The blocks a block cache covers, in execution order, with how each is called."""
+
+    blocks: tuple[nn.Module, ...]
+    io: tuple[BlockIO, ...]
+
+    def __post_init__(self) -> None:
+        if not self.blocks or len(self.blocks) != len(self.io):
+            raise ValueError("a block span needs at least one block and one BlockIO per block")
+        if len({len(io.inputs) for io in self.io}) != 1:
+            raise ValueError("every block of a span must carry the same streams (a span cannot cross a point where "
+                             "the model joins or splits its streams)")
+
+
 class Site:
     """One model of a family; subclasses implement what their family offers."""
 
@@ -108,6 +166,11 @@ class Site:
 
     def quantize_attention(self, bits: int) -> Removable:
         raise self._lacks("attention score quantization")
+
+    def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
+        """The transformer blocks `span` names (`(first, stop)` in execution order; None: the family's
+        default) and how each is called: what a block cache covers."""
+        raise self._lacks("transformer block span (a block cache needs a DiT)")
 
     def cache_site(self, branch_id: int) -> CacheSite:
         deep = tuple(self.deep_modules(branch_id))

@@ -3,7 +3,8 @@
 Application order (rank, lowest innermost):
 - 0 feature slicing (exact: it only changes how a group computes) and quantization (it overrides
   leaf Linear/Conv2d layers, which no other core touches, so a cache then stores quantized outputs);
-- 1 the feature caches, DeepCache and CacheQuant (replace deep modules' outputs). A cache may wrap a
+- 1 the feature caches, DeepCache, CacheQuant and the block cache (replace deep modules' or a
+  transformer block span's outputs). A cache may wrap a
   sliced module, never the reverse (a cache inside a sliced group would see each slice as a separate
   call): slicing is applied first, and with a feature cache in the stack it keeps its groups at layer
   granularity, so a module a cache names is never inside a group;
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .block_cache import BlockCache, BlockCacheConfig, BlockCacheStats
 from .cache_schedule import model_fingerprint
 from .cachequant import CacheQuant, CacheQuantPlan, CacheQuantStats
 from .deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
@@ -78,6 +80,23 @@ def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "seconds": seconds})
 
 
+# -- block cache (DiTs) -----------------------------------------------------------------------
+def _apply_blockcache(site: Site, config: BlockCacheConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
+    core = handle.core = BlockCache(config)
+    core.attach_span(site.block_span(config.span))
+    handle.undo(core.remove)
+    handle.undo(site.watch_calls(core.begin_call, core.end_call))
+    handle.undo(site.watch_generations(core.reset))
+
+
+def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
+    forecast = f" ({stats.forecast_calls} forecast)" if stats.forecast_calls else ""
+    return (f"Block cache: {stats.full_calls} full / {stats.cached_calls} cached transformer calls{forecast}, "
+            f"{stats.skipped_blocks} block calls skipped in {seconds:.2f} s, schedule {stats.schedule}",
+            {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls,
+             "forecast_calls": stats.forecast_calls, "skipped_blocks": stats.skipped_blocks, "seconds": seconds})
+
+
 # -- CacheQuant -------------------------------------------------------------------------------
 def _apply_cachequant(site: Site, plan: CacheQuantPlan, handle: Handle, _stack: Sequence[Technique]) -> None:
     plan.schedule.check(model_fingerprint(site.root))
@@ -126,6 +145,8 @@ REGISTRY = Registry([
     Technique("slicing", "feature slicing", SlicingConfig, 0, _apply_slicing, _report_slicing, depends_on_stack=True),
     Technique("quantization", "quantization", QuantPlan, 0, _apply_quantization, _report_quantization),
     Technique("deepcache", "DeepCache", DeepCacheConfig, 1, _apply_deepcache, _report_deepcache, feature_cache=True),
+    Technique("blockcache", "block cache", BlockCacheConfig, 1, _apply_blockcache, _report_blockcache,
+              feature_cache=True),
     Technique("cachequant", "CacheQuant", CacheQuantPlan, 1, _apply_cachequant, _report_cachequant,
               feature_cache=True, refuses=_cachequant_refuses),
     Technique("rehash", "step rehash", StepRehashConfig, 2, _apply_rehash, _report_rehash, refuses=_rehash_refuses),

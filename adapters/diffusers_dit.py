@@ -1,0 +1,185 @@
+"""Diffusers transformer diffusion models (DiTs) as sites: where the blocks are, how to read the noise level.
+
+One table (`FAMILIES`) describes each supported class, by the name diffusers 0.42 gives it: the
+forward parameter that carries the noise level, and the *stages* — the `nn.ModuleList`s of blocks the
+model runs in order, which parameters of a block are its token streams and where its output puts
+them. Two stages are *joined* when the second's blocks take the first's output streams as they are
+(Flux's double-stream blocks feed its single-stream blocks (text, image) unchanged; Flux 2
+concatenates the two streams in between, so a span cannot cross that point).
+
+Blocks are numbered in execution order across stages. A block cache's span is `(first, stop)` in
+that numbering; the model's first and last blocks always run, and a span stays inside one run of
+joined stages. The default span is the longest such run without the model's first and last blocks:
+everything that can be cached is (the setting of first-block caches such as FBCache/TeaCache; a
+shorter span trades speed for fidelity).
+
+Any other model fails with one error naming its class and the supported families.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accel.registry import Handle
+from ..accel.site import BlockIO, BlockSpan, Removable, Removal, Site
+from ..accel.techniques import REGISTRY
+from .diffusers_site import GenerationWatch
+
+PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...
+PAIR_OUT = (1, 0)  # ... and out as (encoder_hidden_states, hidden_states)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One list of blocks: its attribute on the model, its stream parameters and where its output puts them."""
+
+    attribute: str
+    inputs: tuple[str, ...]
+    outputs: tuple[int, ...] | None  # None: the block returns its one stream as a tensor
+    joins_next: bool = False  # the next stage's blocks take this stage's output streams unchanged
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a DiT class offers the cores."""
+
+    name: str
+    level_argument: str  # the forward parameter carrying the noise level
+    stages: tuple[Stage, ...]
+    # the level argument counts up along sampling (Z-Image passes 1 - sigma): read 1 - value so that,
+    # as for every other family, the level falls from step to step
+    rising_level: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "FluxTransformer2DModel": Family("Flux", "timestep", (
+        Stage("transformer_blocks", PAIR, PAIR_OUT, joins_next=True),
+        Stage("single_transformer_blocks", PAIR, PAIR_OUT))),
+    "Flux2Transformer2DModel": Family("Flux 2", "timestep", (
+        Stage("transformer_blocks", PAIR, PAIR_OUT),
+        Stage("single_transformer_blocks", ("hidden_states",), None))),
+    "SD3Transformer2DModel": Family("SD3", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT),)),
+    "WanTransformer3DModel": Family("Wan", "timestep", (Stage("blocks", ("hidden_states",), None),)),
+    "QwenImageTransformer2DModel": Family("Qwen-Image", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT),)),
+    "ZImageTransformer2DModel": Family("Z-Image", "t", (Stage("layers", ("x",), None),), rising_level=True),
+    "DiTTransformer2DModel": Family("DiT", "timestep", (Stage("transformer_blocks", ("hidden_states",), None),)),
+    "PixArtTransformer2DModel": Family("PixArt", "timestep",
+                                       (Stage("transformer_blocks", ("hidden_states",), None),)),
+}
+
+
+def supported() -> str:
+    return ", ".join(f"{cls} ({family.name})" for cls, family in FAMILIES.items())
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of `model` (its class or a base class by name), or a TypeError naming what is supported."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise TypeError(f"{type(model).__name__} is not a supported diffusers transformer; supported: {supported()}")
+
+
+@dataclass(frozen=True)
+class _Block:
+    module: nn.Module
+    io: BlockIO
+    run: int  # which run of joined stages it belongs to
+
+
+class DiTSite(Site):
+    """A diffusers DiT of a supported family (and, when given, the scheduler that samples with it)."""
+
+    def __init__(self, transformer: nn.Module, scheduler: Any | None = None) -> None:
+        self.dit = family_of(transformer)
+        super().__init__(transformer)
+        self.family = f"diffusers DiT ({self.dit.name})"
+        self.scheduler = scheduler
+        self._blocks = self._read_blocks()
+        params = list(inspect.signature(type(transformer).forward).parameters)[1:]
+        self._level_position = params.index(self.dit.level_argument)
+
+    def _read_blocks(self) -> list[_Block]:
+        blocks: list[_Block] = []
+        run = 0
+        for stage in self.dit.stages:
+            modules = getattr(self.root, stage.attribute, None)
+            if not isinstance(modules, nn.ModuleList):
+                raise TypeError(f"{type(self.root).__name__} has no block list `{stage.attribute}`: this version of "
+                                f"{self.dit.name} is not the one the adapter knows")
+            blocks += [_Block(m, BlockIO.of(m, stage.inputs, stage.outputs), run) for m in modules]
+            run += 0 if stage.joins_next else 1
+        return blocks
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, in execution order (the numbering spans use)."""
+        return [b.module for b in self._blocks]
+
+    def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        name = self.dit.level_argument
+        value = kwargs[name] if name in kwargs else args[self._level_position]
+        # the largest entry: a batch shares one level, and per-token levels (Wan 2.2) hold 0 for clean frames
+        level = float(value.max()) if isinstance(value, torch.Tensor) else float(value)
+        return 1.0 - level if self.dit.rising_level else level
+
+    def default_span(self) -> tuple[int, int]:
+        """The longest run of joined stages, without the model's first and last blocks."""
+        best: tuple[int, int] = (0, 0)
+        for run in {b.run for b in self._blocks}:
+            indices = [i for i, b in enumerate(self._blocks) if b.run == run]
+            first, stop = max(indices[0], 1), min(indices[-1] + 1, len(self._blocks) - 1)
+            if stop - first > best[1] - best[0]:
+                best = (first, stop)
+        if best[1] <= best[0]:
+            raise ValueError(f"this {self.dit.name} model has {len(self._blocks)} blocks: too few for a block cache "
+                             "(the first and last always run)")
+        return best
+
+    def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
+        first, stop = self.default_span() if span is None else span
+        count = len(self._blocks)
+        if not 1 <= first < stop <= count - 1:
+            raise ValueError(f"span {(first, stop)} must lie inside blocks 1..{count - 2} of this {self.dit.name} "
+                             f"model ({count} blocks; the first and last always run)")
+        chosen = self._blocks[first:stop]
+        if len({b.run for b in chosen}) > 1:
+            runs = sorted({b.run for b in self._blocks})
+            bounds = [[i for i, b in enumerate(self._blocks) if b.run == r] for r in runs]
+            raise ValueError(f"span {(first, stop)} crosses a point where {self.dit.name} joins or splits its token "
+                             "streams; keep it inside one of the block ranges "
+                             + ", ".join(f"[{b[0]}, {b[-1] + 1})" for b in bounds))
+        return BlockSpan(tuple(b.module for b in chosen), tuple(b.io for b in chosen))
+
+    def quant_layers(self) -> dict[str, nn.Module]:
+        """The Linear layers inside the transformer blocks, by qualified name: where the arithmetic is.
+
+        The patch and text embedders, the timestep and modulation projections outside the blocks and the
+        output projection stay float: tiny, run once per call, and carrying the signal the rest depends
+        on (the usual post-training quantization practice, as on the U-Net).
+        """
+        prefixes = tuple(f"{stage.attribute}." for stage in self.dit.stages)
+        return {name: module for name, module in self.root.named_modules()
+                if isinstance(module, nn.Linear) and name.startswith(prefixes)}
+
+    def watch_generations(self, start: Callable[[int], None]) -> Removable:
+        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
+        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
+
+
+def site_of(target: Any) -> DiTSite:
+    """The site of a diffusers DiT pipeline (`target.transformer` and its scheduler) or of a bare transformer."""
+    transformer = getattr(target, "transformer", target)
+    return DiTSite(transformer, getattr(target, "scheduler", None) if transformer is not target else None)
+
+
+def apply_technique(target: Any, config: Any) -> Handle:
+    """Apply one technique to a DiT pipeline or a bare transformer; `handle.remove()` (or removing it by name
+    from `applied_to(transformer)`) takes it off again."""
+    return REGISTRY.apply(site_of(target), [config])[0]
