@@ -213,6 +213,7 @@ class QuantLayer:
     weight_scale: torch.Tensor | None = None  # int8 conv: per-output-channel weight scales
     keep_channels: torch.Tensor | None = None  # DGQ channel outliers (input channels)
     correction: LayerCorrection | None = None
+    bias: torch.Tensor | None = None  # the bias quantized with the weight (a host may patch it, as it does the weight)
     _conv: dict[str, Any] = field(default_factory=dict)
 
     def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -221,10 +222,13 @@ class QuantLayer:
 
     def _simulated(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         xq = self._quant_act(x)
-        weight = self.fake_weight.to(x.dtype)
+        # the weights stay where the host keeps the layer's weights; a host that offloads them computes
+        # elsewhere, so they travel to the input's device per call, as the host's own weights do
+        weight = self.fake_weight.to(device=x.device, dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         if self.kind == "linear":
-            return F.linear(xq, weight, module.bias)
-        return module._conv_forward(xq, weight, module.bias)
+            return F.linear(xq, weight, bias)
+        return module._conv_forward(xq, weight, bias)
 
     def _quant_act(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -245,7 +249,7 @@ class QuantLayer:
             return out.reshape(*x.shape[:-1], out.shape[-1]).to(dtype)
         scale, zero = uint_params(x, 8)
         qx = torch.clamp(torch.round(x.float() / scale) + zero, 0, 255).to(torch.uint8)
-        bias = None if module.bias is None else module.bias.detach().float()
+        bias = None if self.bias is None else self.bias.float()
         zeros = torch.zeros(self.weight_scale.numel(), dtype=torch.long)
         out = torch.ops.onednn.qconv_pointwise(qx, scale, zero, self.packed, self.weight_scale, zeros, bias,
                                                list(module.stride), list(module.padding), list(module.dilation),
@@ -267,22 +271,33 @@ def _layer_kind(module: nn.Module) -> Literal["linear", "conv"]:
     raise TypeError(f"only nn.Linear and nn.Conv2d layers can be quantized, got {type(module).__name__}")
 
 
-def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig) -> QuantLayer:
-    """Quantize one layer's weights for `config`, choosing real int8 where the backend allows it."""
+def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> QuantLayer:
+    """Quantize one layer's weights for `config`, choosing real int8 where the backend allows it.
+
+    `weight`/`bias` (default: the module's own) are what the layer computes with; a host that applies
+    weight patches (ComfyUI's LoRAs) passes the patched ones. The x86 int8 kernels run on the CPU only,
+    so weights on another device are quantized on the simulated backend.
+    """
     kind = _layer_kind(module)
-    weight = module.weight.detach()
-    bias_bytes = 0 if module.bias is None else 4 * module.bias.numel()
+    weight = (module.weight if weight is None else weight).detach()
+    if bias is None:
+        bias = module.bias
+    bias = None if bias is None else bias.detach().float()
+    bias_bytes = 0 if bias is None else 4 * bias.numel()
     group = config.weight_group if config.method == "dgq" and config.weight_bits < 8 else 0
     ints, scale = quantize_weight(weight, config.weight_bits, group)
     weight_bytes = math.ceil(weight.numel() * config.weight_bits / 8) + 4 * scale.numel() + bias_bytes
     float_bytes = 4 * weight.numel() + bias_bytes
     grouped_conv = kind == "conv" and (module.groups != 1 or module.padding_mode != "zeros"
                                        or isinstance(module.padding, str))
-    use_int8 = config.method == "w8a8" and config.backend != "simulated" and int8_available() and not grouped_conv
+    use_int8 = (config.method == "w8a8" and config.backend != "simulated" and int8_available() and not grouped_conv
+                and weight.device.type == "cpu")
     if config.backend == "int8" and not use_int8:
         raise ValueError("backend='int8' was asked for but torch's x86 quantized kernels are unavailable "
-                         "(or a layer is a grouped/padded-mode conv): use backend='auto' or 'simulated'")
-    layer = QuantLayer(kind, config, use_int8, ranges, weight_bytes, float_bytes)
+                         f"(or a layer is a grouped/padded-mode conv, or its weights are on {weight.device.type}, "
+                         "not the CPU): use backend='auto' or 'simulated'")
+    layer = QuantLayer(kind, config, use_int8, ranges, weight_bytes, float_bytes, bias=bias)
     if use_int8:
         if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
             torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
@@ -293,7 +308,6 @@ def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig) -> 
                 q = torch._make_per_channel_quantized_tensor(ints.reshape(weight.shape).to(torch.int8),
                                                              channel_scale.double(),
                                                              torch.zeros_like(channel_scale, dtype=torch.long), 0)
-            bias = None if module.bias is None else module.bias.detach().float()
             layer.packed = torch.ops.quantized.linear_prepack(q, bias)
         else:
             layer.weight_scale = channel_scale.float()
@@ -404,13 +418,26 @@ def calibrate_quant(config: QuantConfig, root: nn.Module, layers: dict[str, nn.M
     if missing:
         raise ValueError(f"calibration never reached layer {missing[0]} (and {len(missing) - 1} more): "
                          "the calibration run must call the model")
-    built = {name: build_layer(module, ranges[name], config) for name, module in layers.items()}
-    quantized_params = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
-    other = sum(4 * p.numel() for p in root.parameters() if id(p) not in quantized_params)
-    plan = QuantPlan(config, fingerprint, built, other)
+    plan = plan_from(config, root, layers, ranges, fingerprint)
     if config.correct:
         plan.correction_error = _fit_corrections(plan, root, layers, read_level, run)
     return plan
+
+
+def plan_from(config: QuantConfig, root: nn.Module, layers: dict[str, nn.Module], ranges: dict[str, LayerRanges],
+              fingerprint: str = "", weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+              ) -> QuantPlan:
+    """The plan quantizing `layers` of `root` with observed `ranges` (no corrections).
+
+    `weights` (name -> (weight, bias)) replaces the modules' own tensors where a host computes with
+    patched ones (ComfyUI's LoRAs and other weight patches).
+    """
+    weights = weights or {}
+    built = {name: build_layer(module, ranges[name], config, *weights.get(name, (None, None)))
+             for name, module in layers.items()}
+    quantized_params = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
+    other = sum(4 * p.numel() for p in root.parameters() if id(p) not in quantized_params)
+    return QuantPlan(config, fingerprint, built, other)
 
 
 def _fit_corrections(plan: QuantPlan, root: nn.Module, layers: dict[str, nn.Module], read_level: LevelReader,

@@ -2,26 +2,27 @@
 
 A ComfyUI user hands us a `ModelPatcher`, never a bare U-Net, and several patchers share one
 U-Net. So nothing is changed on the U-Net while the patcher sits in the graph: we clone the
-patcher and add two of ComfyUI's own wrappers (`comfy.patcher_extension`), the way ComfyUI's
-EasyCache node does:
+patcher and add ComfyUI's own wrappers and callbacks (`comfy.patcher_extension`), the way ComfyUI's
+EasyCache node does, all under one key holding every LiveCache technique of the MODEL (`Entry`):
 
-- `OUTER_SAMPLE` (one sampling run of *this* clone): a fresh technique session attaches to the
-  U-Net for the length of the run (it learns the run's length from the sigmas) and detaches in a
-  `finally`, so the U-Net is exactly as before whatever happens, and other clones never see it;
-- `DIFFUSION_MODEL` (each U-Net call): the session learns the call's noise level (the sigma that
-  ComfyUI puts in `transformer_options`) and its inputs, which is all the cores need — so every
-  ComfyUI sampler works, and CFG halves batched into one call (or split over several calls when
-  memory is short) are one call slot each, never mixed.
+- `OUTER_SAMPLE` (one sampling run of *this* clone) opens a `RunSession` (it learns the run's length
+  from the sigmas) and closes it in a `finally`, so the U-Net is exactly as before whatever happens,
+  and other clones never see it;
+- `ON_PRE_RUN` (ComfyUI has loaded the model for the run: LoRAs and other weight patches applied)
+  applies the entries through the technique registry, together, checked and in rank order, whatever
+  order the nodes were chained in; an entry may first `resolve` its config against the loaded model
+  (quantization builds its plan from the live weights: `comfy_quant`);
+- `DIFFUSION_MODEL` (each U-Net call): the run learns the call's noise level (the sigma that ComfyUI
+  puts in `transformer_options`) and its inputs, which is all the cores need — so every ComfyUI
+  sampler works, and CFG halves batched into one call (or split over several calls when memory is
+  short) are one call slot each, never mixed.
 
-Techniques come from the technique registry (`accel.techniques`), as on the diffusers path: each
-sampling run is a `ComfyRunSite` — where DeepCache's deep modules are in `UNetModel`, the run's
-length, and the U-Net calls the wrapper sees — and a `TechniqueSession` applies the technique's
-registration to it when the run starts and removes it when the run ends. `apply_technique` does the
-ComfyUI plumbing once for all of them. So DeepCache runs the same core as the diffusers path, and
-step rehash hands each whole U-Net call to its core, which runs it or answers with the output it
-reuses. A CacheQuant schedule needs no technique of its own: it is DeepCache with explicit full
-steps (`DeepCacheConfig.full_steps_override`), checked against the sampler's step count when a run
-starts.
+Each run's `ComfyRunSite` says where things are in `UNetModel` (DeepCache's deep modules here, the
+quantized layers and slicing groups in `comfy_layers`), the run's length, and the U-Net calls the
+wrapper sees. So DeepCache runs the same core as the diffusers path, and step rehash hands each whole
+U-Net call to its core, which runs it or answers with the output it reuses. A CacheQuant schedule
+needs no technique of its own: it is DeepCache with explicit full steps
+(`DeepCacheConfig.full_steps_override`), checked against the sampler's step count when a run starts.
 
 ComfyUI is imported lazily here and nowhere else below the node classes.
 """
@@ -29,17 +30,20 @@ ComfyUI is imported lazily here and nowhere else below the node classes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..accel.deepcache import DeepCacheConfig
-from ..accel.registry import Handle
+from ..accel.registry import Handle, applied_to
 from ..accel.rehash import StepRehashConfig
 from ..accel.site import Around, CallStart, Removable, Removal, Site
+from ..accel.slicing import OperatorGroup, SliceAxis, SlicingConfig
 from ..accel.techniques import REGISTRY
+from .comfy_layers import operator_groups, quant_layers
 
 Call = Callable[[], Any]
 
@@ -74,7 +78,7 @@ class ComfyRunSite(Site):
 
     def __init__(self, unet: nn.Module, total_steps: int) -> None:
         super().__init__(unet)
-        self.holder = self  # each technique is applied on its own per run; the patcher's wrappers are the record
+        self.holder = self  # the run's techniques are recorded on the run (they go when it ends)
         self.total_steps = total_steps
         self._watchers: list[tuple[CallStart, Callable[[], None]]] = []
         self._around: Around | None = None
@@ -84,6 +88,12 @@ class ComfyRunSite(Site):
 
     def deep_modules(self, branch_id: int) -> list[nn.Module]:
         return deep_modules(self.root, branch_id)
+
+    def quant_layers(self) -> dict[str, nn.Module]:
+        return quant_layers(self.root)
+
+    def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
+        return operator_groups(self.root, axis)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         watcher = (begin, end)
@@ -101,57 +111,105 @@ class ComfyRunSite(Site):
         return Removal()
 
     def around_call(self, call: Call, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run (or answer for) one U-Net call at noise level `level`; `call()` runs the U-Net and inner wrappers."""
-        for begin, _ in self._watchers:
-            begin(level, args, kwargs)
-        try:
-            if self._around is None:
+        """Run (or answer for) one U-Net call at noise level `level`; `call()` runs the U-Net and inner wrappers.
+
+        A technique that answers for whole calls (step rehash, the outermost) sits outside the watchers:
+        a call it answers never reaches the U-Net, so the feature caches never see it.
+        """
+
+        def watched() -> Any:
+            for begin, _ in self._watchers:
+                begin(level, args, kwargs)
+            try:
                 return call()
-            # UNetModel.forward(x, timesteps, context, y, control, transformer_options): the sample is x; the other
-            # tensors (context, y, ...) only gate reuse to calls of the same shapes, e.g. the same CFG batch layout
-            x = args[0] if args else kwargs["x"]
-            context = [a for a in args[2:] if isinstance(a, torch.Tensor)]
-            context += [v for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor) and k != "x"]
-            return self._around(call, x, level, context)
-        finally:
-            for _, end in self._watchers:
-                end()
+            finally:
+                for _, end in self._watchers:
+                    end()
+
+        if self._around is None:
+            return watched()
+        # UNetModel.forward(x, timesteps, context, y, control, transformer_options): the sample is x; the other
+        # tensors (context, y, ...) only gate reuse to calls of the same shapes, e.g. the same CFG batch layout
+        x = args[0] if args else kwargs["x"]
+        context = [a for a in args[2:] if isinstance(a, torch.Tensor)]
+        context += [v for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor) and k != "x"]
+        return self._around(watched, x, level, context)
+
+
+Resolve = Callable[[Any], Any]  # (the ModelPatcher being sampled, loaded) -> the config applied in this run
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One LiveCache technique on a MODEL: its config (what the stacking rules check when the node runs),
+    how a run turns it into what is applied (a quantization plan from the weights ComfyUI loaded), and
+    who hears what the run did."""
+
+    config: Any
+    resolve: Resolve | None = None
+    on_finish: Callable[[TechniqueSession], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return REGISTRY.of(self.config, "ComfyUI").name
 
 
 class TechniqueSession:
-    """One technique during one sampling run of a patched MODEL: applied at the start, removed at the end."""
+    """What one technique did during one sampling run of a patched MODEL (what `on_finish` receives)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.technique = REGISTRY.of(config, "ComfyUI")
         self.seconds = 0.0
-        self._site: ComfyRunSite | None = None
-        self._handle: Handle | None = None
-        self._started = 0.0
+        self.handle: Handle | None = None
 
     @property
     def stats(self) -> Any:
-        return None if self._handle is None else self._handle.stats
+        return None if self.handle is None else self.handle.stats
 
     def report(self) -> tuple[str, dict[str, Any]] | None:
         """The line and numbers the frontend shows for this run (as the LC_PIPE sampler's); None when the
         technique never got applied (the run failed at its start)."""
-        return None if self._handle is None else self._handle.report(self.seconds)
+        return None if self.handle is None else self.handle.report(self.seconds)
 
-    def start(self, unet: nn.Module, total_steps: int) -> None:
-        """The run starts on `unet` with `total_steps` sampler steps (len(sigmas) - 1)."""
+
+class RunSession:
+    """Every LiveCache technique on the sampled MODEL during one run: applied together through the registry
+    (checked, in rank order) once ComfyUI has loaded the model, removed together when the run ends."""
+
+    def __init__(self, entries: Sequence[Entry], total_steps: int) -> None:
+        self.entries = tuple(entries)
+        self.total_steps = total_steps
+        self.sessions = [TechniqueSession(entry.config) for entry in self.entries]
+        self._site: ComfyRunSite | None = None
         self._started = time.perf_counter()
-        self._site = ComfyRunSite(unet, total_steps)
-        (self._handle,) = REGISTRY.apply(self._site, [self.config])
+
+    def start(self, patcher: Any) -> None:
+        """The model is loaded (LoRAs and other weight patches applied): apply the techniques to its U-Net."""
+        if self._site is not None:
+            return
+        configs = [entry.config if entry.resolve is None else entry.resolve(patcher) for entry in self.entries]
+        self._started = time.perf_counter()
+        site = ComfyRunSite(patcher.model.diffusion_model, self.total_steps)
+        handles = REGISTRY.apply(site, configs)
+        self._site = site
+        for session, handle in zip(self.sessions, handles, strict=True):
+            session.handle = handle
 
     def around_call(self, call: Call, level: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._site is None:  # the U-Net called before ComfyUI's pre-run (outside a sampler's run)
+            return call()
         return self._site.around_call(call, level, args, kwargs)
 
     def finish(self) -> None:
-        """The run ended (also after an error): restore the U-Net and drop per-run state; the stats stay."""
-        if self._handle is not None:
-            self._handle.remove()
-        self.seconds = time.perf_counter() - self._started
+        """The run ended (also after an error): restore the U-Net, drop per-run state, report; the stats stay."""
+        seconds = time.perf_counter() - self._started
+        if self._site is not None:
+            applied_to(self._site.holder).remove_all()
+        for entry, session in zip(self.entries, self.sessions, strict=True):
+            session.seconds = seconds
+            if entry.on_finish is not None:
+                entry.on_finish(session)
 
 
 # -- ComfyUI plumbing, shared by every technique ----------------------------------------------
@@ -168,38 +226,49 @@ def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     return float(level.reshape(-1)[0]) if isinstance(level, torch.Tensor) else float(level)
 
 
-def apply_technique(model: Any, config: Any, on_finish: Callable[[TechniqueSession], None] | None = None) -> Any:
-    """A clone of ComfyUI `model` (a ModelPatcher) that applies `config`'s technique on every sampling run.
+_KEY = "livecache"
 
-    The technique's name keys its wrappers (`livecache_<name>`): applying a technique to a MODEL that
-    already has it replaces the earlier settings (the last node in the chain wins) instead of stacking two
-    copies. `on_finish(session)` runs after each run, e.g. to report what the session did to the frontend.
-    `config` is checked with those of the other LiveCache techniques already on `model` by the registry's
-    stacking rules, so a combination that cannot work fails when the node runs.
-    """
+
+def entries_of(model: Any) -> tuple[Entry, ...]:
+    """The LiveCache techniques already on ComfyUI `model` (a ModelPatcher), in the order they were added."""
     from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
 
-    key = f"livecache_{REGISTRY.of(config, 'ComfyUI').name}"
-    others = [getattr(w, "livecache_config", None) for name, ws in model.wrappers.get(WrappersMP.DIFFUSION_MODEL,
-                                                                                      {}).items()
-              if name != key for w in ws]
-    REGISTRY.check_stack([c for c in others if c is not None] + [config])
+    wrappers = model.wrappers.get(WrappersMP.DIFFUSION_MODEL, {}).get(_KEY, [])
+    return tuple(entry for wrapper in wrappers for entry in getattr(wrapper, "livecache_entries", ()))
 
-    current: list[TechniqueSession] = []  # the session of the run in progress (runs are sequential in ComfyUI)
+
+def apply_technique(model: Any, config: Any, on_finish: Callable[[TechniqueSession], None] | None = None,
+                    resolve: Resolve | None = None) -> Any:
+    """A clone of ComfyUI `model` (a ModelPatcher) that applies `config`'s technique on every sampling run.
+
+    Every LiveCache technique on a MODEL lives in one entry list under one wrapper key (`livecache`), so a run
+    applies them together, checked and in the registry's rank order whatever order the nodes were chained in.
+    Applying a technique the MODEL already has replaces the earlier settings (the last node in the chain wins)
+    instead of stacking two copies. The stack is checked now, so a combination that cannot work fails when the
+    node runs. `resolve(patcher)` turns `config` into what a run applies once the model is loaded (see
+    `adapters.comfy_quant`); `on_finish(session)` runs after each run, e.g. to report to the frontend.
+    """
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    entry = Entry(config, resolve, on_finish)
+    entries = tuple(e for e in entries_of(model) if e.name != entry.name) + (entry,)
+    REGISTRY.check_stack([e.config for e in entries])
+
+    current: list[RunSession] = []  # the run in progress (runs are sequential in ComfyUI)
 
     def outer_sample(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        unet = executor.class_obj.model_patcher.model.diffusion_model
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-        session = TechniqueSession(config)
+        session = RunSession(entries, max(int(sigmas.shape[-1]) - 1, 1))
         current.append(session)
-        try:  # start inside the try: a start that fails half-way (e.g. a schedule for another step count) is undone
-            session.start(unet, max(int(sigmas.shape[-1]) - 1, 1))
+        try:  # a start that fails half-way (e.g. a schedule for another step count) is undone in finish()
             return executor(*args, **kwargs)
         finally:
             current.remove(session)
             session.finish()
-            if on_finish is not None:
-                on_finish(session)
+
+    def pre_run(patcher: Any) -> None:  # ComfyUI has loaded the model for this run: weights are patched
+        if current:
+            current[-1].start(patcher)
 
     def diffusion_model(executor: Any, *args: Any, **kwargs: Any) -> Any:
         if not current:  # the U-Net called outside a sampling run of this clone
@@ -207,13 +276,25 @@ def apply_technique(model: Any, config: Any, on_finish: Callable[[TechniqueSessi
         return current[-1].around_call(lambda: executor(*args, **kwargs), read_sigma(args, kwargs), tuple(args),
                                        kwargs)
 
-    diffusion_model.livecache_config = config  # type: ignore[attr-defined]  # read by a later apply_technique
+    diffusion_model.livecache_entries = entries  # type: ignore[attr-defined]  # read by a later apply_technique
 
     patched = model.clone()
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
-        patched.remove_wrappers_with_key(kind, key)
-        patched.add_wrapper_with_key(kind, key, wrapper)
+        patched.remove_wrappers_with_key(kind, _KEY)
+        patched.add_wrapper_with_key(kind, _KEY, wrapper)
+    patched.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, _KEY)
+    patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, _KEY, pre_run)
     return patched
+
+
+def apply_slicing(model: Any, config: SlicingConfig,
+                  on_finish: Callable[[TechniqueSession], None] | None = None) -> Any:
+    """A clone of ComfyUI `model` with feature slicing (batch axis); checked against the U-Net now."""
+    if config.vae:
+        raise ValueError("a ComfyUI MODEL holds no VAE to slice: set vae to False (ComfyUI's VAE Decode "
+                         "(Tiled) node lowers the decoder's memory)")
+    operator_groups(model.get_model_object("diffusion_model"), config.axis)
+    return apply_technique(model, config, on_finish)
 
 
 def apply_deepcache(model: Any, config: DeepCacheConfig,

@@ -2,6 +2,7 @@
 
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
+from .comfy_model_nodes import QuantizeModel, SlicingModel
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
@@ -20,6 +21,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheVideoSampler": VideoSampler,
     "LiveCacheDeepCacheModel": DeepCacheModel,
     "LiveCacheStepRehashModel": StepRehashModel,
+    "LiveCacheQuantizeModel": QuantizeModel,
+    "LiveCacheSlicingModel": SlicingModel,
     "LiveCacheLoadAudio": LoadAudioFile,
     "LiveCacheDefaultPortrait": DefaultPortrait,
     "LiveCacheAvatarDiffusion": AvatarDiffusion,
@@ -41,6 +44,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheVideoSampler": "AR Video Sampler (LiveCache)",
     "LiveCacheDeepCacheModel": "DeepCache for MODEL (LiveCache)",
     "LiveCacheStepRehashModel": "Step Rehash for MODEL (LiveCache)",
+    "LiveCacheQuantizeModel": "Quantize MODEL W8A8 / DGQ (LiveCache)",
+    "LiveCacheSlicingModel": "Slicing for MODEL (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
     "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
     "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",

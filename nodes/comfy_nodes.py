@@ -19,16 +19,17 @@ from .diffusers_nodes import ApplyDeepCache
 from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
 
+MODEL_INPUT = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched copy is returned."})
+
 
 def _on_model(diffusers_node: type) -> dict[str, Any]:
     """The diffusers-side node's knobs, ranges and tooltips, with its model input taking a ComfyUI MODEL."""
     required = dict(diffusers_node.INPUT_TYPES()["required"])
-    required["model"] = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched "
-                                              "copy is returned."})
+    required["model"] = MODEL_INPUT
     return required
 
 
-def _reporter(unique_id: str | None):
+def stats_reporter(unique_id: str | None):
     """What sends a run's stats line (the registry's report for the technique) to the node's frontend."""
 
     def report(session: TechniqueSession) -> None:
@@ -64,7 +65,7 @@ class DeepCacheModel:
         else:  # the same core with explicit full steps; a run of another length fails at its start, naming both
             config = DeepCacheConfig(cache_interval, cache_branch_id, "calibrated",
                                      full_steps_override=tuple(calibrated_schedule.full_steps))
-        return (apply_deepcache(model, config, _reporter(unique_id)),)
+        return (apply_deepcache(model, config, stats_reporter(unique_id)),)
 
 
 class StepRehashModel:
@@ -85,4 +86,4 @@ class StepRehashModel:
     def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
               unique_id: str | None = None) -> tuple[Any]:
         config = StepRehashConfig(float(threshold), int(max_skips), mode)
-        return (apply_step_rehash(model, config, _reporter(unique_id)),)
+        return (apply_step_rehash(model, config, stats_reporter(unique_id)),)

@@ -26,10 +26,15 @@ class WrappersMP:
     DIFFUSION_MODEL = "diffusion_model"
 
 
+class CallbacksMP:
+    ON_PRE_RUN = "on_pre_run"
+
+
 @pytest.fixture(autouse=True)
 def fake_comfy(monkeypatch):
     comfy, extension = ModuleType("comfy"), ModuleType("comfy.patcher_extension")
     extension.WrappersMP = WrappersMP
+    extension.CallbacksMP = CallbacksMP
     comfy.patcher_extension = extension
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.patcher_extension", extension)
@@ -76,13 +81,26 @@ class UNetModel(nn.Module):
 class Patcher:
     """What the adapter uses of ComfyUI's ModelPatcher."""
 
-    def __init__(self, unet: nn.Module, wrappers: dict | None = None) -> None:
+    def __init__(self, unet: nn.Module, wrappers: dict | None = None, callbacks: dict | None = None) -> None:
         self.model = SimpleNamespace(diffusion_model=unet)
         self.wrappers = wrappers or {}
+        self.callbacks = callbacks or {}
 
     def clone(self) -> Patcher:
-        return Patcher(self.model.diffusion_model, {k: {n: list(w) for n, w in v.items()}
-                                                    for k, v in self.wrappers.items()})
+        copy = lambda d: {k: {n: list(w) for n, w in v.items()} for k, v in d.items()}  # noqa: E731
+        return Patcher(self.model.diffusion_model, copy(self.wrappers), copy(self.callbacks))
+
+    def add_callback_with_key(self, kind: str, key: str, callback) -> None:
+        self.callbacks.setdefault(kind, {}).setdefault(key, []).append(callback)
+
+    def remove_callbacks_with_key(self, kind: str, key: str) -> None:
+        self.callbacks.get(kind, {}).pop(key, None)
+
+    def pre_run(self) -> None:
+        """ComfyUI calls this once the model is loaded, before the sampler's first U-Net call."""
+        for callbacks in self.callbacks.get(CallbacksMP.ON_PRE_RUN, {}).values():
+            for callback in callbacks:
+                callback(self)
 
     def get_model_object(self, name: str) -> nn.Module:
         return self.model.diffusion_model
@@ -115,6 +133,7 @@ def sample(patcher: Patcher) -> torch.Tensor:
     context = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
 
     def inner(noise, _latent, _sampler, sigmas):
+        patcher.pre_run()
         x = noise
         for sigma, following in zip(sigmas[:-1], sigmas[1:], strict=True):
             both = torch.cat([x, x])
@@ -141,7 +160,7 @@ def test_deepcache_on_a_model_reuses_deep_layers_and_leaves_the_input_untouched(
     assert (stats.full_calls, stats.cached_calls) == (STEPS // 2, STEPS // 2)
     line, numbers = sessions[0].report()
     assert line.startswith("DeepCache: 3 full / 3 cached U-Net calls in ") and numbers["cached_calls"] == 3
-    assert torch.equal(sample(model), plain) and not model.wrappers
+    assert torch.equal(sample(model), plain) and not model.wrappers and not model.callbacks
     assert all("forward" not in m.__dict__ for m in unet.modules()) and "_livecache_applied" not in unet.__dict__
 
 
@@ -159,7 +178,9 @@ def test_rehash_and_deepcache_stack_in_either_order_and_extrapolate_is_refused()
     with pytest.raises(ValueError, match="'extrapolate' cannot stack with DeepCache"):
         apply_deepcache(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), deepcache)
     again = apply_step_rehash(apply_step_rehash(model, StepRehashConfig(mode="extrapolate")), StepRehashConfig())
-    assert list(again.wrappers[WrappersMP.DIFFUSION_MODEL]) == ["livecache_rehash"]  # the last node wins
+    assert list(again.wrappers[WrappersMP.DIFFUSION_MODEL]) == ["livecache"]  # one entry list for all techniques
+    (entry,) = again.wrappers[WrappersMP.DIFFUSION_MODEL]["livecache"][0].livecache_entries
+    assert entry.config == StepRehashConfig()  # the last node wins
 
 
 def test_a_run_that_fails_at_its_start_leaves_the_unet_as_it_was():
