@@ -3,7 +3,7 @@
 Everything that touches ComfyUI lives below `adapters/` (or in the node classes), so the
 benchmark asks this module for ComfyUI objects instead of importing ComfyUI itself:
 
-- `use_comfyui(root)` makes a ComfyUI checkout importable (the vendored copy in CI);
+- `use_comfyui(root)` (from graph.comfy_host) makes a ComfyUI checkout importable (the vendored copy in CI);
 - `sd15_model(...)` builds ComfyUI's own SD1.5 model class (`supported_models.SD15` →
   `model_base.BaseModel` → `openaimodel.UNetModel`) with seeded random weights, wrapped in
   ComfyUI's `ModelPatcher`: no checkpoint is needed, and channel widths can be shrunk for tests;
@@ -13,36 +13,12 @@ benchmark asks this module for ComfyUI objects instead of importing ComfyUI itse
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-
-def use_comfyui(root: str | Path | None) -> None:
-    """Make ComfyUI importable from `root` (or check that it already is when `root` is None).
-
-    Without a usable GPU, ComfyUI is configured as `main.py --cpu` would configure it: its device
-    choice happens when `comfy.model_management` is first imported, so this must run before that.
-    """
-    if root is not None:
-        root = Path(root).resolve()
-        if not (root / "comfy" / "model_patcher.py").is_file():
-            raise FileNotFoundError(f"{root} is not a ComfyUI folder (no comfy/model_patcher.py in it)")
-        if str(root) not in sys.path:
-            # first on the path: ComfyUI's top-level modules (nodes, server, utils) must win over same-named ones
-            sys.path.insert(0, str(root))
-    try:
-        import comfy.cli_args
-
-        if not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        import comfy.model_patcher  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"ComfyUI is not importable ({error}); pass its folder (--comfy-root), e.g. the one "
-                          "scripts/setup_comfy.sh unpacks to .comfy/ComfyUI") from error
+from ..graph.comfy_host import use_comfyui  # noqa: F401  (the benches and tests make ComfyUI importable here)
 
 
 def sd15_model(model_channels: int = 320, context_dim: int = 768, num_heads: int = 8, seed: int = 0,

@@ -1,5 +1,19 @@
 """The one error type a workflow can fail with: its message is the single line the CLI prints."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+COMFY_HINT = "ComfyUI's own nodes run inside ComfyUI: add --comfy-root DIR (the ComfyUI folder)"
+
 
 class WorkflowError(ValueError):
     """A workflow cannot run; the message names the node and the problem."""
+
+
+def unknown_types(nodes: Sequence[tuple[str, str]], hint: str = COMFY_HINT) -> str:
+    """One line naming every node whose type the runner lacks (not only the first), and what to do."""
+    named = ", ".join(f"node {node_id[:60]} ({kind[:80]})" for node_id, kind in nodes[:12])
+    more = f" and {len(nodes) - 12} more" if len(nodes) > 12 else ""
+    plural = "s" if len(nodes) > 1 else ""
+    return f"{named}{more}: unknown node type{plural}; {hint}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nodes.validation import literal_problem, short
-from .errors import WorkflowError
+from .errors import WorkflowError, unknown_types
 from .schema import check_api
 from .ui_format import is_widget, ui_to_api
 
@@ -60,10 +60,10 @@ def validate(api: Api, classes: dict[str, type]) -> list[str]:
 
 def _validate(api: Api, classes: dict[str, type], results: dict[str, Any]) -> list[str]:
     check_api(api)
+    unknown = [(node_id, node["class_type"]) for node_id, node in api.items() if node["class_type"] not in classes]
+    if unknown:
+        raise WorkflowError(unknown_types(unknown))
     for node_id, node in api.items():
-        class_type = node["class_type"]
-        if class_type not in classes:
-            raise WorkflowError(f"node {node_id} ({class_type}): unknown node type")
         _check_inputs(node_id, node, api, classes)
     outputs = [i for i, n in api.items() if getattr(classes[n["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..nodes.validation import short
-from .errors import WorkflowError
+from .errors import WorkflowError, unknown_types
 from .schema import check_ui
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -37,13 +37,15 @@ def ui_to_api(workflow: Any, classes: dict[str, type]) -> dict[str, dict[str, An
     nodes = workflow["nodes"]
     link_table: dict[int, tuple[str, int]] = {link[0]: (str(link[1]), link[2]) for link in workflow.get("links") or []}
     by_id = {str(node["id"]): node for node in nodes}
+    unknown = [(str(node["id"]), node["type"]) for node in nodes if node["type"] not in classes
+               and node["type"] not in SKIPPED_NODE_TYPES and node.get("mode") not in (MODE_MUTED, MODE_BYPASS)]
+    if unknown:
+        raise WorkflowError(unknown_types(unknown))
     api: dict[str, dict[str, Any]] = {}
     for node in nodes:
         node_id, class_type = str(node["id"]), node["type"]
         if class_type in SKIPPED_NODE_TYPES or node.get("mode") in (MODE_MUTED, MODE_BYPASS):
             continue  # notes, reroutes and primitives; muted and bypassed nodes (links pass through below)
-        if class_type not in classes:
-            raise WorkflowError(f"node {node_id} ({class_type}): unknown node type")
         inputs: dict[str, Any] = {}
         for entry in node.get("inputs") or []:
             if entry.get("link") is None:

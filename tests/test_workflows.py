@@ -257,3 +257,18 @@ def test_bypassed_nodes_and_reroutes_pass_their_links_through():
     assert api["3"]["inputs"]["model"] == ["1", 0] and api["4"]["inputs"]["model"] == ["1", 0]
     assert api["5"]["inputs"]["images"] == ["4", 0]
     validate(api, NODE_CLASS_MAPPINGS)
+
+
+def test_comfyui_nodes_without_comfy_root_fail_in_one_line_naming_them(capsys):
+    """A workflow of ComfyUI's own nodes names them all, and the flag that runs them, in one line."""
+    workflow = WORKFLOWS / "comfyui" / "deepcache_checkpoint_api.json"
+    assert cli_main(["run", str(workflow)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: node 1 (CheckpointLoaderSimple), node 3 (CLIPTextEncode), "
+                             "node 4 (CLIPTextEncode), node 5 (EmptyLatentImage), node 6 (KSampler), "
+                             "node 7 (VAEDecode), node 8 (SaveImage): "
+                             "unknown node types;"), err
+    assert "--comfy-root DIR" in err[0] and "LiveCacheDeepCacheModel" not in err[0]
+    assert cli_main(["run", str(workflow), "--comfy-base", "."]) == 2
+    assert "--comfy-base needs --comfy-root" in capsys.readouterr().err
