@@ -15,8 +15,8 @@ features at step j costs depends on the model and sampler. Calibration measures 
    - `"feature"` (one uncached pass): Σ_{k=i+1..j} errors[i, k], the relative feature reuse error
      (`reuse_segments`). Cheap, but a proxy: on the trained digits model it favours full steps at
      the end, where features change fastest in relative terms, while an error there barely reaches
-     the image; errors at high noise change the content (measured end-to-end, one reused step at
-     steps 1-6 costs 10-50× more output error than at steps 12-19).
+     the image; errors at high noise change the content (a reused early step costs far more output
+     error than a late one).
    - `"output"` (the default of the adapters): `measure_segments` runs a calibration generation once
      per segment, with exactly that segment cached, and takes the relative squared difference of its
      output from the uncached output: the end-to-end cost of the segment, whatever the sampler, the

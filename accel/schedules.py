@@ -35,8 +35,8 @@ def nonuniform_schedule(
 
     Why: in SD-shaped U-Nets under DDIM, reusing stale deep features costs most early in sampling,
     when the coarse layout forms, so spending the same budget of full steps denser there loses less
-    than spacing them evenly (measured: +7 to +17 dB latent PSNR on the SD1.5-shaped benchmark). It is a
-    prior, not a law: on our trained digits model uniform spacing is 2-3 dB better, which is why
+    than spacing them evenly (docs/benchmarks.md, DeepCache). It is a prior, not a law: on our
+    trained digits model uniform spacing does better, which is why
     schedules are plain values that calibrated ones (dynamic programming) can replace.
 
     Positions come from evenly spaced points pushed towards `center` by

@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         return frames, time.perf_counter() - start, first or 0.0, session.box
 
     # Rendering runs on a worker thread, as in the server (RenderWorker) and in ComfyUI: torch's main-thread
-    # OpenMP team behaved pathologically on this shared 2-core machine (8x slower per call than a worker).
+    # OpenMP team runs much slower per call than a worker thread's.
     with ThreadPoolExecutor(1, thread_name_prefix="lc-bench") as worker:
         for engine in engines:  # warm-up: kernels, allocator, first-call costs
             worker.submit(clip, engine, warm).result()

@@ -2,7 +2,7 @@
 
 Everything runs in one process on one model: ComfyUI's SD1.5 model class (openaimodel.UNetModel
 in a ModelPatcher, SD1.5 channels 320/640/1280 by default) with seeded random weights — no
-checkpoint can be downloaded here, and speed depends on the architecture, not the weights — sampled
+checkpoint is needed, and speed depends on the architecture, not the weights — sampled
 by ComfyUI's KSampler path with CFG, the same seed, sampler and scheduler for every method. Each
 method is a patched clone of the same MODEL (EasyCache through ComfyUI's own node class, ours
 through the adapter of `LiveCacheDeepCacheModel` / `LiveCacheStepRehashModel`), so the comparison is

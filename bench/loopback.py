@@ -1,4 +1,4 @@
-"""Loopback clients on this machine: a server subprocess and an aiortc WebRTC client.
+"""Loopback clients on 127.0.0.1: a server subprocess and an aiortc WebRTC client.
 
 `livecache bench realtime` and the tests drive real sessions through these, the same way a remote user
 would: over TCP on 127.0.0.1, with the server in its own process (so it has its own interpreter lock, as

@@ -18,7 +18,7 @@ output's magnitude).
 
 What slicing cannot lower: buffers that do not scale with the batch. On CPU, fp32 convolutions copy
 their weight into oneDNN's layout on every call; the SD1.5 U-Net's largest (2560→1280, 3×3) is 112.5
-MiB (one call of that conv alone peaks at 113.4 MiB here). That copy is a floor under the sliced peak,
+MiB. That copy is a floor under the sliced peak,
 paid once per slice (which is also why slicing is slower on CPU).
 """
 

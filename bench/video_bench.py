@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed AR runs per mode; medians (default 3)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: this model's ops are small; more threads mostly add "
-                             "synchronisation, badly so on a shared machine)")
+                             "synchronisation)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--live", type=float, default=None, metavar="SECONDS",

@@ -1,4 +1,4 @@
-"""Reference websocket client for `livecache serve` (the README's "Live runtime" section has the protocol).
+"""Reference websocket client for `livecache serve` (protocol: docs/realtime-protocol.md).
 
 It needs only `websockets` and `numpy`, so it can be copied out of the project:
 

@@ -15,8 +15,8 @@ Per frame: audio features (log-mel of the window ending at `t`) → U-Net, 1–4
 - `pipeline`: features, U-Net and decode run as overlapped stages (`pipelines/stages.py`);
 - `first_chunk`: offline clips start with a short chunk so the first frame is out early;
 - `w8a8`: the U-Net's Linear/Conv2d layers in int8 (`accel/quant.py`, calibrated at start-up; off by default);
-- `bf16`: U-Net and VAE in bfloat16 (default on GPUs only: on the 2-core CPU the shipped model's
-  tensors are too small for AMX to pay for the conversions — measured 0.75x).
+- `bf16`: U-Net and VAE in bfloat16 (default on GPUs only: on CPUs the shipped model's tensors are
+  too small for bf16 to pay for the conversions; docs/benchmarks.md, avatar).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class VideoRenderer:
         CausalCacheConfig(window=window)
         self.model = load_video_model(weights)
         # one thread: this model's ops are small, and a second OpenMP thread costs more in synchronisation
-        # than it gains (many times more when the cores are shared with other work)
+        # than it gains
         torch.set_num_threads(threads)
         self.window, self.steps, self.sampler = window, steps, sampler
 

@@ -37,7 +37,7 @@ def _seconds(low: float, high: float):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the live avatar: open http://HOST:PORT/ in a browser (microphone in, avatar video and voice out), "
-        "or stream over the websocket API at ws://HOST:PORT/ws (see the README's 'Live runtime' section)."
+        "or stream over the websocket API at ws://HOST:PORT/ws (protocol: docs/realtime-protocol.md)."
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default 127.0.0.1; use 0.0.0.0 only on a trusted network)")
@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "'diffusion' (the few-step latent diffusion avatar) or 'video' (the causal AR video "
                              "model; change what it shows with condition messages)")
     parser.add_argument("--weights", help="--engine diffusion: a local avatar weights folder (safetensors; layout in "
-                        "the README's 'Diffusion avatar' section); default: the small model shipped with the pack")
+                        "docs/avatar.md); default: the small model shipped with the pack")
     parser.add_argument("--w8a8", action="store_true",
                         help="--engine diffusion: int8 U-Net (W8A8, calibrated at start-up)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,

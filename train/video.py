@@ -54,7 +54,7 @@ def train_video(out_dir: Path = VIDEO_DIR, steps: int = 2400, batch: int = 12, f
     """Train and write `out_dir/config.json` + `model.safetensors`; returns the folder.
 
     One torch thread by default: at this model size every op is small, and a second thread costs more
-    in synchronisation than it gains (several times slower when the cores are shared)."""
+    in synchronisation than it gains."""
     config = config or VideoModelConfig()
     if frames < 2:
         raise ValueError(f"frames must be at least 2 (context + a noisy frame), got {frames}")
