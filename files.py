@@ -26,12 +26,30 @@ TEMP_SUFFIX = ".tmp"
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` would give a new file (0o666 less the umask): mkstemp's private 0o600 must not
+    outlive the temporary name, or saved images end up unreadable to the user's other programs.
+
+    Linux reports the umask in /proc without changing it; elsewhere it can only be read by setting it,
+    which is briefly process-wide, so that is the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_temp(folder: Path, name: str, write: Writer) -> Path:
     """`write` into a fresh hidden file of `folder`, flushed and synced; removed again if anything fails."""
     folder.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
     temp = Path(temp_name)
     try:
+        os.fchmod(handle, _new_file_mode())
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()

@@ -38,6 +38,20 @@ def test_a_name_another_writer_claims_first_is_skipped(tmp_path, monkeypatch):
     assert (tmp_path / "x_00000.png").read_bytes() == b"theirs"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask):
+    """Not mkstemp's private 0o600: a saved image must be as readable as any file the user's umask allows."""
+    previous = os.umask(umask)
+    try:
+        new = files.write_new(tmp_path / "a.png", files.text_writer("x"))
+        numbered = files.write_numbered(tmp_path, "b", ".png", files.text_writer("x"))
+        replaced = files.write_replacing(tmp_path / "c.json", files.text_writer("x"))
+    finally:
+        os.umask(previous)
+    for path in (new, numbered, replaced):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
 def test_write_new_refuses_an_existing_file_and_a_failed_write_leaves_nothing(tmp_path):
     target = tmp_path / "a.json"
     files.write_new(target, files.text_writer("first"))
