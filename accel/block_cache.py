@@ -31,36 +31,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .deepcache import DeepCache, DeepCacheConfig, DeepCacheStats, ScheduleKind
+from .deepcache import CacheSchedule, DeepCache, DeepCacheStats
 from .forward_override import Forward
-from .schedules import Schedule
 from .site import BlockSpan, Streams
 
 BlockCacheMode = Literal["reuse", "forecast"]
 
 
 @dataclass(frozen=True)
-class BlockCacheConfig:
+class BlockCacheConfig(CacheSchedule):
     """What a user picks; validated on creation so bad values fail before any model is touched.
 
     `span`: the blocks whose residual is cached, as `(first, stop)` indices into the model's blocks in
     execution order (`stop` excluded); None takes the family's default (`DiTSite.default_span`).
-    Schedule fields as `DeepCacheConfig`'s (`cache_interval`, `schedule`, `start`, `end`, `center`,
-    `power`, `full_steps_override` for a calibrated schedule). `mode` and `order`: see the module.
+    The schedule fields are `CacheSchedule`'s, shared with DeepCache (`cache_interval`, `schedule`, `start`,
+    `end`, `center`, `power`, `full_steps_override` for a calibrated schedule). `mode` and `order`: see the
+    module.
     """
 
-    cache_interval: int = 3
     span: tuple[int, int] | None = None
     mode: BlockCacheMode = "reuse"
     order: int = 1
-    schedule: ScheduleKind = "uniform"
-    start: float = 0.0
-    end: float = 1.0
-    center: float = 0.0
-    power: float = 1.4
-    full_steps_override: Schedule | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.span is not None:
             if (not isinstance(self.span, tuple) or len(self.span) != 2
                     or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.span)
@@ -71,13 +65,6 @@ class BlockCacheConfig:
             raise ValueError(f"mode must be 'reuse' or 'forecast', got {self.mode!r}")
         if isinstance(self.order, bool) or self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2 (the forecast's order in the noise level), got {self.order!r}")
-        self.step_schedule()  # validates the schedule fields
-
-    def step_schedule(self) -> DeepCacheConfig:
-        """The schedule fields as the DeepCache config the shared step logic reads."""
-        return DeepCacheConfig(cache_interval=self.cache_interval, schedule=self.schedule, start=self.start,
-                               end=self.end, center=self.center, power=self.power,
-                               full_steps_override=self.full_steps_override)
 
     @property
     def history(self) -> int:
@@ -125,7 +112,7 @@ class BlockCache(DeepCache):
     """The block cache core applied to one model through the block span an adapter names."""
 
     def __init__(self, config: BlockCacheConfig) -> None:
-        super().__init__(config.step_schedule())
+        super().__init__(config)
         self.block_config = config
         self.stats = BlockCacheStats()
         self._span: BlockSpan | None = None

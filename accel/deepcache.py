@@ -38,11 +38,11 @@ ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
 
 
 @dataclass(frozen=True)
-class DeepCacheConfig:
-    """What a user picks; validated on creation so bad values fail before any model is touched."""
+class CacheSchedule:
+    """Which steps compute fully, for every cache that reuses work between full steps (DeepCache's deep
+    features, a DiT's block residuals): one set of fields and one validation, so the two cannot drift."""
 
     cache_interval: int = 3
-    cache_branch_id: int = 0
     schedule: ScheduleKind = "uniform"
     start: float = 0.0
     end: float = 1.0
@@ -55,8 +55,6 @@ class DeepCacheConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.cache_interval, int) or self.cache_interval < 1:
             raise ValueError(f"cache_interval must be an integer >= 1, got {self.cache_interval!r}")
-        if not isinstance(self.cache_branch_id, int) or self.cache_branch_id < 0:
-            raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
         if self.schedule not in ("uniform", "non-uniform", "calibrated"):
             raise ValueError(f"schedule must be 'uniform', 'non-uniform' or 'calibrated', got {self.schedule!r}")
         if (self.schedule == "calibrated") != (self.full_steps_override is not None):
@@ -81,6 +79,18 @@ class DeepCacheConfig:
         return nonuniform_schedule(total, self.cache_interval, self.start, self.end, self.center, self.power)
 
 
+@dataclass(frozen=True)
+class DeepCacheConfig(CacheSchedule):
+    """What a user picks; validated on creation so bad values fail before any model is touched."""
+
+    cache_branch_id: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.cache_branch_id, int) or self.cache_branch_id < 0:
+            raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
+
+
 @dataclass
 class DeepCacheStats:
     """What the last generations did: how many model calls ran the deep modules, how many reused."""
@@ -99,7 +109,7 @@ class _SlotCache:
 class DeepCache:
     """The DeepCache core applied to one model through the modules an adapter names."""
 
-    def __init__(self, config: DeepCacheConfig) -> None:
+    def __init__(self, config: CacheSchedule) -> None:
         self.config = config
         self.clock = StepClock()
         self.stats = DeepCacheStats()
