@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .procfs import status_value
+
 Writer = Callable[[BinaryIO], None]
 TEMP_SUFFIX = ".tmp"
 # file systems without hard links (FAT, some network shares) answer link() with one of these
@@ -32,12 +34,9 @@ def _new_file_mode() -> int:
 
     Linux reports the umask in /proc without changing it; elsewhere it can only be read by setting it,
     which is briefly process-wide, so that is the fallback."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
+    reported = status_value("Umask")
+    if reported is not None:
+        return 0o666 & ~int(reported, 8)
     umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask

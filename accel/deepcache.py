@@ -24,7 +24,7 @@ see every call): the caching logic is the same either way.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
 from torch import nn
@@ -40,9 +40,13 @@ ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
 @dataclass(frozen=True)
 class CacheSchedule:
     """Which steps compute fully, for every cache that reuses work between full steps (DeepCache's deep
-    features, a DiT's block residuals): one set of fields and one validation, so the two cannot drift."""
+    features, a DiT's block residuals): one set of fields and one validation, so the two cannot drift.
+
+    Only `cache_interval` may be given by position: the fields after it are keyword-only, so a subclass's
+    own fields (DeepCache's `cache_branch_id`) follow it positionally as they always have."""
 
     cache_interval: int = 3
+    _: KW_ONLY
     schedule: ScheduleKind = "uniform"
     start: float = 0.0
     end: float = 1.0

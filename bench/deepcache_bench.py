@@ -68,8 +68,8 @@ def _ours(config: DeepCacheConfig) -> Runner:
 def methods(intervals: list[int], peers: bool, steps: int) -> list[tuple[str, str, Runner]]:
     out: list[tuple[str, str, Runner]] = [("uncached", "baseline", _ours_uncached)]
     for n in intervals:
-        out.append((f"ours N={n} uniform", "ours", _ours(DeepCacheConfig(n, 0, "uniform"))))
-        out.append((f"ours N={n} non-uniform", "ours", _ours(DeepCacheConfig(n, 0, "non-uniform"))))
+        out.append((f"ours N={n} uniform", "ours", _ours(DeepCacheConfig(n, 0, schedule="uniform"))))
+        out.append((f"ours N={n} non-uniform", "ours", _ours(DeepCacheConfig(n, 0, schedule="non-uniform"))))
     if peers:
         for n in intervals:
             out.append((f"DeepCache authors N={n}", "peer", lambda w, n=n: run_deepcache_authors(w, n)))

@@ -29,6 +29,7 @@ import torch
 from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
 from ..files import text_writer, write_replacing
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model
+from ..procfs import status_kib
 from .metrics import psnr
 
 MODES = ("cached", "recompute")
@@ -57,16 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(changing the condition every 10 s) and report frames, gaps and the server's RSS")
 
 
-def _rss_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory_mib(run) -> float | None:
     """Peak resident-memory growth (MiB) while `run()` executes; None where Linux's counters are missing."""
     gc.collect()
@@ -75,9 +66,9 @@ def peak_memory_mib(run) -> float | None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    before = _rss_kib("VmRSS")
+    before = status_kib("VmRSS")
     run()
-    peak = _rss_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return None if before is None or peak is None else (peak - before) / 1024
 
 

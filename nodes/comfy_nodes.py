@@ -61,9 +61,9 @@ class DeepCacheModel:
     def apply(self, model: Any, cache_interval: int, cache_branch_id: int, schedule: str, start: float, end: float,
               calibrated_schedule: CalibratedSchedule | None = None, unique_id: str | None = None) -> tuple[Any]:
         if calibrated_schedule is None:
-            config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+            config = DeepCacheConfig(cache_interval, cache_branch_id, schedule=schedule, start=start, end=end)
         else:  # the same core with explicit full steps; a run of another length fails at its start, naming both
-            config = DeepCacheConfig(cache_interval, cache_branch_id, "calibrated",
+            config = DeepCacheConfig(cache_interval, cache_branch_id, schedule="calibrated",
                                      full_steps_override=tuple(calibrated_schedule.full_steps))
         return (apply_deepcache(model, config, stats_reporter(unique_id)),)
 

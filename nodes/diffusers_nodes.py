@@ -100,7 +100,7 @@ class ApplyDeepCache:
 
     def apply(self, model: DiffusionModel, cache_interval: int, cache_branch_id: int, schedule: str,
               start: float, end: float) -> tuple[DiffusionModel]:
-        config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
+        config = DeepCacheConfig(cache_interval, cache_branch_id, schedule=schedule, start=start, end=end)
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
         return (model.with_acceleration(config),)
 

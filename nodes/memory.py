@@ -12,6 +12,8 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+from ..procfs import status_kib
+
 GB = 1e9
 
 
@@ -21,16 +23,6 @@ def _read_int(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _cgroup_room() -> int | None:
@@ -71,7 +63,7 @@ def available_memory() -> tuple[int, str] | None:
     """(bytes this process can still allocate, which limit that is), or None when nothing is known."""
     bounds = []
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    mapped = _status_kib("VmSize")
+    mapped = status_kib("VmSize")
     if soft != resource.RLIM_INFINITY and mapped is not None:
         bounds.append((soft - mapped * 1024, f"the address-space limit (ulimit -v {soft // 1024})"))
     room = _cgroup_room()

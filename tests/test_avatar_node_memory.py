@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,15 +75,18 @@ def test_frames_stream_into_one_preallocated_output(monkeypatch):
 
 
 def test_available_memory_reads_the_address_space_limit():
-    # the module alone (it imports only the standard library), so the child starts in a blink
+    # the module and what it imports (the standard library), without the repository's ComfyUI entry
+    # (__init__.py, which imports torch), so the child starts in a blink
+    root = str(Path(memory.__file__).parents[1])
     script = (
-        "import importlib.util, resource, sys\n"
-        f"spec = importlib.util.spec_from_file_location('memory', {memory.__file__!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "_status_kib, available_memory = module._status_kib, module.available_memory\n"
+        "import importlib, resource, sys, types\n"
+        "package = sys.modules['lc'] = types.ModuleType('lc')\n"
+        f"package.__path__ = [{root!r}]\n"
+        "module = importlib.import_module('lc.nodes.memory')\n"
+        "status_kib = importlib.import_module('lc.procfs').status_kib\n"
+        "available_memory = module.available_memory\n"
         "room, hard = 2 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (_status_kib('VmSize') * 1024 + room, hard))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (status_kib('VmSize') * 1024 + room, hard))\n"
         "free, source = available_memory()\n"
         "print(free, source)\n"
     )
