@@ -79,6 +79,11 @@ class ProceduralSession:
         self.rig.pose(frame, self._opening, self._width, self._blink(req.t, req.state))
         return frame
 
+    def close_mouth(self) -> None:
+        """Shut the mouth now instead of letting the release smoothing close it over several frames (the avatar's
+        speech was cut off)."""
+        self._opening = 0.0
+
     def render(self, req: RenderRequest, rate: int) -> RenderedFrame:
         frame = self.motion.apply(self.pose(req, rate), req.t, req.state, self._opening)
         return RenderedFrame(frame, req.t, req.state, self._opening)

@@ -1,8 +1,11 @@
 """Speaking / listening / idle from voice activity (LLIA's three states), with an API override.
 
-Speaking while the avatar's audio carries voice (plus a short hangover so syllable gaps do not flicker),
-listening for a while after it stops (attentive: mouth closed, small nods), idle after longer silence.
-Live sessions and offline clips (nodes, benches, the training teacher) label frames with the same tracker.
+Speaking while the avatar's audio carries voice (plus a short hangover so syllable gaps do not flicker).
+With one audio stream (the mirror mode, offline clips) listening is the while after the avatar stops
+(attentive: mouth closed, small nods) and idle the longer silence after it. With the user's voice heard
+separately (an interactive session) listening means what it says: the user is talking and the avatar is
+silent; idle is neither. Live sessions and offline clips (nodes, benches, the training teacher) label frames
+with the same tracker.
 """
 
 from __future__ import annotations
@@ -21,14 +24,30 @@ def level_db(samples: np.ndarray) -> float:
     return float(20 * np.log10(np.sqrt(np.mean(samples.astype(np.float64) ** 2)) + 1e-9))
 
 
+def voiced(window: np.ndarray, rate: int) -> bool:
+    """Whether the last 20 ms of `window` carry voice."""
+    return level_db(window[-int(0.02 * rate) :]) > VOICE_DB
+
 
 class StateTracker:
-    def __init__(self, rate: int, hangover_s: float = 0.3, listening_s: float = 3.0) -> None:
+    """`update(t, avatar_window)` per frame; an interactive session also calls `hear_user(t, user_window)` first.
+
+    `barge_in_s` is how long the user must have been talking over the avatar before `barge_in` says so: long
+    enough that a click or a cough does not cut the avatar off, short enough to feel immediate.
+    """
+
+    def __init__(self, rate: int, hangover_s: float = 0.3, listening_s: float = 3.0, follows_user: bool = False,
+                 user_hangover_s: float = 0.5, barge_in_s: float = 0.1) -> None:
         self.rate = rate
         self.hangover_s = hangover_s
         self.listening_s = listening_s
+        self.follows_user = follows_user
+        self.user_hangover_s = user_hangover_s
+        self.barge_in_s = barge_in_s
         self.forced: State | None = None
         self._last_voice = float("-inf")
+        self._last_user = float("-inf")
+        self._user_onset = float("-inf")  # start of the user's current stretch of talking
         self.state: State = "idle"
 
     def force(self, state: str | None) -> None:
@@ -40,11 +59,37 @@ class StateTracker:
         else:
             raise ValueError(f"unknown state {state!r}; use one of {', '.join(STATES)} or 'auto'")
 
+    def hear_user(self, t: float, window: np.ndarray) -> None:
+        """The user's audio window ending at `t` (interactive sessions): voice activity only, never lip-synced."""
+        if voiced(window, self.rate):
+            if t - self._last_user > self.user_hangover_s:
+                self._user_onset = t
+            self._last_user = t
+
+    def user_talking(self, t: float) -> bool:
+        return t - self._last_user <= self.user_hangover_s
+
+    def avatar_speaking(self, t: float) -> bool:
+        return t - self._last_voice <= self.hangover_s
+
+    def barge_in(self, t: float) -> bool:
+        """The user has been talking for `barge_in_s` while the avatar speaks: time to interrupt it."""
+        return self.avatar_speaking(t) and self.user_talking(t) and t - self._user_onset >= self.barge_in_s
+
+    def silence(self, t: float) -> None:
+        """The avatar's speech was cut off at `t` (an interruption): it stops speaking now, without the hangover."""
+        self._last_voice = min(self._last_voice, t - self.hangover_s - 1e-6)
+
     def update(self, t: float, window: np.ndarray) -> State:
-        if level_db(window[-int(0.02 * self.rate) :]) > VOICE_DB:
+        if voiced(window, self.rate):
             self._last_voice = t
         quiet = t - self._last_voice
-        auto: State = "speaking" if quiet <= self.hangover_s else (
-            "listening" if quiet <= self.hangover_s + self.listening_s else "idle")
+        auto: State
+        if quiet <= self.hangover_s:
+            auto = "speaking"
+        elif self.follows_user:
+            auto = "listening" if self.user_talking(t) else "idle"
+        else:
+            auto = "listening" if quiet <= self.hangover_s + self.listening_s else "idle"
         self.state = self.forced or auto
         return self.state

@@ -67,6 +67,7 @@ class AudioTimeline:
         self._slack = int(0.01 * rate)
         self._buf = np.zeros(self.capacity, np.float32)
         self.write_pos = 0
+        self.cut = 0  # samples before the last interruption's cut read as silence from then on
         self._arrivals: deque[tuple[int, int, float]] = deque(maxlen=1024)
 
     def _ring_write(self, pos: int, data: np.ndarray) -> None:
@@ -91,10 +92,18 @@ class AudioTimeline:
             self.write_pos += kept.size
         return (samples.size - kept.size) / self.rate
 
+    def start_of_next(self) -> float:
+        """Media time at which audio pushed now would start playing (after what is queued)."""
+        return max(self.write_pos, int(self.clock.now() * self.rate) + self.delay) / self.rate
+
     def flush(self) -> float:
-        """Forget audio not yet played (barge-in: the user interrupts); returns the seconds dropped."""
-        keep = int(self.clock.now() * self.rate) + self.delay
-        dropped = max(0, self.write_pos - keep)
+        """Barge-in: cut the audio off at the current media time; returns the seconds dropped.
+
+        Everything from now on is gone, the playout delay's worth included, and what lies before the cut reads as
+        silence too: a frame whose audio window straddles the cut, or the outgoing audio of a frame not sent yet,
+        would otherwise carry the interrupted voice for up to one more frame period."""
+        self.cut = int(self.clock.now() * self.rate)
+        dropped = max(0, self.write_pos - self.cut)
         self.write_pos -= dropped
         return dropped / self.rate
 
@@ -102,7 +111,7 @@ class AudioTimeline:
         """Samples for media times [t0, t1); anything not (or no longer) written reads as silence."""
         a, b = int(round(t0 * self.rate)), int(round(t1 * self.rate))
         pos = np.arange(a, b)
-        valid = (pos >= 0) & (pos < self.write_pos) & (pos >= self.write_pos - self.capacity)
+        valid = (pos >= self.cut) & (pos < self.write_pos) & (pos >= self.write_pos - self.capacity)
         out = np.zeros(pos.size, np.float32)
         out[valid] = self._buf[pos[valid] % self.capacity]
         return out
@@ -110,7 +119,7 @@ class AudioTimeline:
     def arrival_of(self, t: float) -> float | None:
         """Monotonic time at which the audio playing at media time `t` reached the server (None: silence fill)."""
         p = int(round(t * self.rate)) - 1
-        if p >= self.write_pos:  # beyond what was written (or flushed): silence arrived from nowhere
+        if p >= self.write_pos or p < self.cut:  # not written, flushed or cut off: silence arrived from nowhere
             return None
         for start, end, arrived in reversed(self._arrivals):
             if start <= p < end:

@@ -21,7 +21,7 @@ from .engines.base import Engine, EngineSession, PortraitSource, PromptSource, S
 from .metrics import ServerCounters, SessionMetrics
 from .portrait import PortraitError, decode_upload
 from .schema import Field, SchemaError
-from .session import LiveSession
+from .session import MODES, Interaction, LiveSession
 from .worker import RenderWorker
 
 SIZES = (256, 384, 512)
@@ -40,6 +40,8 @@ SESSION_FIELDS = {
     "seed": Field("integer", 0, low=0, high=2**32 - 1),
     "portrait": Field("string", None, max_len=64, code="bad_portrait"),
     "prompt": Field("string", None, max_len=MAX_PROMPT),
+    "mode": Field("string", "mirror", choices=MODES),
+    "auto_interrupt": Field("boolean", False),
 }
 # A condition (the websocket `condition` message, the HTTP condition body): a prompt or a class index.
 CONDITION_FIELDS = {
@@ -57,6 +59,15 @@ class LimitError(RuntimeError):
 def session_options(fields: dict[str, object]) -> SessionOptions:
     """SessionOptions from a message already validated against SESSION_FIELDS."""
     return SessionOptions(size=int(fields["size"]), fps=float(fields["fps"]), seed=int(fields["seed"]))
+
+
+def session_interaction(fields: dict[str, object]) -> Interaction:
+    """How the session hears (mode, automatic interruption) from a message validated against SESSION_FIELDS;
+    SchemaError naming the field for auto_interrupt without the interactive mode."""
+    try:
+        return Interaction(str(fields["mode"]), bool(fields["auto_interrupt"]))
+    except ValueError as exc:
+        raise SchemaError("auto_interrupt", str(exc)) from None
 
 
 def condition_value(fields: dict[str, object]) -> str | int:
@@ -155,7 +166,7 @@ class SessionHub:
         return cv2.imencode(".png", cv2.cvtColor(self._portraits["default"], cv2.COLOR_RGB2BGR))[1].tobytes()
 
     async def open(self, options: SessionOptions, transport: str, portrait: str | bytes | None = None,
-                   prompt: str | None = None) -> LiveSession:
+                   prompt: str | None = None, interaction: Interaction | None = None) -> LiveSession:
         """Start a session from what the client sent: a portrait (an id or uploaded bytes) for an engine that
         takes one, a prompt for one that takes a prompt. Raises LimitError, PortraitError or ValueError
         (SchemaError naming the field when the client sent the wrong kind of source) with a client-facing
@@ -169,7 +180,7 @@ class SessionHub:
             engine_session = await self._open_engine_session(options, portrait, prompt)
         finally:
             self._pending -= 1
-        session = LiveSession(engine_session, self.worker, options, transport, metrics)
+        session = LiveSession(engine_session, self.worker, options, transport, metrics, interaction)
         self.sessions[session.id] = session
         self.counters.opened += 1
         session.on_close(self._forget(session))

@@ -1,4 +1,5 @@
-"""Per-session numbers every transport reports: time to first frame, steady FPS, audio-to-mouth latency, drops."""
+"""Per-session numbers every transport reports: time to first frame, steady FPS, audio-to-mouth latency, drops,
+and how fast an interruption silences the avatar."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class SessionMetrics:
         self._window_s = window_s
         self._sent: deque[float] = deque(maxlen=1024)
         self._latency: deque[float] = deque(maxlen=256)
+        self.interrupts = 0
+        self._interrupt_latency: deque[float] = deque(maxlen=64)
 
     def frame_delivered(self, audio_arrival: float | None) -> None:
         """A frame left for the client; `audio_arrival` is when the audio it shows reached the server."""
@@ -33,6 +36,13 @@ class SessionMetrics:
         self._sent.append(now)
         if audio_arrival is not None:
             self._latency.append(now - audio_arrival)
+
+    def interrupted(self) -> None:
+        self.interrupts += 1
+
+    def interrupt_done(self, seconds: float) -> None:
+        """An interruption took effect: its frame (mouth closed, audio cut) left `seconds` after the request."""
+        self._interrupt_latency.append(seconds)
 
     def drop_frames(self, n: int = 1) -> None:
         self.dropped_frames += n
@@ -51,6 +61,7 @@ class SessionMetrics:
     def snapshot(self) -> dict[str, float | int | None]:
         ttff = None if self.first_frame is None else round(1000.0 * (self.first_frame - self.created), 1)
         lat = round(1000.0 * median(self._latency), 1) if self._latency else None
+        cut = round(1000.0 * median(self._interrupt_latency), 1) if self._interrupt_latency else None
         return {
             "time_to_first_frame_ms": ttff,
             "steady_fps": round(self.steady_fps(), 2),
@@ -58,6 +69,8 @@ class SessionMetrics:
             "frames": self.frames,
             "dropped_frames": self.dropped_frames,
             "dropped_audio_ms": round(self.dropped_audio_ms, 1),
+            "interrupts": self.interrupts,
+            "interrupt_latency_ms": cut,
         }
 
 

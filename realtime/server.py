@@ -22,8 +22,9 @@ from .metrics import ServerCounters
 from .portrait import MAX_SIDE, MAX_UPLOAD_BYTES, MIN_SIDE, UPLOAD_FORMATS, PortraitError
 from .schema import Field, SchemaError, validate
 from .session import LiveSession
+from .speech import SpeechUnavailable
 from .webrtc import answer_offer
-from .wsapi import MAX_AUDIO_MESSAGE, MAX_MESSAGE
+from .wsapi import MAX_AUDIO_MESSAGE, MAX_MESSAGE, SAY_FIELDS
 from .wsapi import handle as handle_ws
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web" / "live"
@@ -164,6 +165,31 @@ async def session_condition(request: web.Request) -> web.Response:
         return _bad_request(exc)
 
 
+async def session_interrupt(request: web.Request) -> web.Response:
+    """Barge-in for any session (the page's WebRTC sessions have no websocket): the `interrupted` event."""
+    session = _session(request)
+    if request.body_exists:
+        try:
+            validate(await _json_body(request), {}, "the body")
+        except ValueError as exc:
+            return _bad_request(exc)
+    return web.json_response(await session.interrupt())
+
+
+async def session_say(request: web.Request) -> web.Response:
+    """Speak text as the avatar of an interactive session (espeak-ng); 503 when the server cannot synthesise."""
+    session = _session(request)
+    try:
+        body = validate(await _json_body(request), SAY_FIELDS, 'the body (such as {"text": "Hello"})')
+        return web.json_response(await session.say(str(body["text"])))
+    except SpeechUnavailable as exc:
+        return _error(503, str(exc))
+    except SchemaError as exc:
+        return _bad_request(exc)
+    except ValueError as exc:
+        return _error(400, str(exc), "text")
+
+
 async def session_stop(request: web.Request) -> web.Response:
     session = _session(request)
     await session.close("api")
@@ -212,6 +238,8 @@ def build_app(engine: str = "embedded", limits: ServerLimits | None = None,
     app.router.add_get("/api/sessions/{sid}", session_stats)
     app.router.add_post("/api/sessions/{sid}/state", session_state)
     app.router.add_post("/api/sessions/{sid}/condition", session_condition)
+    app.router.add_post("/api/sessions/{sid}/interrupt", session_interrupt)
+    app.router.add_post("/api/sessions/{sid}/say", session_say)
     app.router.add_post("/api/sessions/{sid}/stop", session_stop)
     app.router.add_static("/live/", WEB_ROOT)
     return app

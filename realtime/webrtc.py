@@ -19,7 +19,7 @@ from aiortc.rtp import RtpPacket
 from av import AudioFrame, VideoFrame
 
 from .audio import float_to_pcm16
-from .hub import SESSION_FIELDS, SessionHub, session_options
+from .hub import SESSION_FIELDS, SessionHub, session_interaction, session_options
 from .schema import Field, validate
 from .session import LiveSession, cancel_tasks
 
@@ -101,7 +101,8 @@ def _low_latency(receiver: RTCRtpReceiver) -> None:
 
 
 async def _consume(track: MediaStreamTrack, session: LiveSession) -> None:
-    """Microphone audio from the browser onto the session timeline until the track ends."""
+    """Microphone audio from the browser onto the session (the user's voice, or the mirrored speech) until the
+    track ends."""
     with contextlib.suppress(MediaStreamError):
         while not session.closed.is_set():
             session.push_frame(await track.recv())
@@ -142,7 +143,8 @@ async def answer_offer(hub: SessionHub, body: object) -> dict[str, object]:
     which also closes its peer connection and releases its UDP sockets.
     """
     offer = _validate_offer(body)
-    session = await hub.open(session_options(offer), "webrtc", offer["portrait"], offer["prompt"])  # type: ignore[arg-type]
+    session = await hub.open(session_options(offer), "webrtc", offer["portrait"], offer["prompt"],  # type: ignore[arg-type]
+                             session_interaction(offer))
     pc = RTCPeerConnection()
     tasks: set[asyncio.Task[None]] = set()
     connected = asyncio.Event()

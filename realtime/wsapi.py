@@ -1,6 +1,10 @@
 """The websocket streaming API: JSON control messages, PCM16 audio in, JPEG frames (with their audio) out.
 
-One connection carries one session. The protocol is specified in docs/realtime-protocol.md; the framing of an
+One connection carries one session. A binary audio message is PCM16 (an even number of bytes) for the default
+role — the avatar's speech — or, tagged, one role byte (`AUDIO_TAGS`) followed by PCM16 (so an odd number of
+bytes, which untagged audio never has: clients from before the roles keep working unchanged).
+
+The protocol is specified in docs/realtime-protocol.md; the framing of an
 outgoing frame message is `pack_frame` below. A slow client never grows server memory: at most
 `SEND_QUEUE` frames (plus a bounded socket buffer) wait for it, older ones are dropped and counted.
 """
@@ -20,16 +24,27 @@ from aiohttp import WSMsgType, web
 
 from .audio import INPUT_RATES, float_to_pcm16
 from .engines.base import STATES, RenderedFrame
-from .hub import CONDITION_FIELDS, SESSION_FIELDS, LimitError, SessionHub, condition_value, session_options
+from .hub import (
+    CONDITION_FIELDS,
+    SESSION_FIELDS,
+    LimitError,
+    SessionHub,
+    condition_value,
+    session_interaction,
+    session_options,
+)
 from .portrait import MAX_UPLOAD_BYTES, PortraitError
 from .schema import Field, Schema, SchemaError, validate
 from .session import LiveSession, cancel_tasks
+from .speech import MAX_SAY_CHARS, SpeechUnavailable
 
 MAX_MESSAGE = 8 * 1024 * 1024  # hard cap (the connection is closed with 1009 above it)
 MAX_AUDIO_MESSAGE = 64 * 1024  # one binary audio chunk; larger chunks are refused with an error
 SEND_QUEUE = 2
 SEND_BUFFER = 256 * 1024  # about half a second of 512x512 JPEG frames
 STATS_EVERY_S = 1.0
+AUDIO_TAGS = {ord("a"): "avatar", ord("u"): "user"}  # first byte of a tagged (odd-length) audio message
+SAY_FIELDS = {"text": Field("string", max_len=4 * MAX_SAY_CHARS, code="bad_say")}  # checked again, stripped
 
 _TYPE = {"type": Field("string")}
 # message type -> (its fields, the error code for a bad field unless the field names its own)
@@ -42,6 +57,7 @@ MESSAGES: dict[str, tuple[Schema, str]] = {
     "state": ({**_TYPE, "state": Field("string", choices=(*STATES, "auto"))}, "bad_state"),
     "condition": ({**_TYPE, **CONDITION_FIELDS}, "bad_condition"),  # the engine reads the prompt
     "interrupt": (_TYPE, "bad_message"),
+    "say": ({**_TYPE, **SAY_FIELDS}, "bad_say"),
     "stats": (_TYPE, "bad_message"),
     "stop": (_TYPE, "bad_message"),
 }
@@ -117,6 +133,7 @@ class Connection:
         self._send_lock = asyncio.Lock()
         self._queue: asyncio.Queue[RenderedFrame] = asyncio.Queue(SEND_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
+        self._notices: set[asyncio.Task[bool]] = set()  # messages sent without the sender waiting (auto interrupts)
 
     async def _send(self, data: str | bytes) -> bool:
         """Send to a client that may have gone; False (never an exception) when it has."""
@@ -175,8 +192,15 @@ class Connection:
                 raise ProtocolError("bad_state", str(exc), "state") from None
             await self.send_json({"type": "state", **applied})
         elif kind == "interrupt":
-            dropped = await self.session.interrupt()
-            await self.send_json({"type": "interrupted", "dropped_ms": round(1000 * dropped, 1)})
+            await self.send_json({"type": "interrupted", **await self.session.interrupt()})
+        elif kind == "say":
+            try:
+                spoken = await self.session.say(str(message["text"]))
+            except SpeechUnavailable as exc:
+                raise ProtocolError("tts_unavailable", str(exc)) from None
+            except ValueError as exc:
+                raise ProtocolError("bad_say", str(exc), "text") from None
+            await self.send_json({"type": "say", **spoken})
         elif kind == "stats":
             await self.send_json({"type": "stats", **self.session.stats()})
         elif kind == "condition":
@@ -198,7 +222,8 @@ class Connection:
             except (binascii.Error, ValueError):
                 raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64", "portrait_b64") from None
         try:
-            session = await self.hub.open(session_options(message), "websocket", portrait, message["prompt"])
+            session = await self.hub.open(session_options(message), "websocket", portrait, message["prompt"],
+                                          session_interaction(message))
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
         except SchemaError as exc:  # the wrong kind of source for this engine, or a prompt it cannot read
@@ -210,6 +235,7 @@ class Connection:
             raise ProtocolError("bad_option", str(exc)) from None
         self.session = session
         session.on_close(self._session_ended)
+        session.on_auto_interrupt(self._auto_interrupted)
         self.sample_rate, self.quality = int(message["sample_rate"]), int(message["jpeg_quality"])
         if not await self.send_json({"type": "ready", **session.info()}):
             await session.close("disconnect")  # the client left while its session was being prepared
@@ -219,7 +245,7 @@ class Connection:
     async def _session_ended(self) -> None:
         """This connection's half of ending a session, whoever ended it: no frame or stats after `stopped`."""
         session, self.session = self.session, None
-        await cancel_tasks(self._tasks)
+        await cancel_tasks([*self._tasks, *self._notices])
         self._tasks = []
         if session is None:
             return
@@ -228,16 +254,30 @@ class Connection:
         if not self.ws.closed:
             await self.ws.close(code=CLOSE_CODES.get(reason, 1000), message=f"session ended: {reason}".encode())
 
+    def _auto_interrupted(self, event: dict[str, object]) -> None:
+        """The user's voice cut the avatar off: tell the client (an agent stops its speech), without holding up
+        the frame loop that noticed it."""
+        task = asyncio.create_task(self.send_json({"type": "interrupted", **event}))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
     def _audio(self, data: bytes) -> None:
         if self.session is None:
             raise ProtocolError("no_session", 'send {"type": "start"} before audio')
         if len(data) > MAX_AUDIO_MESSAGE:
             raise ProtocolError("too_large", f"audio chunk of {len(data)} bytes exceeds {MAX_AUDIO_MESSAGE}; "
                                 "send chunks of 20-100 ms")
+        role = "avatar"
         if len(data) % 2:
-            raise ProtocolError("bad_audio", "audio must be PCM16 little-endian mono: an even number of bytes")
+            if data[0] not in AUDIO_TAGS:
+                raise ProtocolError("bad_audio", "audio must be PCM16 little-endian mono (an even number of bytes), "
+                                    "or one role byte (a: the avatar's speech, u: the user's voice) and PCM16")
+            role, data = AUDIO_TAGS[data[0]], data[1:]
         if data:
-            self.session.push_pcm16(np.frombuffer(data, "<i2"), self.sample_rate)
+            try:
+                self.session.push_pcm16(np.frombuffer(data, "<i2"), self.sample_rate, role)
+            except ValueError as exc:
+                raise ProtocolError("bad_audio", str(exc)) from None
 
     async def _produce(self) -> None:
         session = self.session
