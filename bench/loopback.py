@@ -42,6 +42,11 @@ def mouth_openness(rgb: np.ndarray, box: list[int] | tuple[int, ...]) -> float:
     return float((luma < DARK_LUMA).mean())
 
 
+def ws_url(base: str) -> str:
+    """The websocket endpoint of the server at `base` (http → ws, https → wss)."""
+    return re.sub(r"^http", "ws", base.rstrip("/")) + "/ws"
+
+
 @contextlib.contextmanager
 def spawn_server(*args: str, timeout_s: float = 60.0) -> Iterator[str]:
     """Run `livecache serve --port 0 ARGS` in a subprocess; yields its base URL, stops it with SIGINT."""

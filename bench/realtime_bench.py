@@ -62,10 +62,10 @@ def _steady_fps(times: list[float]) -> float:
 async def _ws_one(url: str, seconds: float, options: dict) -> dict:
     from ..examples.ws_client import stream, to_pcm16
     from ..pipelines.testsignal import talk_and_pause
+    from .loopback import ws_url
 
     audio = to_pcm16(talk_and_pause(TALK_S, PAUSE_S, 8, 16000, lead_s=ONSET_LEAD_S))
-    ws_url = url.replace("http://", "ws://") + "/ws"
-    r = await stream(ws_url, audio, 16000, seconds, options)
+    r = await stream(ws_url(url), audio, 16000, seconds, options)
     if r.errors and not r.frames:
         raise RuntimeError(r.errors[0]["message"])
     times = [t for t, _ in r.frames]

@@ -183,13 +183,14 @@ async def _live_session(base: str, seconds: float, pid: int | None) -> dict:
     import websockets
 
     from ..examples.ws_client import unpack_frame
+    from .loopback import ws_url
 
     prompts = ["texture", "3", "shapes", "7", "texture", "0"]
     arrivals: list[float] = []
     rss: list[tuple[float, float | None]] = []
     applied: list[str] = []
     loop = asyncio.get_running_loop()
-    async with websockets.connect(base.replace("http://", "ws://") + "/ws", max_size=16 * 2**20) as ws:
+    async with websockets.connect(ws_url(base), max_size=16 * 2**20) as ws:
         await ws.send(json.dumps({"type": "start", "size": 512, "fps": 12, "seed": 10}))
         start = loop.time()
         next_change, next_sample = start + 10, start

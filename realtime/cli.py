@@ -10,28 +10,27 @@ import argparse
 import sys
 
 
-def _bounded(low: int, high: int):
-    """An argparse type for integers in [low, high], so mistakes fail at parse time with a clear message."""
+def _within(cast: type, low: float, high: float, unit: str = ""):
+    """An argparse type for a `cast` value in [low, high], so mistakes (NaN included) fail at parse time with a
+    clear message."""
 
-    def parse(text: str) -> int:
-        value = int(text)
+    def parse(text: str) -> float:
+        value = cast(text)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}{unit}, got {value:g}")
         return value
 
     return parse
+
+
+def _bounded(low: int, high: int):
+    """Integers in [low, high]."""
+    return _within(int, low, high)
 
 
 def _seconds(low: float, high: float):
-    """An argparse type for a duration in seconds within [low, high]."""
-
-    def parse(text: str) -> float:
-        value = float(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds, got {value:g}")
-        return value
-
-    return parse
+    """A duration in seconds within [low, high]."""
+    return _within(float, low, high, " seconds")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

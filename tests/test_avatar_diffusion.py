@@ -234,7 +234,7 @@ def test_audio_node_confines_paths_and_avatar_node_checks_inputs(tmp_path, monke
 
 
 def test_server_streams_diffusion_frames_over_the_websocket(tmp_path):
-    from livecache.bench.loopback import spawn_server
+    from livecache.bench.loopback import spawn_server, ws_url
     from livecache.examples.ws_client import stream
     from livecache.realtime.audio import float_to_pcm16
 
@@ -242,7 +242,7 @@ def test_server_streams_diffusion_frames_over_the_websocket(tmp_path):
     frames: list = []
     with spawn_server("--engine", "diffusion", "--weights", str(folder), "--max-sessions", "1") as url:
         pcm = float_to_pcm16(_clip())
-        result = asyncio.run(stream(url.replace("http://", "ws://") + "/ws", pcm, 16000, 1.5,
+        result = asyncio.run(stream(ws_url(url), pcm, 16000, 1.5,
                                     options={"size": 256, "fps": 10},
                                     on_frame=lambda header, jpeg, audio: frames.append((header, jpeg))))
     assert not result.errors

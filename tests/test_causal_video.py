@@ -195,9 +195,10 @@ async def _video_session(base: str) -> dict:
     import aiohttp
     import websockets
 
+    from livecache.bench.loopback import ws_url
     from livecache.examples.ws_client import unpack_frame
 
-    url = base.replace("http://", "ws://") + "/ws"
+    url = ws_url(base)
     seen: dict = {"frames": [], "conditions": [], "errors": [], "http": [], "headers": [], "audio": 0}
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/api/info") as res:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from livecache.bench import realtime_bench as bench
-from livecache.bench.loopback import spawn_server
+from livecache.bench.loopback import spawn_server, ws_url
 from livecache.examples.ws_client import stream
 from livecache.realtime import cli
 
@@ -58,7 +58,7 @@ def test_ctrl_c_closes_live_sessions_and_exits_cleanly():
         url = re.search(r"(http://[\d.]+:\d+)/", proc.stdout.readline()).group(1)
 
         async def session_then_interrupt():
-            task = asyncio.create_task(stream(url.replace("http", "ws") + "/ws", np.zeros(48000, np.int16), 16000, 3))
+            task = asyncio.create_task(stream(ws_url(url), np.zeros(48000, np.int16), 16000, 3))
             await asyncio.sleep(1.5)  # the session is live and streaming
             proc.send_signal(signal.SIGINT)
             return await asyncio.wait_for(task, 10)
@@ -129,7 +129,7 @@ def test_tls_serves_https_and_wss(tmp_path):
         assert url.startswith("https://")
         with urllib.request.urlopen(url + "/api/info", context=context, timeout=10) as res:
             assert json.load(res)["engine"] == "embedded"
-        result = asyncio.run(stream(url.replace("https", "wss") + "/ws", np.zeros(8000, np.int16), 16000, 0.5,
+        result = asyncio.run(stream(ws_url(url), np.zeros(8000, np.int16), 16000, 0.5,
                                     connect={"ssl": context}))
     assert result.frames and not result.errors
     assert cli.main(parse(cli, "--certfile", str(certfile))) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from livecache.bench.loopback import spawn_server
+from livecache.bench.loopback import spawn_server, ws_url
 from livecache.pipelines import states
 from livecache.realtime import audio, hub, portrait, session, webrtc, wsapi
 from livecache.realtime.engines.base import Engine, SessionOptions
@@ -183,7 +183,7 @@ def test_minimal_client_in_the_docs_runs(tmp_path):
     script = tmp_path / "client.py"
     script.write_text(block.group(1))
     with spawn_server() as url:
-        out = subprocess.run([sys.executable, str(script), url.replace("http://", "ws://") + "/ws"],
+        out = subprocess.run([sys.executable, str(script), ws_url(url)],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert '"type": "ready"' in out.stdout and '"type": "stopped"' in out.stdout

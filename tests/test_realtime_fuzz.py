@@ -21,6 +21,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from livecache.bench.loopback import ws_url
 from livecache.realtime.engines.base import SessionOptions
 from livecache.realtime.server import LiveServer, ServerLimits
 from livecache.realtime.wsapi import MAX_AUDIO_MESSAGE, MESSAGES
@@ -123,7 +124,7 @@ async def drive(url: str, sequence: list[str | bytes]) -> tuple[list[dict], int 
 @given(sequence=st.lists(frames, min_size=1, max_size=8))
 def test_hostile_websocket_sequences_get_clear_answers(live, caplog, sequence):
     caplog.set_level(logging.WARNING)
-    url = live.server.url.replace("http://", "ws://") + "/ws"
+    url = ws_url(live.server.url)
     events, code = asyncio.run(drive(url, sequence))
     for event in events:
         assert event["type"] in SERVER_EVENTS, event

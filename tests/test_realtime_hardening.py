@@ -27,7 +27,7 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection
 
-from livecache.bench.loopback import RTC_RATE, rtc_session
+from livecache.bench.loopback import RTC_RATE, rtc_session, ws_url
 from livecache.examples.ws_client import stream
 from livecache.pipelines.testsignal import talk_and_pause
 from livecache.realtime.audio import float_to_pcm16
@@ -43,7 +43,7 @@ class Server:
 
     @property
     def ws(self) -> str:
-        return self.url.replace("http://", "ws://") + "/ws"
+        return ws_url(self.url)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -387,7 +387,7 @@ def test_engine_failure_ends_the_session_with_a_reason(monkeypatch, caplog):
     async def run():
         live = await server_module.LiveServer().start()
         try:
-            async with websockets.connect(live.url.replace("http://", "ws://") + "/ws") as ws:
+            async with websockets.connect(ws_url(live.url)) as ws:
                 await ws.send(json.dumps({"type": "start", "size": 256}))
                 rest = await messages_until_closed(ws)
                 return rest, ws.close_code, len(live.hub.sessions), live.hub.counters.snapshot()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import websockets
 
-from livecache.bench.loopback import spawn_server
+from livecache.bench.loopback import spawn_server, ws_url
 from livecache.examples.ws_client import unpack_frame
 from livecache.pipelines.states import StateTracker
 from livecache.pipelines.testsignal import speech_like
@@ -31,10 +31,6 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 def server():
     with spawn_server("--max-sessions", "3") as url:
         yield url
-
-
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/ws"
 
 
 def pcm(seconds: float, seed: int = 0) -> bytes:

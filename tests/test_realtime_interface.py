@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import websockets
 
+from livecache.bench.loopback import ws_url
 from livecache.pipelines.portrait import default_portrait
 from livecache.realtime.engines import create_engine
 from livecache.realtime.engines.base import (
@@ -97,7 +98,7 @@ def test_controls_run_on_the_worker_in_turn_with_the_sessions_frames(monkeypatch
         live = await server_module.LiveServer().start()
         loop_thread = threading.current_thread().name
         try:
-            async with websockets.connect(live.url.replace("http://", "ws://") + "/ws") as ws:
+            async with websockets.connect(ws_url(live.url)) as ws:
                 await ws.send(json.dumps({"type": "start", "size": 256}))
                 ready = json.loads(await ws.recv())
                 replies = []
@@ -139,7 +140,7 @@ def test_a_condition_the_engine_refuses_is_named_and_the_session_goes_on(monkeyp
     async def run():
         live = await server_module.LiveServer().start()
         try:
-            async with websockets.connect(live.url.replace("http://", "ws://") + "/ws") as ws:
+            async with websockets.connect(ws_url(live.url)) as ws:
                 await ws.send(json.dumps({"type": "start", "size": 256, "prompt": "7"}))
                 refused_start = json.loads(await ws.recv())
                 await ws.send(json.dumps({"type": "start", "size": 256}))

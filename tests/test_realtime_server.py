@@ -21,7 +21,7 @@ import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from livecache.bench.loopback import RTC_RATE, mouth_openness, rtc_session, spawn_server
+from livecache.bench.loopback import RTC_RATE, mouth_openness, rtc_session, spawn_server, ws_url
 from livecache.examples.ws_client import stream, unpack_frame
 from livecache.pipelines.testsignal import talk_and_pause
 from livecache.realtime.audio import float_to_pcm16, level_db
@@ -33,10 +33,6 @@ LEAD, TALK, PAUSE = 1.0, 1.0, 2.0
 def server():
     with spawn_server("--max-sessions", "3") as url:
         yield url
-
-
-def ws_url(base: str) -> str:
-    return base.replace("http://", "ws://") + "/ws"
 
 
 async def http_json(method: str, url: str, **kwargs) -> tuple[int, object]:
