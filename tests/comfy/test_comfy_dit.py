@@ -97,7 +97,7 @@ def test_cached_steps_skip_the_span(model, family, uncached, mode, order):
     assert counts == expected
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     error = float((out - base).abs().max() / base.abs().max())
-    assert error < 0.05, error  # Flux: 0.4-1.1 % of the output's peak measured
+    assert error < 0.1, error  # 0.4-2.5 % of the output's peak measured (Flux, Wan, Qwen-Image, Lumina 2)
 
     again, again_counts = run(model, family)  # the input MODEL is unchanged
     assert torch.equal(again, base) and again_counts == base_counts and untouched(model)
@@ -146,9 +146,9 @@ def test_a_cached_call_on_the_full_calls_inputs_reproduces_it(model, family):
     from livecache.adapters.comfy_unet import ComfyRunSite
 
     text, extras = conditioning(family, 1)[0]
-    conds = {k: v.cond for k, v in model.model.extra_conds(cross_attn=text, **extras).items()}
-    context = conds.pop("c_crossattn")
     x = torch.randn(latent(family).shape, generator=torch.Generator().manual_seed(4))
+    conds = {k: v.cond for k, v in model.model.extra_conds(cross_attn=text, noise=x, **extras).items()}
+    context = conds.pop("c_crossattn")
     t = torch.tensor([0.5])
     diffusion_model = model.model.diffusion_model
 

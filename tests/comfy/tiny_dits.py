@@ -35,6 +35,20 @@ FAMILIES: dict[str, TinyDiT] = {
         "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 3,
         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
         latent_channels=16, context_dim=32, cond_extras={"pooled_output": (1, 32), "guidance": 3.5}),
+    "wan": TinyDiT("WAN21_T2V", {
+        "image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 4,
+        "in_dim": 16, "out_dim": 16, "text_dim": 32, "patch_size": (1, 2, 2), "freq_dim": 256,
+        "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6},
+        latent_channels=16, context_dim=32, latent_frames=2),
+    "qwen_image": TinyDiT("QwenImage", {
+        "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 4, "attention_head_dim": 32,
+        "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)},
+        latent_channels=16, context_dim=32, latent_frames=1),
+    "lumina2": TinyDiT("Lumina2", {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 4,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "qk_norm": True, "axes_dims": [8, 12, 12],
+        "axes_lens": [300, 64, 64], "rope_theta": 10000.0, "ffn_dim_multiplier": 2.0},
+        latent_channels=16, context_dim=32),
 }
 
 
