@@ -147,8 +147,8 @@ class BlockCache(DeepCache):
                     self.stats.skipped_blocks += len(self._span.blocks)
                     return io.pack(tuple(s + r for s, r in zip(streams, residual, strict=True)))
                 self._recompute_call(slot)  # the streams changed shape under the same inputs: compute
-            if index == 0:
-                self._entry = io.streams_in(args, kwargs)
+            if index == 0:  # a copy: blocks may add to their inputs in place (ComfyUI's Flux blocks do)
+                self._entry = tuple(s.clone() for s in io.streams_in(args, kwargs))
             out = original(*args, **kwargs)
             if index == last and self._entry is not None:
                 self._keep(slot, tuple(o - e for o, e in zip(io.streams_out(out), self._entry, strict=True)))

@@ -40,9 +40,10 @@ from torch import nn
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.registry import Handle, applied_to
 from ..accel.rehash import StepRehashConfig
-from ..accel.site import Around, CallStart, Removable, Removal, Site
+from ..accel.site import Around, BlockSpan, CallStart, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis, SlicingConfig
 from ..accel.techniques import REGISTRY
+from .comfy_dit import layout_of
 from .comfy_layers import operator_groups, quant_layers
 
 Call = Callable[[], Any]
@@ -72,12 +73,16 @@ def deep_modules(unet: nn.Module, branch_id: int) -> list[nn.Module]:
 
 
 class ComfyRunSite(Site):
-    """A ComfyUI `UNetModel` during one sampling run: the wrapper announces every U-Net call to it."""
+    """A ComfyUI diffusion model (a `UNetModel`, or a `comfy.ldm` DiT: `comfy_dit`) during one sampling run:
+    the wrapper announces every call to it."""
 
     family = "ComfyUI"
 
     def __init__(self, unet: nn.Module, total_steps: int) -> None:
         super().__init__(unet)
+        self.layout = layout_of(unet)  # the transformer blocks of a DiT; None for a U-Net
+        if self.layout is not None:
+            self.family = f"ComfyUI DiT ({self.layout.name})"
         self.holder = self  # the run's techniques are recorded on the run (they go when it ends)
         self.total_steps = total_steps
         self._watchers: list[tuple[CallStart, Callable[[], None]]] = []
@@ -94,6 +99,11 @@ class ComfyRunSite(Site):
 
     def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
         return operator_groups(self.root, axis)
+
+    def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
+        if self.layout is None:
+            return super().block_span(span)
+        return self.layout.block_span(span)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         watcher = (begin, end)
@@ -214,15 +224,19 @@ class RunSession:
 
 # -- ComfyUI plumbing, shared by every technique ----------------------------------------------
 def read_sigma(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-    """The noise level of a `UNetModel.forward(x, timesteps, context, y, control, transformer_options)` call.
+    """The noise level of one call of a ComfyUI diffusion model (`UNetModel.forward(x, timesteps, ...,
+    transformer_options)`, and every `comfy.ldm` DiT's `forward(x, timestep, ..., transformer_options)`).
 
-    ComfyUI's sampler puts the call's sigmas in `transformer_options`; the timestep is the fallback
-    for callers that bypass the sampler (both fall as sampling proceeds, which is all the clock needs).
+    ComfyUI's sampler puts the call's sigmas in `transformer_options`, passed by keyword or as the last
+    positional dict (as ComfyUI's EasyCache finds it); the timestep is the fallback for callers that
+    bypass the sampler (both fall as sampling proceeds, which is all the clock needs).
     """
-    options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+    options = kwargs.get("transformer_options")
+    if options is None:
+        options = next((a for a in reversed(args) if isinstance(a, dict)), None)
     level = options.get("sigmas") if isinstance(options, dict) else None
     if level is None:
-        level = args[1] if len(args) > 1 else kwargs["timesteps"]
+        level = args[1] if len(args) > 1 else kwargs.get("timesteps", kwargs.get("timestep"))
     return float(level.reshape(-1)[0]) if isinstance(level, torch.Tensor) else float(level)
 
 

@@ -3,15 +3,9 @@
 One table (`FAMILIES`) describes each supported class, by the name diffusers 0.42 gives it: the
 forward parameter that carries the noise level, and the *stages* — the `nn.ModuleList`s of blocks the
 model runs in order, which parameters of a block are its token streams and where its output puts
-them. Two stages are *joined* when the second's blocks take the first's output streams as they are
-(Flux's double-stream blocks feed its single-stream blocks (text, image) unchanged; Flux 2
-concatenates the two streams in between, so a span cannot cross that point).
-
-Blocks are numbered in execution order across stages. A block cache's span is `(first, stop)` in
-that numbering; the model's first and last blocks always run, and a span stays inside one run of
-joined stages. The default span is the longest such run without the model's first and last blocks:
-everything that can be cached is (the setting of first-block caches such as FBCache/TeaCache; a
-shorter span trades speed for fidelity).
+them (Flux's double-stream blocks feed its single-stream blocks (text, image) unchanged, so the two
+stages are joined; Flux 2 concatenates the two streams in between, so a span cannot cross that
+point). Block numbering, spans and their defaults: `dit_blocks`.
 
 Any other model fails with one error naming its class and the supported families.
 """
@@ -27,22 +21,13 @@ import torch
 from torch import nn
 
 from ..accel.registry import Handle
-from ..accel.site import BlockIO, BlockSpan, Removable, Removal, Site
+from ..accel.site import BlockSpan, Removable, Removal, Site
 from ..accel.techniques import REGISTRY
 from .diffusers_site import GenerationWatch
+from .dit_blocks import BlockLayout, Stage
 
 PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...
 PAIR_OUT = (1, 0)  # ... and out as (encoder_hidden_states, hidden_states)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One list of blocks: its attribute on the model, its stream parameters and where its output puts them."""
-
-    attribute: str
-    inputs: tuple[str, ...]
-    outputs: tuple[int, ...] | None  # None: the block returns its one stream as a tensor
-    joins_next: bool = False  # the next stage's blocks take this stage's output streams unchanged
 
 
 @dataclass(frozen=True)
@@ -86,13 +71,6 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"{type(model).__name__} is not a supported diffusers transformer; supported: {supported()}")
 
 
-@dataclass(frozen=True)
-class _Block:
-    module: nn.Module
-    io: BlockIO
-    run: int  # which run of joined stages it belongs to
-
-
 class DiTSite(Site):
     """A diffusers DiT of a supported family (and, when given, the scheduler that samples with it)."""
 
@@ -101,26 +79,14 @@ class DiTSite(Site):
         super().__init__(transformer)
         self.family = f"diffusers DiT ({self.dit.name})"
         self.scheduler = scheduler
-        self._blocks = self._read_blocks()
+        self.layout = BlockLayout(transformer, self.dit.name, self.dit.stages)
         params = list(inspect.signature(type(transformer).forward).parameters)[1:]
         self._level_position = params.index(self.dit.level_argument)
-
-    def _read_blocks(self) -> list[_Block]:
-        blocks: list[_Block] = []
-        run = 0
-        for stage in self.dit.stages:
-            modules = getattr(self.root, stage.attribute, None)
-            if not isinstance(modules, nn.ModuleList):
-                raise TypeError(f"{type(self.root).__name__} has no block list `{stage.attribute}`: this version of "
-                                f"{self.dit.name} is not the one the adapter knows")
-            blocks += [_Block(m, BlockIO.of(m, stage.inputs, stage.outputs), run) for m in modules]
-            run += 0 if stage.joins_next else 1
-        return blocks
 
     @property
     def blocks(self) -> list[nn.Module]:
         """Every transformer block, in execution order (the numbering spans use)."""
-        return [b.module for b in self._blocks]
+        return self.layout.blocks
 
     def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         name = self.dit.level_argument
@@ -130,32 +96,10 @@ class DiTSite(Site):
         return 1.0 - level if self.dit.rising_level else level
 
     def default_span(self) -> tuple[int, int]:
-        """The longest run of joined stages, without the model's first and last blocks."""
-        best: tuple[int, int] = (0, 0)
-        for run in {b.run for b in self._blocks}:
-            indices = [i for i, b in enumerate(self._blocks) if b.run == run]
-            first, stop = max(indices[0], 1), min(indices[-1] + 1, len(self._blocks) - 1)
-            if stop - first > best[1] - best[0]:
-                best = (first, stop)
-        if best[1] <= best[0]:
-            raise ValueError(f"this {self.dit.name} model has {len(self._blocks)} blocks: too few for a block cache "
-                             "(the first and last always run)")
-        return best
+        return self.layout.default_span()
 
     def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
-        first, stop = self.default_span() if span is None else span
-        count = len(self._blocks)
-        if not 1 <= first < stop <= count - 1:
-            raise ValueError(f"span {(first, stop)} must lie inside blocks 1..{count - 2} of this {self.dit.name} "
-                             f"model ({count} blocks; the first and last always run)")
-        chosen = self._blocks[first:stop]
-        if len({b.run for b in chosen}) > 1:
-            runs = sorted({b.run for b in self._blocks})
-            bounds = [[i for i, b in enumerate(self._blocks) if b.run == r] for r in runs]
-            raise ValueError(f"span {(first, stop)} crosses a point where {self.dit.name} joins or splits its token "
-                             "streams; keep it inside one of the block ranges "
-                             + ", ".join(f"[{b[0]}, {b[-1] + 1})" for b in bounds))
-        return BlockSpan(tuple(b.module for b in chosen), tuple(b.io for b in chosen))
+        return self.layout.block_span(span)
 
     def quant_layers(self) -> dict[str, nn.Module]:
         """The Linear layers inside the transformer blocks, by qualified name: where the arithmetic is.
@@ -164,7 +108,7 @@ class DiTSite(Site):
         output projection stay float: tiny, run once per call, and carrying the signal the rest depends
         on (the usual post-training quantization practice, as on the U-Net).
         """
-        prefixes = tuple(f"{stage.attribute}." for stage in self.dit.stages)
+        prefixes = tuple(f"{name}." for name in self.layout.block_names())
         return {name: module for name, module in self.root.named_modules()
                 if isinstance(module, nn.Linear) and name.startswith(prefixes)}
 

@@ -2,6 +2,7 @@
 
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
+from .comfy_dit_nodes import BlockCacheModel
 from .comfy_model_nodes import QuantizeModel, SlicingModel
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheStepRehashModel": StepRehashModel,
     "LiveCacheQuantizeModel": QuantizeModel,
     "LiveCacheSlicingModel": SlicingModel,
+    "LiveCacheBlockCacheModel": BlockCacheModel,
     "LiveCacheLoadAudio": LoadAudioFile,
     "LiveCacheDefaultPortrait": DefaultPortrait,
     "LiveCacheAvatarDiffusion": AvatarDiffusion,
@@ -46,6 +48,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheStepRehashModel": "Step Rehash for MODEL (LiveCache)",
     "LiveCacheQuantizeModel": "Quantize MODEL W8A8 / DGQ (LiveCache)",
     "LiveCacheSlicingModel": "Slicing for MODEL (LiveCache)",
+    "LiveCacheBlockCacheModel": "Block Cache for MODEL (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
     "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
     "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",

@@ -1,0 +1,95 @@
+"""A DiT's transformer blocks in execution order, and the spans a block cache may cover: shared by every DiT site.
+
+A DiT runs one or more *stages* — `nn.ModuleList`s of blocks — in order. Each stage says which
+parameters of a block are its token streams and where its output puts them. Two stages are *joined*
+when the second's blocks take the first's output streams as they are; otherwise (the model
+concatenates or splits its streams in between) a span cannot cross from one to the other.
+
+Blocks are numbered in execution order across stages. A span is `(first, stop)` in that numbering;
+the model's first and last blocks always run (they read the fresh input and shape the output), and a
+span stays inside one run of joined stages. The default span is the longest such run without the
+model's first and last blocks: everything that can be cached is (the setting of first-block caches
+such as FBCache/TeaCache; a shorter span trades speed for fidelity).
+
+The diffusers sites (`diffusers_dit`) and the ComfyUI sites (`comfy_dit`) differ only in their tables
+of stages and in how a call's noise level is read; the layout logic is this module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..accel.site import BlockIO, BlockSpan
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One list of blocks: its attribute on the model, its stream parameters and where its output puts them."""
+
+    attribute: str
+    inputs: tuple[str, ...]
+    outputs: tuple[int, ...] | None  # None: the block returns its one stream as a tensor
+    joins_next: bool = False  # the next stage's blocks take this stage's output streams unchanged
+
+
+@dataclass(frozen=True)
+class Block:
+    module: nn.Module
+    io: BlockIO
+    run: int  # which run of joined stages it belongs to
+
+
+class BlockLayout:
+    """The blocks of one model of family `name`, read from its `stages`."""
+
+    def __init__(self, root: nn.Module, name: str, stages: tuple[Stage, ...]) -> None:
+        self.name = name
+        self.stages = stages
+        self._blocks: list[Block] = []
+        run = 0
+        for stage in stages:
+            modules = getattr(root, stage.attribute, None)
+            if not isinstance(modules, nn.ModuleList):
+                raise TypeError(f"{type(root).__name__} has no block list `{stage.attribute}`: this version of "
+                                f"{name} is not the one the adapter knows")
+            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs), run) for m in modules]
+            run += 0 if stage.joins_next else 1
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, in execution order (the numbering spans use)."""
+        return [b.module for b in self._blocks]
+
+    def default_span(self) -> tuple[int, int]:
+        """The longest run of joined stages, without the model's first and last blocks."""
+        best: tuple[int, int] = (0, 0)
+        for run in sorted({b.run for b in self._blocks}):
+            indices = [i for i, b in enumerate(self._blocks) if b.run == run]
+            first, stop = max(indices[0], 1), min(indices[-1] + 1, len(self._blocks) - 1)
+            if stop - first > best[1] - best[0]:
+                best = (first, stop)
+        if best[1] <= best[0]:
+            raise ValueError(f"this {self.name} model has {len(self._blocks)} blocks: too few for a block cache "
+                             "(the first and last always run)")
+        return best
+
+    def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
+        first, stop = self.default_span() if span is None else span
+        count = len(self._blocks)
+        if not 1 <= first < stop <= count - 1:
+            raise ValueError(f"span {(first, stop)} must lie inside blocks 1..{count - 2} of this {self.name} "
+                             f"model ({count} blocks; the first and last always run)")
+        chosen = self._blocks[first:stop]
+        if len({b.run for b in chosen}) > 1:
+            runs = sorted({b.run for b in self._blocks})
+            bounds = [[i for i, b in enumerate(self._blocks) if b.run == r] for r in runs]
+            raise ValueError(f"span {(first, stop)} crosses a point where {self.name} joins or splits its token "
+                             "streams; keep it inside one of the block ranges "
+                             + ", ".join(f"[{b[0]}, {b[-1] + 1})" for b in bounds))
+        return BlockSpan(tuple(b.module for b in chosen), tuple(b.io for b in chosen))
+
+    def block_names(self) -> tuple[str, ...]:
+        """The attributes holding the blocks (the prefixes of their layers' qualified names)."""
+        return tuple(stage.attribute for stage in self.stages)

@@ -1,0 +1,59 @@
+"""The block cache for ComfyUI's own `MODEL` whose diffusion model is a DiT (Flux, Wan, Qwen-Image, Lumina 2).
+
+The same shape as `comfy_nodes`: the node returns a patched clone of its input, the block cache runs inside
+whatever sampler later samples the MODEL (applied through the registry with every other LiveCache technique
+on it, once ComfyUI has loaded the model: LoRAs included), and the run's stats go to this node in the frontend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..accel.block_cache import BlockCacheConfig
+from ..adapters.comfy_dit import check_span
+from ..adapters.comfy_unet import apply_technique
+from .comfy_nodes import MODEL_INPUT, stats_reporter
+
+
+class BlockCacheModel:
+    """Block cache for a ComfyUI DiT MODEL: a span of transformer blocks is skipped on cached steps."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Block caching on a DiT MODEL (Flux, Flux 2, Wan, Qwen-Image, Lumina 2, Z-Image): every N steps "
+                   "all transformer blocks run and what a span of middle blocks adds is kept; in between the span "
+                   "adds that (reuse) or its extrapolation in the noise level (forecast) without running. "
+                   "Connect the result to KSampler (or any sampler node).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "cache_interval": ("INT", {"default": 3, "min": 1, "max": 1000, "step": 1,
+                                       "tooltip": "A full step every N steps; 1 never caches (exactly the "
+                                                  "uncached output)."}),
+            "span_start": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
+                                   "tooltip": "First cached block, counted over all blocks in execution order "
+                                              "(Flux: double then single blocks). 0: the family's default (the "
+                                              "longest range that can be cached; block 0 always runs)."}),
+            "span_stop": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
+                                  "tooltip": "One past the last cached block. 0: the family's default (the last "
+                                             "block always runs)."}),
+            "mode": (["reuse", "forecast"], {"default": "reuse",
+                                             "tooltip": "reuse: the span's residual of the last full step; "
+                                                        "forecast: extrapolated to this step's noise level from "
+                                                        "the last full steps."}),
+            "order": ("INT", {"default": 1, "min": 1, "max": 2, "step": 1,
+                              "tooltip": "The forecast's order in the noise level (forecast mode only)."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, model: Any, cache_interval: int, span_start: int, span_stop: int, mode: str, order: int,
+              unique_id: str | None = None) -> tuple[Any]:
+        diffusion_model = model.get_model_object("diffusion_model")
+        first, stop = check_span(diffusion_model, None)  # the family's default; an unsupported model fails here
+        span = (int(span_start) or first, int(span_stop) or stop)
+        config = BlockCacheConfig(cache_interval=int(cache_interval), span=span, mode=mode, order=int(order))
+        check_span(diffusion_model, config.span)
+        return (apply_technique(model, config, stats_reporter(unique_id)),)

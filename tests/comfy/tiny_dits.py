@@ -1,0 +1,93 @@
+"""Tiny random instances of ComfyUI's own DiT classes (`comfy.ldm`), each in a ModelPatcher, as a checkpoint loads them.
+
+Each family is built through its `comfy.supported_models` entry (the config ComfyUI's model detection would
+produce, shrunk to a 64-wide model with a few blocks), so the MODEL is ComfyUI's model class around ComfyUI's
+diffusion model class, sampled by ComfyUI's own sampling code. ComfyUI leaves layers uninitialised
+(checkpoints fill them): every parameter is drawn from a private seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from livecache.bench.comfy_workloads import _init_weights
+
+
+@dataclass(frozen=True)
+class TinyDiT:
+    """How to build one family's tiny MODEL and what its sampler inputs look like."""
+
+    supported_model: str  # the class name in comfy.supported_models
+    config: dict[str, Any]
+    latent_channels: int
+    context_dim: int
+    cond_extras: dict[str, Any] = field(default_factory=dict)  # per-cond entries (pooled output, guidance)
+    latent_frames: int = 0  # > 0: a video latent [B, C, T, H, W]
+
+
+FAMILIES: dict[str, TinyDiT] = {
+    "flux": TinyDiT("Flux", {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 3,
+        "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
+        latent_channels=16, context_dim=32, cond_extras={"pooled_output": (1, 32), "guidance": 3.5}),
+    "wan": TinyDiT("WAN21_T2V", {
+        "image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 4,
+        "in_dim": 16, "out_dim": 16, "text_dim": 32, "patch_size": (1, 2, 2), "freq_dim": 256,
+        "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6},
+        latent_channels=16, context_dim=32, latent_frames=2),
+    "qwen_image": TinyDiT("QwenImage", {
+        "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 4, "attention_head_dim": 32,
+        "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)},
+        latent_channels=16, context_dim=32, latent_frames=1),
+    "lumina2": TinyDiT("Lumina2", {
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 4,
+        "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "qk_norm": True, "axes_dims": [8, 12, 12],
+        "axes_lens": [300, 64, 64], "rope_theta": 10000.0, "ffn_dim_multiplier": 2.0},
+        latent_channels=16, context_dim=32),
+}
+
+
+def tiny_dit(family: str, seed: int = 0) -> Any:
+    """ComfyUI's MODEL of `family` with seeded random weights, on the CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    spec = FAMILIES[family]
+    model_config = getattr(comfy.supported_models, spec.supported_model)(dict(spec.config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    _fill(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _fill(module: nn.Module, seed: int) -> None:
+    """Norm scales 1, other free parameters small and random, every Linear/Conv torch's default init."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            for name, parameter in layer.named_parameters(recurse=False):
+                if name in ("weight", "scale"):
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, 0.02)
+    _init_weights(module, seed)
+
+
+def conditioning(family: str, seed: int) -> list[list[Any]]:
+    """A CONDITIONING value for `family` with seeded random text embeddings (and pooled output)."""
+    spec = FAMILIES[family]
+    generator = torch.Generator().manual_seed(seed)
+    extras = {key: torch.randn(*value, generator=generator) if isinstance(value, tuple) else value
+              for key, value in spec.cond_extras.items()}
+    return [[torch.randn(1, 8, spec.context_dim, generator=generator), extras]]
+
+
+def latent(family: str, size: int = 8) -> torch.Tensor:
+    spec = FAMILIES[family]
+    frames = (spec.latent_frames,) if spec.latent_frames else ()
+    return torch.zeros(1, spec.latent_channels, *frames, size, size)
