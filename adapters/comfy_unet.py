@@ -301,6 +301,18 @@ def apply_technique(model: Any, config: Any, on_finish: Callable[[TechniqueSessi
     return patched
 
 
+def without_techniques(model: Any) -> Any:
+    """A clone of ComfyUI `model` without the LiveCache techniques on it (what calibration samples: the float,
+    uncached model, with every other patch and wrapper the MODEL carries)."""
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    bare = model.clone()
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.DIFFUSION_MODEL):
+        bare.remove_wrappers_with_key(kind, _KEY)
+    bare.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, _KEY)
+    return bare
+
+
 def apply_slicing(model: Any, config: SlicingConfig,
                   on_finish: Callable[[TechniqueSession], None] | None = None) -> Any:
     """A clone of ComfyUI `model` with feature slicing (batch axis); checked against the U-Net now."""

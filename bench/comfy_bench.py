@@ -28,8 +28,10 @@ from typing import Any
 
 import torch
 
+from ..accel.cachequant import CacheQuantConfig
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
+from ..adapters.comfy_cachequant import SamplerRun, apply_cachequant, calibrate_cachequant
 from ..adapters.comfy_unet import apply_deepcache, apply_step_rehash
 from ..files import text_writer, write_replacing
 from .comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model, use_comfyui, with_easycache
@@ -63,6 +65,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="EasyCache reuse_threshold (ComfyUI's node default 0.2)")
     parser.add_argument("--rehash-threshold", type=float, default=0.1,
                         help="our step rehash threshold (the node's default 0.1), max_skips 1, reuse")
+    parser.add_argument("--cachequant-full-steps", type=int, default=5,
+                        help="CacheQuant's K full steps, calibrated through ComfyUI's sampler (default 5; 0: no row)")
+    parser.add_argument("--cachequant-seeds", type=int, default=1,
+                        help="CacheQuant's calibration seeds (default 1; seeds 100.., never the measured seed 0)")
+    parser.add_argument("--cachequant-objective", choices=("feature", "output"), default="feature",
+                        help="what CacheQuant's DP minimises (default feature: no extra generations)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model dtype (default fp32)")
     parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
@@ -72,6 +80,9 @@ def main(args: argparse.Namespace) -> int:
     intervals = [int(x) for x in args.intervals.split(",") if x.strip()]
     if args.runs < 1 or args.steps < 2 or not intervals or min(intervals) < 1 or args.size < 8:
         raise SystemExit(f"bad options: runs {args.runs}, steps {args.steps}, intervals {intervals}, size {args.size}")
+    if not 0 <= args.cachequant_full_steps <= args.steps or args.cachequant_seeds < 1:
+        raise SystemExit(f"bad options: --cachequant-full-steps {args.cachequant_full_steps} must be in 0..{args.steps}"
+                         f", --cachequant-seeds {args.cachequant_seeds} at least 1")
     use_comfyui(args.comfy_root)
     context = 768
     model = sd15_model(model_channels=args.channels, context_dim=context, seed=0, dtype=DTYPES[args.dtype])
@@ -85,6 +96,18 @@ def main(args: argparse.Namespace) -> int:
             model, DeepCacheConfig(cache_interval=n, schedule="non-uniform"))
     methods[f"ours step rehash (threshold {args.rehash_threshold})"] = apply_step_rehash(
         model, StepRehashConfig(args.rehash_threshold))
+
+    if args.cachequant_full_steps:
+        calibration = SamplerRun(positive, negative, {"samples": torch.zeros(1, 4, args.size, args.size)},
+                                 tuple(range(100, 100 + args.cachequant_seeds)), args.steps, args.cfg, args.sampler,
+                                 args.scheduler)
+        started = time.perf_counter()
+        plan = calibrate_cachequant(model, CacheQuantConfig(args.cachequant_full_steps), calibration,
+                                    objective=args.cachequant_objective)
+        print(f"CacheQuant calibrated in {time.perf_counter() - started:.1f} s: {plan.label()}, schedule "
+              f"{plan.schedule.describe()}", flush=True)
+        methods[f"ours CacheQuant K={args.cachequant_full_steps} ({args.cachequant_objective} DP) + W8A8"] = \
+            apply_cachequant(model, plan)
 
     def run(patched: Any, steps: int) -> tuple[torch.Tensor, int, int]:
         return _counted(patched, lambda: sample(patched, positive, negative, seed=0, steps=steps, cfg=args.cfg,

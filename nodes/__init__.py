@@ -3,7 +3,7 @@
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
 from .comfy_dit_nodes import BlockCacheModel
-from .comfy_model_nodes import QuantizeModel, SlicingModel
+from .comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadScheduleModel, QuantizeModel, SlicingModel
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
@@ -25,6 +25,9 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheQuantizeModel": QuantizeModel,
     "LiveCacheSlicingModel": SlicingModel,
     "LiveCacheBlockCacheModel": BlockCacheModel,
+    "LiveCacheCacheQuantModel": CacheQuantModel,
+    "LiveCacheCalibrateScheduleModel": CalibrateScheduleModel,
+    "LiveCacheLoadScheduleModel": LoadScheduleModel,
     "LiveCacheLoadAudio": LoadAudioFile,
     "LiveCacheDefaultPortrait": DefaultPortrait,
     "LiveCacheAvatarDiffusion": AvatarDiffusion,
@@ -49,6 +52,9 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheQuantizeModel": "Quantize MODEL W8A8 / DGQ (LiveCache)",
     "LiveCacheSlicingModel": "Slicing for MODEL (LiveCache)",
     "LiveCacheBlockCacheModel": "Block Cache for MODEL (LiveCache)",
+    "LiveCacheCacheQuantModel": "CacheQuant for MODEL (LiveCache)",
+    "LiveCacheCalibrateScheduleModel": "Calibrate Cache Schedule for MODEL (LiveCache)",
+    "LiveCacheLoadScheduleModel": "Load Cache Schedule for MODEL (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",
     "LiveCacheDefaultPortrait": "Default Portrait (LiveCache)",
     "LiveCacheAvatarDiffusion": "Diffusion Avatar (LiveCache)",

@@ -67,7 +67,7 @@ def _check_steps(full_steps: int | None, steps: int | None) -> None:
         raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
 
 
-def _schedule_path(path: str) -> Path:
+def schedule_path(path: str) -> Path:
     """`path` inside the output folder (no absolute paths, no `..`), with a .json suffix."""
     relative = Path(path.strip())
     if not path.strip() or relative.is_absolute() or ".." in relative.parts:
@@ -110,7 +110,7 @@ class CalibrateSchedule:
         return verdict(cls, {"full_steps": full_steps, "steps": steps, "calibration_prompts": calibration_prompts,
                              "save_as": save_as},
                        lambda: _check_steps(full_steps, steps),
-                       lambda: isinstance(save_as, str) and save_as.strip() and _schedule_path(save_as),
+                       lambda: isinstance(save_as, str) and save_as.strip() and schedule_path(save_as),
                        lambda: _check_prompts(model, calibration_prompts))
 
     def calibrate(self, model: DiffusionModel, full_steps: int, cache_branch_id: int, calibration_prompts: str,
@@ -121,7 +121,7 @@ class CalibrateSchedule:
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         schedule = calibrate_schedule(model.unet, calibration, full_steps, cache_branch_id, objective)
         if save_as.strip():
-            wanted = _schedule_path(save_as)
+            wanted = schedule_path(save_as)
             saved = schedule.save(wanted)
             if saved != wanted:
                 LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
@@ -149,10 +149,10 @@ class LoadSchedule:
     def VALIDATE_INPUTS(cls, path: str | None = None) -> bool | str:
         """The file is read and checked now: a missing or broken schedule fails before anything runs."""
         return verdict(cls, {"path": path}, lambda: isinstance(path, str) and CalibratedSchedule.load(
-            _schedule_path(path)))
+            schedule_path(path)))
 
     def load(self, model: DiffusionModel, path: str) -> tuple[CalibratedSchedule]:
-        schedule = CalibratedSchedule.load(_schedule_path(path))
+        schedule = CalibratedSchedule.load(schedule_path(path))
         schedule.check(model_fingerprint(model.unet))
         return (schedule,)
 

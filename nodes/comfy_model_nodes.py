@@ -1,20 +1,36 @@
-"""Quantization and feature slicing for ComfyUI's own `MODEL` (Load Checkpoint → MODEL → … → KSampler).
+"""Quantization, feature slicing and CacheQuant for ComfyUI's own `MODEL` (Load Checkpoint → MODEL → … → KSampler).
 
 The same shape as `comfy_nodes`: each node returns a patched clone of its input, the technique runs
 inside whatever sampler later samples the MODEL, and the run's stats go to this node in the frontend.
 Quantization is built when ComfyUI loads the model for a run, from the weights it computes with, so
-LoRAs chained before or after this node are quantized in (`adapters.comfy_quant`).
+LoRAs chained before or after this node are quantized in (`adapters.comfy_quant`). CacheQuant and its
+schedule calibrate when the node runs, through ComfyUI's own sampler with the inputs a KSampler takes
+(`adapters.comfy_cachequant`); schedules are saved and loaded inside ComfyUI's output folder.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from ..accel.cache_schedule import CalibratedSchedule
+from ..accel.cachequant import CacheQuantConfig
 from ..accel.quant import QuantConfig
 from ..accel.slicing import SlicingConfig
+from ..adapters.comfy_cachequant import (
+    SamplerRun,
+    apply_cachequant,
+    calibrate_cachequant,
+    calibrate_schedule,
+    fingerprint_of,
+)
 from ..adapters.comfy_quant import apply_quantization
 from ..adapters.comfy_unet import apply_slicing
+from .cachequant_nodes import schedule_path
 from .comfy_nodes import MODEL_INPUT, stats_reporter
+from .validation import verdict
+
+LOG = logging.getLogger("livecache")
 
 
 class QuantizeModel:
@@ -71,3 +87,186 @@ class SlicingModel:
 
     def apply(self, model: Any, slices: int, unique_id: str | None = None) -> tuple[Any]:
         return (apply_slicing(model, SlicingConfig("batch", int(slices), vae=False), stats_reporter(unique_id)),)
+
+
+def _sampler_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's own sampler and scheduler names (these nodes take a MODEL, so they run where ComfyUI is;
+    elsewhere the schema lists the KSampler defaults)."""
+    try:
+        import comfy.samplers
+    except ImportError:
+        return ["euler"], ["normal"]
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def _sampler_inputs() -> dict[str, Any]:
+    """What KSampler takes (the calibration generations run exactly that), plus how many seeds."""
+    samplers, schedulers = _sampler_choices()
+    return {
+        "positive": ("CONDITIONING", {"tooltip": "The positive conditioning of the generations this will serve."}),
+        "negative": ("CONDITIONING", {"tooltip": "The negative conditioning (as connected to KSampler)."}),
+        "latent_image": ("LATENT", {"tooltip": "The latent the generations start from (e.g. Empty Latent Image)."}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "step": 1,
+                         "tooltip": "First calibration seed; the others follow it (seed, seed + 1, ...)."}),
+        "calibration_seeds": ("INT", {"default": 2, "min": 1, "max": 16, "step": 1,
+                                      "tooltip": "How many seeds calibrate (one generation each, per pass)."}),
+        "steps": ("INT", {"default": 20, "min": 2, "max": 200, "step": 1,
+                          "tooltip": "KSampler's steps: the sampler that uses the result must run this count."}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                          "tooltip": "KSampler's classifier-free guidance."}),
+        "sampler_name": (samplers, {"default": "euler", "tooltip": "KSampler's sampler."}),
+        "scheduler": (schedulers, {"default": "normal", "tooltip": "KSampler's scheduler."}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                              "tooltip": "KSampler's denoise."}),
+    }
+
+
+def _run(positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, calibration_seeds: int, steps: int,
+         cfg: float, sampler_name: str, scheduler: str, denoise: float) -> SamplerRun:
+    return SamplerRun(positive, negative, latent_image, tuple(range(int(seed), int(seed) + int(calibration_seeds))),
+                      int(steps), float(cfg), sampler_name, scheduler, float(denoise))
+
+
+_FULL_STEPS = ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
+                       "tooltip": "K: how many steps run the whole U-Net; the rest reuse its deep features."})
+_BRANCH = ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
+                   "tooltip": "The DeepCache skip branch whose deep features are reused."})
+_OBJECTIVE = (["output", "feature"], {
+    "default": "output",
+    "tooltip": "What the DP minimises: output = the measured change of the final latent when a run of steps reuses "
+               "features (one extra generation per segment; best quality); feature = the deep features' reuse "
+               "error (no extra generations; a rougher proxy)."})
+
+
+class CalibrateScheduleModel:
+    """CacheQuant's DP cache schedule calibrated on a ComfyUI MODEL through ComfyUI's sampler."""
+
+    CATEGORY = "LiveCache/calibrate"
+    RETURN_TYPES = ("LC_SCHEDULE",)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "calibrate"
+    DESCRIPTION = ("Samples a few seeds with your MODEL, conditioning and latent as KSampler would, measures what "
+                   "reusing each step's deep features later costs, and picks the K full steps that minimise it. "
+                   "Connect it to CacheQuant for MODEL or DeepCache for MODEL; save it to reuse it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to calibrate for (the schedule only fits these weights)."}),
+            **_sampler_inputs(),
+            "full_steps": _FULL_STEPS,
+            "cache_branch_id": _BRANCH,
+            "objective": _OBJECTIVE,
+            "save_as": ("STRING", {"default": "", "tooltip": "Optional file name inside ComfyUI's output folder "
+                                                             "(e.g. schedules/my_model.json); empty: not saved."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None,
+                        save_as: str | None = None) -> bool | str:
+        return verdict(cls, {"full_steps": full_steps, "steps": steps, "save_as": save_as},
+                       lambda: _check_steps(full_steps, steps),
+                       lambda: isinstance(save_as, str) and save_as.strip() and schedule_path(save_as))
+
+    def calibrate(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int,
+                  calibration_seeds: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
+                  full_steps: int, cache_branch_id: int, objective: str, save_as: str) -> tuple[CalibratedSchedule]:
+        _check_steps(full_steps, steps)
+        wanted = schedule_path(save_as) if save_as.strip() else None  # a bad path fails before calibrating
+        run = _run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name, scheduler,
+                   denoise)
+        schedule = calibrate_schedule(model, run, int(full_steps), int(cache_branch_id), objective)
+        if wanted is not None:
+            saved = schedule.save(wanted)
+            if saved != wanted:
+                LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
+        return (schedule,)
+
+
+class LoadScheduleModel:
+    """Load a saved cache schedule and check it against the weights of a ComfyUI MODEL."""
+
+    CATEGORY = "LiveCache/calibrate"
+    RETURN_TYPES = ("LC_SCHEDULE",)
+    RETURN_NAMES = ("schedule",)
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads a cache schedule JSON from ComfyUI's output folder; refuses one calibrated for other "
+                   "weights (another checkpoint, or the same one with other LoRAs).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the schedule will serve (checked by fingerprint)."}),
+            "path": ("STRING", {"default": "schedules/my_model.json",
+                                "tooltip": "File inside ComfyUI's output folder, as Calibrate Cache Schedule for "
+                                           "MODEL saved it."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, path: str | None = None) -> bool | str:
+        """The file is read and checked now: a missing or broken schedule fails before anything runs."""
+        return verdict(cls, {"path": path}, lambda: isinstance(path, str) and CalibratedSchedule.load(
+            schedule_path(path)))
+
+    def load(self, model: Any, path: str) -> tuple[CalibratedSchedule]:
+        schedule = CalibratedSchedule.load(schedule_path(path))
+        schedule.check(fingerprint_of(model))
+        return (schedule,)
+
+
+class CacheQuantModel:
+    """CacheQuant on a ComfyUI MODEL: calibrated DP cache schedule + W8A8 + decoupled error corrections."""
+
+    CATEGORY = "LiveCache/accelerate"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Caching and quantization optimised together, calibrated on your MODEL through ComfyUI's sampler "
+                   "with the inputs KSampler gets: a DP cache schedule (connected, or calibrated here), W8A8 layers "
+                   "(real int8 on the CPU, simulated elsewhere) and least-squares corrections of the cache and the "
+                   "quantization errors. Sample it with the same steps.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            **_sampler_inputs(),
+            "quantization": (["w8a8", "none"], {"default": "w8a8",
+                                                "tooltip": "w8a8: int8 weights and activations; none: calibrated "
+                                                           "caching only."}),
+            "correct_cache": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Correct the reused deep features per channel (calibrated)."}),
+            "correct_quant": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Correct each quantized layer's output per channel and step."}),
+            "full_steps": _FULL_STEPS,
+            "cache_branch_id": _BRANCH,
+            "objective": _OBJECTIVE,
+        }, "optional": {
+            "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps' "
+                                                    "and no schedule is calibrated here."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None) -> bool | str:
+        return verdict(cls, {"full_steps": full_steps, "steps": steps}, lambda: _check_steps(full_steps, steps))
+
+    def apply(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int,
+              calibration_seeds: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
+              quantization: str, correct_cache: bool, correct_quant: bool, full_steps: int, cache_branch_id: int,
+              objective: str, schedule: CalibratedSchedule | None = None, unique_id: str | None = None) -> tuple[Any]:
+        if schedule is not None:
+            steps = schedule.steps
+        else:
+            _check_steps(full_steps, steps)
+        config = CacheQuantConfig(int(full_steps), int(cache_branch_id),
+                                  QuantConfig() if quantization == "w8a8" else None, bool(correct_cache),
+                                  bool(correct_quant))
+        run = _run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name, scheduler,
+                   denoise)
+        plan = calibrate_cachequant(model, config, run, schedule, objective)
+        return (apply_cachequant(model, plan, stats_reporter(unique_id)),)
+
+
+def _check_steps(full_steps: int | None, steps: int | None) -> None:
+    if isinstance(full_steps, int) and isinstance(steps, int) and full_steps > steps:
+        raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")

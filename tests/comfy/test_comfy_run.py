@@ -63,3 +63,19 @@ def test_comfyuis_own_validation_fails_in_one_line(comfy_root, repo, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: node 1 (CheckpointLoaderSimple): Value not in list") and "missing" in last, last
     assert not (tmp_path / "output").exists() or not any((tmp_path / "output").iterdir())
+
+
+def test_the_cachequant_workflow_calibrates_saves_and_samples_inside_comfyui(comfy_root, repo, tmp_path):
+    workflow = json.loads((repo / "workflows" / "comfyui" / "cachequant_checkpoint_api.json").read_text())
+    workflow["1"]["inputs"]["ckpt_name"] = "tiny.safetensors"
+    workflow["5"]["inputs"].update(width=64, height=64)
+    for node in "962":
+        workflow[node]["inputs"]["steps"] = 6
+    for node in "92":
+        workflow[node]["inputs"]["full_steps"] = 3
+    result = run_cli(comfy_root, tmp_path, workflow)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((tmp_path / "output").glob("livecache_cachequant_*.png"))) == 1, result.stdout
+    assert (tmp_path / "output" / "schedules" / "my_checkpoint_24_steps.json").is_file()
+    assert "CacheQuant (DP cache K=3/6 + W8A8" in result.stderr and "3 full / 3 cached U-Net calls" in result.stderr, \
+        result.stderr[-4000:]
