@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
 from ..accel.cachequant import CacheQuantConfig, Calibration
+from ..accel.progress import Progress
 from ..accel.quant import QuantConfig
 from ..accel.techniques import check_stack
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
@@ -22,7 +23,7 @@ from ..adapters.diffusers_unet import deep_modules
 from ..models.calibration import calibration_runs
 from ..models.pipeline import DiffusionModel
 from ..models.sampling import SCHEDULERS
-from .context import output_dir
+from .context import host_progress, output_dir
 from .validation import verdict
 
 LOG = logging.getLogger("livecache")
@@ -41,9 +42,9 @@ CALIBRATION_INPUTS = {
 
 
 def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
-          guidance: float):
+          guidance: float, progress: Progress):
     return calibration_runs(model, calibration_prompts.split(","), list(range(calibration_seeds)), steps, scheduler,
-                            guidance)
+                            guidance, progress=progress)
 
 
 def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int,
@@ -51,8 +52,9 @@ def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_se
     """The calibration generations, with what the schedule file records about them."""
     info = {"prompts": [p.strip() for p in calibration_prompts.split(",") if p.strip()],
             "seeds": calibration_seeds, "guidance": guidance}
-    runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-    return Calibration(runs, steps, model.name, scheduler, info)
+    progress = host_progress()
+    runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
+    return Calibration(runs, steps, model.name, scheduler, info, progress)
 
 
 def _check_prompts(model: DiffusionModel | None, calibration_prompts: str | None) -> None:
@@ -254,7 +256,8 @@ class Quantize:
               correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
               guidance: float) -> tuple[DiffusionModel]:
         config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
-        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        plan = calibrate_quantization(model.unet, config, runs)
+        progress = host_progress()
+        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
+        plan = calibrate_quantization(model.unet, config, runs, progress)
         check_stack(model.accelerations + (plan,))
         return (model.with_acceleration(plan),)

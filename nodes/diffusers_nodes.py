@@ -23,7 +23,7 @@ from ..files import write_numbered
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
-from .context import model_roots, output_dir
+from .context import host_progress, model_roots, output_dir
 from .ui_messages import send_stats
 from .validation import verdict
 
@@ -147,7 +147,8 @@ class DiffusersSampler:
         sched = make_scheduler(scheduler, model.scheduler_config)
         started = time.perf_counter()
         with accelerated(model.unet, sched, model.accelerations) as handles:
-            latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed)
+            latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed,
+                             progress=host_progress())
         seconds = time.perf_counter() - started
         for handle in handles:
             send_stats(unique_id, *handle.report(seconds))
