@@ -187,7 +187,7 @@ class ApplyCacheQuant:
             **CALIBRATION_INPUTS,
         }, "optional": {
             "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, calibration_prompts: str | None = None,
@@ -197,7 +197,8 @@ class ApplyCacheQuant:
 
     def apply(self, model: DiffusionModel, quantization: str, correct_cache: bool, correct_quant: bool,
               full_steps: int, cache_branch_id: int, calibration_prompts: str, calibration_seeds: int, steps: int,
-              scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None) -> tuple[DiffusionModel]:
+              scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None,
+              unique_id: str | None = None) -> tuple[DiffusionModel]:
         if schedule is not None:
             schedule.check(model_fingerprint(model.unet))
             steps, scheduler = schedule.steps, schedule.scheduler
@@ -209,7 +210,7 @@ class ApplyCacheQuant:
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         plan = calibrate_cachequant_unet(model.unet, config, calibration, schedule)
         check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
-        return (model.with_acceleration(plan),)
+        return (model.with_acceleration(plan, unique_id),)
 
 
 class Quantize:
@@ -239,7 +240,7 @@ class Quantize:
             "correct": ("BOOLEAN", {"default": False,
                                     "tooltip": "Calibrate per-channel corrections of each layer's quant error."}),
             **CALIBRATION_INPUTS,
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, method: str | None = None, weight_bits: int | None = None, act_bits: int | None = None,
@@ -254,10 +255,10 @@ class Quantize:
 
     def apply(self, model: DiffusionModel, method: str, weight_bits: int, act_bits: int, attention_bits: int,
               correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
-              guidance: float) -> tuple[DiffusionModel]:
+              guidance: float, unique_id: str | None = None) -> tuple[DiffusionModel]:
         config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
         progress = host_progress()
         runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
         plan = calibrate_quantization(model.unet, config, runs, progress)
         check_stack(model.accelerations + (plan,))
-        return (model.with_acceleration(plan),)
+        return (model.with_acceleration(plan, unique_id),)

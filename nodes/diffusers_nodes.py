@@ -96,13 +96,13 @@ class ApplyDeepCache:
                                 "tooltip": "Fraction of the steps before which every step is full."}),
             "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "Fraction of the steps after which every step is full."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: DiffusionModel, cache_interval: int, cache_branch_id: int, schedule: str,
-              start: float, end: float) -> tuple[DiffusionModel]:
+              start: float, end: float, unique_id: str | None = None) -> tuple[DiffusionModel]:
         config = DeepCacheConfig(cache_interval, cache_branch_id, schedule, start, end)
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
-        return (model.with_acceleration(config),)
+        return (model.with_acceleration(config, unique_id),)
 
 
 class DiffusersSampler:
@@ -150,8 +150,8 @@ class DiffusersSampler:
             latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed,
                              progress=host_progress())
         seconds = time.perf_counter() - started
-        for handle in handles:
-            send_stats(unique_id, *handle.report(seconds))
+        for handle, applied_by in zip(handles, model.sources(), strict=True):  # each on the node that applied it
+            send_stats(applied_by or unique_id, *handle.report(seconds))
         return ({"samples": latents},)
 
 
