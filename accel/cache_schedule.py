@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..files import text_writer, write_new, write_numbered
+from .progress import Progress
 from .schedules import Schedule, count_full, format_schedule, uniform_schedule
 from .step_clock import StepClock
 
@@ -227,11 +227,13 @@ def segment_schedule(steps: int, start: int, end: int) -> Schedule:
 
 
 def measure_segments(generate: Callable[[Schedule | None], torch.Tensor], steps: int, longest: int,
-                     desc: str = "measuring cache segments") -> torch.Tensor:
+                     desc: str = "measuring cache segments", progress: Progress | None = None) -> torch.Tensor:
     """The output objective: seg[i, j] = ‖out(segment i..j cached) − out(uncached)‖² / ‖out(uncached)‖².
 
     `generate(schedule)` runs one calibration generation with that schedule (None: uncached) and
     returns its output; segments longer than `longest` cached steps stay `inf` (not measured).
+    `progress` (default: a console bar) counts the generations and may stop the measurement
+    between any two of them; a stop raises, so no partly measured matrix is ever returned.
     """
     if steps < 2 or longest < 1:
         raise ValueError(f"segments need at least 2 steps and a length >= 1, got {steps} steps, {longest}")
@@ -239,7 +241,7 @@ def measure_segments(generate: Callable[[Schedule | None], torch.Tensor], steps:
     power = float((reference**2).sum()) or 1.0
     segments = torch.full((steps, steps), math.inf, dtype=torch.float64).triu(1)
     pairs = [(i, j) for i in range(steps - 1) for j in range(i + 1, min(steps, i + longest + 1))]
-    for i, j in tqdm(pairs, desc=desc, unit="gen"):
+    for i, j in (progress or Progress()).loop(pairs, desc, "gen"):
         out = generate(segment_schedule(steps, i, j)).double()
         segments[i, j] = float(((out - reference) ** 2).sum()) / power
     return segments

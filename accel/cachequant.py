@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from .cache_schedule import (
     CacheCorrection,
@@ -36,6 +35,7 @@ from .cache_schedule import (
     calibrated_schedule,
 )
 from .deepcache import DeepCache, DeepCacheConfig
+from .progress import Progress
 from .quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant
 from .schedules import format_schedule
 from .site import CacheSite
@@ -156,6 +156,8 @@ class Calibration:
     model: str  # the model's name, for the schedule file
     scheduler: str
     info: dict[str, Any] = field(default_factory=dict)  # prompts, seeds, guidance, branch...
+    # the host's progress bar and stop check for the passes over `runs` (the runs check it inside too)
+    progress: Progress = field(default_factory=Progress, compare=False, repr=False)
 
 
 def record_features(site: CacheSite, calibration: Calibration, desc: str = "calibrating cache",
@@ -164,7 +166,7 @@ def record_features(site: CacheSite, calibration: Calibration, desc: str = "cali
     stats = PairStats(calibration.steps) if stats is None else stats
     recorder = FeatureRecorder(site.root, site.feature_module, site.read_level)
     try:
-        for run in tqdm(calibration.runs, desc=desc, unit="run"):
+        for run in calibration.progress.loop(calibration.runs, desc, "run"):
             run()
             stats.add_run(recorder.take_run())
     finally:
@@ -194,7 +196,7 @@ def calibrate_cachequant(config: CacheQuantConfig, site: CacheSite, calibration:
         if passes["n"] == 1:
             record_features(site, calibration, "calibrating cache + ranges", stats)
             return
-        for run in tqdm(calibration.runs, desc="calibrating quantization correction", unit="run"):
+        for run in calibration.progress.loop(calibration.runs, "calibrating quantization correction", "run"):
             run()
 
     quant_plan = None

@@ -25,6 +25,7 @@ from ..accel.cache_schedule import (
 )
 from ..accel.cachequant import CacheQuantConfig, CacheQuantPlan, Calibration, calibrate_cachequant, record_features
 from ..accel.deepcache import DeepCacheConfig
+from ..accel.progress import Progress
 from ..accel.quant import QuantConfig, QuantPlan, calibrate_quant
 from ..accel.schedules import Schedule
 from ..accel.site import CacheSite
@@ -64,7 +65,7 @@ def _segment_measure(site: CacheSite, calibration: Calibration, full_steps: int,
         return None
     run = calibration.runs[0]
     return lambda: measure_segments(lambda schedule: _generate_with(site.root, run, schedule, branch),
-                                    steps, max_segment(steps, full_steps))
+                                    steps, max_segment(steps, full_steps), progress=calibration.progress)
 
 
 def _generate_with(unet: nn.Module, run: Callable[[], Any], schedule: Schedule | None, branch: int) -> Any:
@@ -79,12 +80,12 @@ def _generate_with(unet: nn.Module, run: Callable[[], Any], schedule: Schedule |
         handle.remove()
 
 
-def calibrate_quantization(unet: nn.Module, config: QuantConfig, runs: Sequence[Callable[[], Any]]) -> QuantPlan:
-    """A `QuantPlan` (W8A8 or DGQ) for this U-Net from calibration generations."""
-    from tqdm import tqdm
+def calibrate_quantization(unet: nn.Module, config: QuantConfig, runs: Sequence[Callable[[], Any]],
+                           progress: Progress | None = None) -> QuantPlan:
+    """A `QuantPlan` (W8A8 or DGQ) for this U-Net from calibration generations (`progress`: bar and stop check)."""
 
     def run_all() -> None:
-        for run in tqdm(runs, desc=f"calibrating {config.label()}", unit="run"):
+        for run in (progress or Progress()).loop(runs, f"calibrating {config.label()}", "run"):
             run()
 
     return calibrate_quant(config, unet, quant_layers(unet), read_timestep, run_all, model_fingerprint(unet))

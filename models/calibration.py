@@ -13,14 +13,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..accel.progress import Progress
 from .pipeline import DiffusionModel
 from .sampling import initial_noise, make_scheduler, sample
 
 
 def calibration_runs(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                      scheduler: str, guidance: float, batch_size: int = 1, negative_prompt: str = "",
-                     height: int | None = None, width: int | None = None) -> list[Callable[[], torch.Tensor]]:
-    """One callable per (prompt, seed): a full generation with the model as it is when called."""
+                     height: int | None = None, width: int | None = None,
+                     progress: Progress | None = None) -> list[Callable[[], torch.Tensor]]:
+    """One callable per (prompt, seed): a full generation with the model as it is when called.
+
+    Each generation checks `progress`'s stop request at every step (no bar: the calibrating loop
+    that calls them owns it).
+    """
     prompts = [p for p in (p.strip() for p in prompts) if p]
     if not prompts or not seeds:
         raise ValueError("calibration needs at least one prompt and one seed")
@@ -34,7 +40,7 @@ def calibration_runs(model: DiffusionModel, prompts: Sequence[str], seeds: Seque
         def run() -> torch.Tensor:
             noise = initial_noise(model, batch_size, seed, height, width)
             return sample(model, make_scheduler(scheduler, model.scheduler_config), cond, uncond, noise, steps,
-                          guidance, seed=seed, progress=False)
+                          guidance, seed=seed, progress=False if progress is None else progress.nested())
 
         return run
 

@@ -32,6 +32,8 @@ class DiffusionModel:
     latent_scale: float = 1.0
     default_guidance: float = 7.5
     accelerations: tuple[Any, ...] = field(default=())
+    # who applied each acceleration (a ComfyUI node id, None: unknown): that node shows its stats
+    applied_by: tuple[str | None, ...] = field(default=())
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -39,8 +41,14 @@ class DiffusionModel:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
-    def with_acceleration(self, config: Any) -> DiffusionModel:
-        return replace(self, accelerations=self.accelerations + (config,))
+    def with_acceleration(self, config: Any, applied_by: str | None = None) -> DiffusionModel:
+        return replace(self, accelerations=self.accelerations + (config,),
+                       applied_by=self.sources() + (applied_by,))
+
+    def sources(self) -> tuple[str | None, ...]:
+        """`applied_by` with one entry per acceleration (None where a model was built with configs directly)."""
+        missing = len(self.accelerations) - len(self.applied_by)
+        return self.applied_by[:len(self.accelerations)] + (None,) * max(0, missing)
 
     @property
     def dtype(self) -> torch.dtype:

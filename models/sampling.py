@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from ..accel.progress import Progress, as_progress
 from .pipeline import DiffusionModel
 
 SCHEDULERS = ("ddim", "euler", "dpmpp_2m", "lcm")
@@ -37,8 +37,13 @@ def initial_noise(model: DiffusionModel, batch: int, seed: int, height: int | No
 
 @torch.no_grad()
 def sample(model: DiffusionModel, scheduler: Any, cond: torch.Tensor, uncond: torch.Tensor | None,
-           noise: torch.Tensor, steps: int, guidance: float, seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """Denoise `noise` in `steps` steps; `cond`/`uncond` are per-sample states `[B, tokens, dim]`."""
+           noise: torch.Tensor, steps: int, guidance: float, seed: int = 0,
+           progress: Progress | bool = True) -> torch.Tensor:
+    """Denoise `noise` in `steps` steps; `cond`/`uncond` are per-sample states `[B, tokens, dim]`.
+
+    `progress`: the host's `Progress` (its bar and stop check, one check per step), or True/False
+    for a console bar or none.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if cond.shape[0] != noise.shape[0]:
@@ -49,7 +54,7 @@ def sample(model: DiffusionModel, scheduler: Any, cond: torch.Tensor, uncond: to
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed + 1)
     x = noise * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc="sampling", unit="step", disable=not progress, leave=False):
+    for t in as_progress(progress).loop(scheduler.timesteps, "sampling", "step", leave=False):
         model_in = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
         eps = model.unet(model_in, t, encoder_hidden_states=states).sample
         if use_cfg:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accel.causal_cache import CacheAccess, CausalCacheConfig, CausalVideoStream, causal_temporal_attention
+from ..accel.progress import Progress
 from .digits import parse_digit_prompt
 from .embedded import WEIGHTS_ROOT
 from .loading import WeightsError, load_state_into, read_config, save_component, weight_file
@@ -223,11 +224,12 @@ SAMPLERS = {"lcm": lcm_sampler, "ddim": ddim_sampler}
 @torch.no_grad()
 def generate(model: CausalVideoDiT, cache: CausalCacheConfig, labels: torch.Tensor, chunks: int,
              chunk_length: int | None = None, steps: int = 2, sampler: str = "lcm", seed: int = 0,
-             on_chunk=None) -> torch.Tensor:
+             on_chunk=None, progress: Progress | None = None) -> torch.Tensor:
     """AR video `[B, chunks * chunk_length, C, H, W]` in [-1, 1] for class ids `labels` `[B]`.
 
     Noise is drawn chunk by chunk from one seeded generator, so cache-shared and recompute runs with
-    the same seed see the same noise. `on_chunk(index, stream)` is called after each chunk (timing)."""
+    the same seed see the same noise. `on_chunk(index, stream)` is called after each chunk (timing);
+    `progress` (default: none) counts the chunks and may stop the video between two of them."""
     cfg = model.config
     chunk_length = chunk_length or cfg.chunk
     if chunks < 1 or chunk_length < 1 or steps < 1:
@@ -237,7 +239,7 @@ def generate(model: CausalVideoDiT, cache: CausalCacheConfig, labels: torch.Tens
     stream = CausalVideoStream(model, cache)
     generator = torch.Generator().manual_seed(seed)
     clips = []
-    for index in range(chunks):
+    for index in (progress or Progress(bar=False)).loop(range(chunks), "generating video", "chunk"):
         noise = torch.randn(labels.shape[0], chunk_length, cfg.channels, cfg.resolution, cfg.resolution,
                             generator=generator)
         clips.append(stream.next_chunk(noise, labels, SAMPLERS[sampler], steps, generator))

@@ -15,7 +15,7 @@ import torch
 
 from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
-from .context import input_roots, model_roots
+from .context import host_progress, input_roots, model_roots
 from .memory import check_fits
 from .validation import verdict
 
@@ -162,6 +162,6 @@ class AvatarDiffusion:
         rgb = (portrait[0].float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         session = engine.open_session(rgb, SessionOptions(size=side, fps=float(fps)))
         out = np.empty((count, side, side, 3), np.float32)
-        for k, frame in enumerate(engine.render_clip(session, speech, fps, frames=count)):
+        for k, frame in enumerate(engine.render_clip(session, speech, fps, frames=count, progress=host_progress())):
             np.divide(frame.image, np.float32(255.0), out=out[k])
         return (torch.from_numpy(out),)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
 from ..accel.cachequant import CacheQuantConfig, Calibration
+from ..accel.progress import Progress
 from ..accel.quant import QuantConfig
 from ..accel.techniques import check_stack
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
@@ -22,7 +23,7 @@ from ..adapters.diffusers_unet import deep_modules
 from ..models.calibration import calibration_runs
 from ..models.pipeline import DiffusionModel
 from ..models.sampling import SCHEDULERS
-from .context import output_dir
+from .context import host_progress, output_dir
 from .validation import verdict
 
 LOG = logging.getLogger("livecache")
@@ -41,9 +42,9 @@ CALIBRATION_INPUTS = {
 
 
 def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
-          guidance: float):
+          guidance: float, progress: Progress):
     return calibration_runs(model, calibration_prompts.split(","), list(range(calibration_seeds)), steps, scheduler,
-                            guidance)
+                            guidance, progress=progress)
 
 
 def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int,
@@ -51,8 +52,9 @@ def _calibration(model: DiffusionModel, calibration_prompts: str, calibration_se
     """The calibration generations, with what the schedule file records about them."""
     info = {"prompts": [p.strip() for p in calibration_prompts.split(",") if p.strip()],
             "seeds": calibration_seeds, "guidance": guidance}
-    runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-    return Calibration(runs, steps, model.name, scheduler, info)
+    progress = host_progress()
+    runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
+    return Calibration(runs, steps, model.name, scheduler, info, progress)
 
 
 def _check_prompts(model: DiffusionModel | None, calibration_prompts: str | None) -> None:
@@ -185,7 +187,7 @@ class ApplyCacheQuant:
             **CALIBRATION_INPUTS,
         }, "optional": {
             "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, calibration_prompts: str | None = None,
@@ -195,7 +197,8 @@ class ApplyCacheQuant:
 
     def apply(self, model: DiffusionModel, quantization: str, correct_cache: bool, correct_quant: bool,
               full_steps: int, cache_branch_id: int, calibration_prompts: str, calibration_seeds: int, steps: int,
-              scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None) -> tuple[DiffusionModel]:
+              scheduler: str, guidance: float, schedule: CalibratedSchedule | None = None,
+              unique_id: str | None = None) -> tuple[DiffusionModel]:
         if schedule is not None:
             schedule.check(model_fingerprint(model.unet))
             steps, scheduler = schedule.steps, schedule.scheduler
@@ -207,7 +210,7 @@ class ApplyCacheQuant:
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         plan = calibrate_cachequant_unet(model.unet, config, calibration, schedule)
         check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
-        return (model.with_acceleration(plan),)
+        return (model.with_acceleration(plan, unique_id),)
 
 
 class Quantize:
@@ -237,7 +240,7 @@ class Quantize:
             "correct": ("BOOLEAN", {"default": False,
                                     "tooltip": "Calibrate per-channel corrections of each layer's quant error."}),
             **CALIBRATION_INPUTS,
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, method: str | None = None, weight_bits: int | None = None, act_bits: int | None = None,
@@ -252,9 +255,10 @@ class Quantize:
 
     def apply(self, model: DiffusionModel, method: str, weight_bits: int, act_bits: int, attention_bits: int,
               correct: bool, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
-              guidance: float) -> tuple[DiffusionModel]:
+              guidance: float, unique_id: str | None = None) -> tuple[DiffusionModel]:
         config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
-        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        plan = calibrate_quantization(model.unet, config, runs)
+        progress = host_progress()
+        runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
+        plan = calibrate_quantization(model.unet, config, runs, progress)
         check_stack(model.accelerations + (plan,))
-        return (model.with_acceleration(plan),)
+        return (model.with_acceleration(plan, unique_id),)

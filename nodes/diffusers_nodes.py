@@ -23,7 +23,7 @@ from ..files import write_numbered
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
-from .context import model_roots, output_dir
+from .context import host_progress, model_roots, output_dir
 from .ui_messages import send_stats
 from .validation import verdict
 
@@ -96,13 +96,13 @@ class ApplyDeepCache:
                                 "tooltip": "Fraction of the steps before which every step is full."}),
             "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                               "tooltip": "Fraction of the steps after which every step is full."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: DiffusionModel, cache_interval: int, cache_branch_id: int, schedule: str,
-              start: float, end: float) -> tuple[DiffusionModel]:
+              start: float, end: float, unique_id: str | None = None) -> tuple[DiffusionModel]:
         config = DeepCacheConfig(cache_interval, cache_branch_id, schedule=schedule, start=start, end=end)
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
-        return (model.with_acceleration(config),)
+        return (model.with_acceleration(config, unique_id),)
 
 
 class DiffusersSampler:
@@ -147,10 +147,11 @@ class DiffusersSampler:
         sched = make_scheduler(scheduler, model.scheduler_config)
         started = time.perf_counter()
         with accelerated(model.unet, sched, model.accelerations) as handles:
-            latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed)
+            latents = sample(model, sched, cond, uncond, noise, steps, guidance, seed=seed,
+                             progress=host_progress())
         seconds = time.perf_counter() - started
-        for handle in handles:
-            send_stats(unique_id, *handle.report(seconds))
+        for handle, applied_by in zip(handles, model.sources(), strict=True):  # each on the node that applied it
+            send_stats(applied_by or unique_id, *handle.report(seconds))
         return ({"samples": latents},)
 
 

@@ -13,9 +13,9 @@ from ..accel.techniques import check_stack
 from ..models.pipeline import DiffusionModel
 
 
-def _with(model: DiffusionModel, config: object) -> tuple[DiffusionModel]:
+def _with(model: DiffusionModel, config: object, unique_id: str | None) -> tuple[DiffusionModel]:
     check_stack(model.accelerations + (config,))  # refuse a combination that cannot work, naming it
-    return (model.with_acceleration(config),)
+    return (model.with_acceleration(config, unique_id),)
 
 
 class ApplyStepRehash:
@@ -41,10 +41,11 @@ class ApplyStepRehash:
                 "default": "reuse",
                 "tooltip": "reuse: a skipped step returns the last output; extrapolate: continues the last two "
                            "outputs along the noise level (not with DeepCache)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model: DiffusionModel, threshold: float, max_skips: int, mode: str) -> tuple[DiffusionModel]:
-        return _with(model, StepRehashConfig(float(threshold), int(max_skips), mode))
+    def apply(self, model: DiffusionModel, threshold: float, max_skips: int, mode: str,
+              unique_id: str | None = None) -> tuple[DiffusionModel]:
+        return _with(model, StepRehashConfig(float(threshold), int(max_skips), mode), unique_id)
 
 
 class ApplySlicing:
@@ -70,7 +71,8 @@ class ApplySlicing:
                                           "inside sliced layers falls about this many times."}),
             "vae": ("BOOLEAN", {"default": True, "tooltip": "Also decode one slice of latents at a time "
                                                             "(batch axis only; ignored for spatial)."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model: DiffusionModel, axis: str, slices: int, vae: bool) -> tuple[DiffusionModel]:
-        return _with(model, SlicingConfig(axis, int(slices), bool(vae) and axis == "batch"))
+    def apply(self, model: DiffusionModel, axis: str, slices: int, vae: bool,
+              unique_id: str | None = None) -> tuple[DiffusionModel]:
+        return _with(model, SlicingConfig(axis, int(slices), bool(vae) and axis == "batch"), unique_id)

@@ -17,7 +17,7 @@ import torch
 from ..accel.causal_cache import CausalCacheConfig
 from ..models.loading import resolve_inside
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model, parse_video_prompt
-from .context import model_roots
+from .context import host_progress, model_roots
 from .ui_messages import send_stats
 from .validation import verdict
 
@@ -130,7 +130,8 @@ class VideoSampler:
                sampler: str, seed: int, unique_id: str | None = None) -> tuple[torch.Tensor]:
         label = torch.tensor([parse_video_prompt(prompt)])
         started = time.perf_counter()
-        video = generate(video_model.model, video_model.cache, label, chunks, chunk_length, steps, sampler, seed)
+        video = generate(video_model.model, video_model.cache, label, chunks, chunk_length, steps, sampler, seed,
+                         progress=host_progress())
         seconds = time.perf_counter() - started
         mode = f"cache shared, window {video_model.cache.window}" if video_model.cache.enabled else "recompute"
         send_stats(unique_id, f"AR video: {chunks} clips x {chunk_length} frames in {seconds:.2f} s ({mode})",

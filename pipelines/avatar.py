@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..accel.progress import Progress
 from ..accel.temporal_cache import TemporalDeepCache, TemporalReuse, TemporalReuseConfig
 from ..adapters.diffusers_unet import deep_modules, read_timestep
 from ..models.avatar import AVATAR_DIR, STATES, AvatarModel, AvatarSpec, load_model, mel_features, mouth_mask
@@ -277,12 +278,13 @@ class AvatarRenderer:
         return self._finish(self._denoise(self._features(_Chunk(requests))))
 
     def render_clip(self, session: AvatarSession, audio: np.ndarray, fps: float,
-                    frames: int | None = None) -> Iterator[RenderedFrame]:
+                    frames: int | None = None, progress: Progress | None = None) -> Iterator[RenderedFrame]:
         """Frames for a whole clip of float mono audio at the model's rate (offline: nodes, the bench).
 
         States come from the same voice-activity tracker as live sessions. The first chunk holds
         `first_chunk` frames and later ones `max_batch`, so the first frame is out after one small
-        U-Net call while the rest still run batched.
+        U-Net call while the rest still run batched. `progress` (default: none) counts the frames and
+        may stop the clip before any further chunk is rendered.
         """
         count = clip_frames(len(audio), self.sample_rate, fps) if frames is None else frames
         tracker = StateTracker(self.sample_rate)
@@ -298,7 +300,7 @@ class AvatarRenderer:
         source = requests()
         sizes = itertools.chain([min(self.first_chunk, self.max_batch)], itertools.repeat(self.max_batch))
         chunks = iter(lambda: list(itertools.islice(source, next(sizes))), [])
-        return self._stream(chunks)
+        return (progress or Progress(bar=False)).loop(self._stream(chunks), "rendering avatar", "frame", total=count)
 
     def close(self) -> None:
         if self._cache is not None:

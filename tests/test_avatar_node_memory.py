@@ -27,7 +27,7 @@ class _Renderer:
     def open_session(self, portrait, options):
         return options
 
-    def render_clip(self, session, audio, fps, frames=None):
+    def render_clip(self, session, audio, fps, frames=None, progress=None):
         count = int(len(audio) / RATE * fps) if frames is None else frames
         for k in range(count):
             yield RenderedFrame(np.full((session.size, session.size, 3), k % 256, np.uint8), (k + 1) / fps, "idle", 0.0)

@@ -145,7 +145,8 @@ async def run_prompt(url: str, prompt: dict) -> tuple[str, list[dict]]:
 def test_shipped_workflow_runs_through_prompt_and_the_websocket(server, repo):
     prompt = json.loads((repo / "workflows" / "deepcache_default_api.json").read_text())
     prompt_id, ours = asyncio.run(asyncio.wait_for(run_prompt(server.url, prompt), RUN_TIMEOUT))
-    assert ours and ours[0]["node"] == "3" and ours[0]["cached_calls"] > 0, ours
+    # the stats belong to the node that applied DeepCache (2), not to the sampler that ran it (3)
+    assert ours and ours[0]["node"] == "2" and ours[0]["cached_calls"] > 0, ours
     history = asyncio.run(get_json(f"{server.url}/history/{prompt_id}"))[prompt_id]
     assert history["status"]["status_str"] == "success"
     images = history["outputs"]["5"]["images"]
@@ -155,10 +156,13 @@ def test_shipped_workflow_runs_through_prompt_and_the_websocket(server, repo):
         assert path.is_file() and path.read_bytes().startswith(b"\x89PNG"), path
 
 
-async def drive_page(url: str, workflow: dict) -> dict:
+async def drive_page(url: str, workflow: dict, node_id: int, screenshot: Path) -> dict:
     from playwright.async_api import async_playwright
 
     console: list[str] = []
+    async with aiohttp.ClientSession() as http:  # no first-run templates dialog over the canvas
+        async with http.post(f"{url}/settings/Comfy.TutorialCompleted", json=True) as response:
+            assert response.status == 200, await response.text()
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -172,26 +176,50 @@ async def drive_page(url: str, workflow: dict) -> dict:
             scripts = await page.evaluate("async () => (await (await fetch('/extensions')).json())")
             await page.evaluate("(wf) => window.app.loadGraphData(wf)", workflow)
             await page.evaluate("() => window.app.queuePrompt(0, 1)")
-            try:
-                text = await page.wait_for_function(
-                    """() => {
-                        const node = window.app.graph.getNodeById(3);
-                        return node?.widgets?.find((w) => w.name === 'livecache_stats')?.value || null;
-                    }""", timeout=RUN_TIMEOUT * 1000)
+            try:  # what the user sees: the stats element of that node's widget, on screen, with text in it
+                shown = await page.wait_for_function(
+                    """(id) => {
+                        const widget = window.app.graph.getNodeById(id)?.widgets?.find(
+                            (w) => w.name === 'livecache_stats');
+                        const element = widget?.element;
+                        if (!element?.value || !element.checkVisibility()) return null;
+                        const box = element.getBoundingClientRect();
+                        const style = getComputedStyle(element);
+                        const readable = style.opacity !== '0' && style.color !== style.backgroundColor;
+                        const onTop = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+                        return box.width > 20 && box.height > 10 && readable && onTop === element
+                            ? {text: element.value, others: window.app.graph.nodes.filter((n) => n.id !== id
+                                && n.widgets?.some((w) => w.name === 'livecache_stats')).map((n) => n.id)}
+                            : null;
+                    }""", arg=node_id, timeout=RUN_TIMEOUT * 1000)
             except Exception as error:
-                raise AssertionError(f"no stats on the sampler node; browser console: {console}") from error
-            return {"text": await text.json_value(), "scripts": scripts, "console": console}
+                await page.screenshot(path=str(screenshot))
+                seen = await page.evaluate("""(id) => {
+                    const el = window.app.graph.getNodeById(id)?.widgets?.find((w) => w.name === 'livecache_stats')
+                        ?.element;
+                    if (!el) return 'no stats element';
+                    const b = el.getBoundingClientRect();
+                    const top = document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2);
+                    return {value: el.value, box: [b.x, b.y, b.width, b.height], on_top: top?.outerHTML?.slice(0, 200)};
+                }""", node_id)
+                raise AssertionError(f"no visible stats on node {node_id} ({seen}); "
+                                     f"browser console: {console}") from error
+            await page.screenshot(path=str(screenshot))
+            return {**await shown.json_value(), "scripts": scripts, "console": console}
         finally:
             await browser.close()
 
 
-def test_our_extension_loads_in_chromium_and_shows_stats_on_the_node(server, repo):
+def test_our_extension_loads_in_chromium_and_shows_stats_on_the_node(server, repo, tmp_path):
     workflow = json.loads((repo / "workflows" / "deepcache_default.json").read_text())
     sampler = next(node for node in workflow["nodes"] if node["id"] == 3)
     sampler["widgets_values"][2] = 1  # another seed: ComfyUI would serve an already-run prompt from its cache
-    result = asyncio.run(drive_page(server.url, workflow))
+    screenshot = Path(os.environ.get("LIVECACHE_SCREENSHOT", tmp_path / "stats.png"))
+    result = asyncio.run(drive_page(server.url, workflow, 2, screenshot))  # node 2 applies DeepCache
     assert "/extensions/comfyui-livecache/livecache.js" in result["scripts"], result["scripts"]
     assert result["text"].startswith("DeepCache:") and "cached" in result["text"], result
+    assert result["others"] == [], result  # not on the sampler or any other node
+    assert screenshot.stat().st_size > 0
     # errors from our script, and any uncaught exception on the page (the frontend also logs errors of its
     # own here, e.g. blocked look-ups of node docs on the internet: those are not ours to judge)
     ours = [line for line in result["console"] if "comfyui-livecache/" in line or line.startswith("pageerror")]
