@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livecache.bench.comfy_workloads import use_comfyui
+from livecache.bench.comfy_workloads import conditioning, sd15_model, use_comfyui
 
 REPO = Path(__file__).resolve().parents[2]
 COMFY_ROOT = Path(os.environ.get("LIVECACHE_COMFY_ROOT", REPO / ".comfy" / "ComfyUI")).resolve()
@@ -32,3 +32,29 @@ def comfy_root() -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# The tiny SD1.5-class model the MODEL-lane tests share: ComfyUI's own UNetModel in a ModelPatcher.
+SD15 = {"model_channels": 32, "context_dim": 64, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def sd15_factory():
+    """`sd15_factory(seed)`: another tiny SD1.5-class checkpoint (other seeds: other weights)."""
+    return lambda seed=0: sd15_model(seed=seed, **SD15)
+
+
+@pytest.fixture(scope="session")
+def cond_factory():
+    """`cond_factory(tokens, seed)`: a CONDITIONING of `tokens` tokens for those models."""
+    return lambda tokens, seed: conditioning(1, tokens, SD15["context_dim"], seed=seed)
+
+
+@pytest.fixture(scope="module")
+def model(sd15_factory):
+    return sd15_factory(0)
+
+
+@pytest.fixture(scope="module")
+def conds(cond_factory):
+    return cond_factory(8, 1), cond_factory(8, 2)

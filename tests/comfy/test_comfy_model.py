@@ -18,20 +18,10 @@ from livecache.accel.cache_schedule import CalibratedSchedule
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.rehash import StepRehashConfig
 from livecache.adapters.comfy_unet import apply_deepcache, apply_step_rehash, deep_modules
-from livecache.bench.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model
+from livecache.bench.comfy_workloads import DeepBlockCalls, sample
 
-CONTEXT = 64
 STEPS = 10
 
-
-@pytest.fixture(scope="module")
-def model():
-    return sd15_model(model_channels=32, context_dim=CONTEXT, num_heads=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def conds():
-    return conditioning(1, 8, CONTEXT, seed=1), conditioning(1, 8, CONTEXT, seed=2)
 
 
 def run(model, conds, sampler: str = "euler", scheduler: str = "normal", cfg: float = 5.0):
@@ -91,9 +81,9 @@ def test_patched_model_is_a_clone_and_the_original_keeps_no_wrappers(model, cond
     assert deep_calls < STEPS and torch.isfinite(latent).all()
 
 
-def test_cfg_halves_in_separate_calls_keep_separate_caches(model):
+def test_cfg_halves_in_separate_calls_keep_separate_caches(model, cond_factory):
     """Prompts of 8 and 77 tokens cannot share a batch, so ComfyUI calls the U-Net twice per step."""
-    conds = conditioning(1, 8, CONTEXT, seed=1), conditioning(1, 77, CONTEXT, seed=2)
+    conds = cond_factory(8, 1), cond_factory(77, 2)
     before, full_calls = run(model, conds)
     cached, deep_calls = run(apply_deepcache(model, DeepCacheConfig(cache_interval=2)), conds)
     assert (full_calls, deep_calls) == (2 * STEPS, STEPS)

@@ -17,22 +17,12 @@ from livecache.accel.rehash import StepRehashConfig
 from livecache.adapters.comfy_cachequant import SamplerRun, apply_cachequant, calibrate_cachequant, calibrate_schedule
 from livecache.adapters.comfy_quant import apply_quantization
 from livecache.adapters.comfy_unet import apply_deepcache, apply_step_rehash, entries_of
-from livecache.bench.comfy_workloads import DeepBlockCalls, conditioning, sample, sd15_model
+from livecache.bench.comfy_workloads import DeepBlockCalls, sample
 from livecache.nodes.comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadScheduleModel
 
-CONTEXT = 64
 STEPS = 6
 SIZE = 16
 
-
-@pytest.fixture(scope="module")
-def model():
-    return sd15_model(model_channels=32, context_dim=CONTEXT, num_heads=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def conds():
-    return conditioning(1, 8, CONTEXT, seed=1), conditioning(1, 8, CONTEXT, seed=2)
 
 
 def latent() -> dict:
@@ -100,7 +90,8 @@ def test_calibration_reports_every_generation_to_comfyui_progress_bar(model, con
     assert seen[-1][0] == total and [v for v, _ in seen] == sorted(v for v, _ in seen)
 
 
-def test_schedule_is_saved_loaded_and_checked_against_the_model_weights(model, conds, tmp_path, monkeypatch):
+def test_schedule_is_saved_loaded_and_checked_against_the_model_weights(model, conds, sd15_factory, tmp_path,
+                                                                      monkeypatch):
     monkeypatch.setenv("LIVECACHE_OUTPUT", str(tmp_path))
     (schedule,) = CalibrateScheduleModel().calibrate(model, *conds, latent(), 0, 1, STEPS, 5.0, "euler", "normal",
                                                      1.0, 3, 0, "feature", "schedules/tiny.json")
@@ -109,7 +100,7 @@ def test_schedule_is_saved_loaded_and_checked_against_the_model_weights(model, c
     assert loaded == CalibratedSchedule.load(tmp_path / "schedules" / "tiny.json")
     assert loaded.full_steps == schedule.full_steps and loaded.calibration["seeds"] == [0]
 
-    other = sd15_model(model_channels=32, context_dim=CONTEXT, num_heads=2, seed=9)  # another checkpoint
+    other = sd15_factory(9)  # another checkpoint
     with pytest.raises(ValueError, match="calibrated for model SD15"):
         LoadScheduleModel().load(other, "schedules/tiny.json")
 

@@ -14,21 +14,11 @@ from livecache.accel.quant import QuantConfig
 from livecache.accel.slicing import SlicingConfig
 from livecache.adapters.comfy_quant import LiveQuantization, apply_quantization, live_tensors
 from livecache.adapters.comfy_unet import apply_deepcache, apply_slicing, entries_of
-from livecache.bench.comfy_workloads import conditioning, sample, sd15_model
+from livecache.bench.comfy_workloads import sample
 from livecache.nodes.comfy_model_nodes import QuantizeModel, SlicingModel
 
-CONTEXT = 64
 STEPS = 6
 
-
-@pytest.fixture(scope="module")
-def model():
-    return sd15_model(model_channels=32, context_dim=CONTEXT, num_heads=2, seed=0)
-
-
-@pytest.fixture(scope="module")
-def conds():
-    return conditioning(1, 8, CONTEXT, seed=1), conditioning(1, 8, CONTEXT, seed=2)
 
 
 def run(model, conds) -> torch.Tensor:
