@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 GUARDED_RUN = r"""
-import importlib.abc, importlib.metadata as md, json, re, sys, tomllib
+import importlib.abc, importlib.machinery, importlib.metadata as md, json, re, sys, tomllib
 from pathlib import Path
 from packaging.requirements import Requirement
 
@@ -42,13 +42,24 @@ while pending:
 blocked = {top for top, dists in md.packages_distributions().items()
            if top.isidentifier() and not any(norm(d) in allowed for d in dists)}
 
-class Guard(importlib.abc.MetaPathFinder):
+# The path finder, blind to what a plain install lacks: `import x` fails as for a missing package and
+# `importlib.util.find_spec(x)` answers None, so libraries that probe for optional packages (diffusers,
+# transformers) see them absent, as they would be, instead of failing on an import they were told works.
+class Absent(importlib.abc.MetaPathFinder):
+
     def find_spec(self, fullname, path=None, target=None):
         if fullname.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {fullname!r} (not in a plain install)", name=fullname)
-        return None
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, path, target)
 
-sys.meta_path.insert(0, Guard())
+    def find_distributions(self, *args, **kwargs):  # package metadata stays readable (version checks)
+        return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
+
+    def invalidate_caches(self):
+        importlib.machinery.PathFinder.invalidate_caches()
+
+assert importlib.machinery.PathFinder in sys.meta_path
+sys.meta_path[:] = [Absent() if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 from livecache.cli import main
 results = {}
 for workflow in sorted((repo / "workflows").glob("*.json")):
