@@ -111,7 +111,9 @@ def test_webrtc_session_mouth_moves_with_speech_and_rests(server):
 
     assert np.median(window(LEAD + 0.35, LEAD + TALK - 0.05)) > 0.03
     assert max(window(0.0, LEAD - 0.2)) < 0.01
-    assert max(window(LEAD + TALK + 0.6, LEAD + TALK + PAUSE)) < 0.01
+    # the rest window starts a second after the speech ends: frames are stamped on arrival, and on a loaded
+    # machine they arrive up to several hundred ms after the audio they show
+    assert max(window(LEAD + TALK + 1.0, LEAD + TALK + PAUSE)) < 0.01
     assert result.stats["frames"] >= len(result.frames) and 0 < result.stats["steady_fps"] <= 1.1 * 25
 
 
