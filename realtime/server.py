@@ -254,11 +254,12 @@ class LiveServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, engine: str = "embedded",
                  limits: ServerLimits | None = None, ssl_context: ssl.SSLContext | None = None,
-                 engine_options: dict[str, object] | None = None):
+                 engine_options: dict[str, object] | None = None, app: web.Application | None = None):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.limits = limits or ServerLimits()
-        self.app = build_app(engine, self.limits, engine_options)
+        # `app`: another front on the same listener (the Ray ingress), with a ConnectionGuard as app["guard"]
+        self.app = app if app is not None else build_app(engine, self.limits, engine_options)
         self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=2.0,
                                      keepalive_timeout=self.limits.keepalive_s)
         self._listener: asyncio.Server | None = None
