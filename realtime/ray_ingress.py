@@ -377,7 +377,7 @@ async def upload_portrait(request: web.Request) -> web.Response:
 
 
 async def session_call(request: web.Request) -> web.Response:
-    """GET /api/sessions/{sid} and POST /api/sessions/{sid}/{action}, on the replica that owns the session."""
+    """GET /api/sessions/{sid} and its POST controls, on the replica that owns the session."""
     replica = request.app["pool"].owner(request.match_info["sid"])
     if replica is None:
         return error_response(404, "no such session")
@@ -437,6 +437,7 @@ def build_ingress(pool_factory: Callable[[web.Application], Any], cluster: Any,
     app.router.add_post("/api/offer", offer)
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/sessions/{sid}", session_call)
-    app.router.add_post("/api/sessions/{sid}/{action}", session_call)
+    for action in ("state", "condition", "interrupt", "say", "stop"):  # the same routes as the single server
+        app.router.add_post(f"/api/sessions/{{sid}}/{action}", session_call)
     app.router.add_static("/live/", WEB_ROOT)
     return app

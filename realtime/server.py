@@ -106,6 +106,7 @@ async def info(request: web.Request) -> web.Response:
                    "portrait_formats": list(UPLOAD_FORMATS), "max_pending_decodes": MAX_PENDING_DECODES,
                    **asdict(request.app["limits"])},
         "counters": request.app["counters"].snapshot(),
+        "render": hub.worker.render_stats(),
     })
 
 
