@@ -11,8 +11,8 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from statistics import median
 from concurrent.futures import ThreadPoolExecutor
+from statistics import median
 from typing import TypeVar
 
 from .engines.base import Control, Engine, EngineSession, RenderedFrame, RenderRequest, SessionOptions, SessionSource
