@@ -23,11 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from .guard import ConnectionGuard
 from .hub import LimitError
 from .metrics import ServerCounters
-from .portrait import MAX_UPLOAD_BYTES
-from .server import WEB_ROOT, ServerLimits, bounded_body, index
+from .server import ROUTES, ServerLimits, guarded_app, index
 from .server import _error as error_response
 from .wsapi import CLOSE_CODES, MAX_MESSAGE
 
@@ -413,11 +411,13 @@ async def _default_png(request: web.Request) -> web.Response:
 
 def build_ingress(pool_factory: Callable[[web.Application], Any], cluster: Any,
                   limits: ServerLimits) -> web.Application:
-    """The ingress app; `pool_factory(app)` makes its ReplicaPool once the loop runs."""
-    counters = ServerCounters()
-    guard = ConnectionGuard(counters, limits.max_connections_per_address, limits.head_timeout_s)
-    app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024, middlewares=[guard.middleware, bounded_body])
-    app.update(limits=limits, counters=counters, guard=guard, connections=set(), cluster=cluster)
+    """The ingress app (the single server's routes); `pool_factory(app)` makes its ReplicaPool once the loop
+    runs."""
+    controls = {name: session_call for _, _, name in ROUTES if name.startswith("session_")}
+    app = guarded_app(limits, {**controls, "index": index, "ws": relay_ws, "info": info,
+                               "default_portrait": _default_png, "upload_portrait": upload_portrait,
+                               "offer": offer, "sessions": sessions})
+    app["cluster"] = cluster
 
     async def startup(app: web.Application) -> None:
         import cv2
@@ -429,15 +429,4 @@ def build_ingress(pool_factory: Callable[[web.Application], Any], cluster: Any,
         app["portraits"] = PortraitStore(app["pool"])
 
     app.on_startup.append(startup)
-    app.router.add_get("/", index)
-    app.router.add_get("/ws", relay_ws)
-    app.router.add_get("/api/info", info)
-    app.router.add_get("/api/portraits/default.png", _default_png)
-    app.router.add_post("/api/portraits", upload_portrait)
-    app.router.add_post("/api/offer", offer)
-    app.router.add_get("/api/sessions", sessions)
-    app.router.add_get("/api/sessions/{sid}", session_call)
-    for action in ("state", "condition", "interrupt", "say", "stop"):  # the same routes as the single server
-        app.router.add_post(f"/api/sessions/{{sid}}/{action}", session_call)
-    app.router.add_static("/live/", WEB_ROOT)
     return app

@@ -128,10 +128,9 @@ def test_webrtc_offer_is_answered_by_a_replica(cluster):
     base = cluster.server.url
 
     async def run():
-        pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="recvonly")
-        tracks: asyncio.Queue = asyncio.Queue()
+        pc, tracks = RTCPeerConnection(), asyncio.Queue()
         pc.on("track", tracks.put_nowait)
+        pc.addTransceiver("video", direction="recvonly")  # a viewer without a microphone
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
             async with http.post(base + "/api/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as res:
