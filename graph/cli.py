@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workflow", type=Path, help="workflow JSON, ComfyUI UI format or API format")
+    parser.add_argument("workflow", type=Path, nargs="+",
+                        help="workflow JSON, ComfyUI UI format or API format; with --ray several files or folders")
     parser.add_argument("--output", type=Path, default=None, help="folder for saved images (default ./output)")
     parser.add_argument("--models", type=Path, action="append", default=None,
                         help="folder holding diffusers model folders; repeatable (default ./models)")
@@ -29,6 +30,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comfy-base", type=Path, default=None, metavar="DIR",
                         help="with --comfy-root: ComfyUI's --base-directory (its models/, input/, output/ "
                              "folders), instead of the ComfyUI folder itself")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run the workflows as Ray tasks, in parallel, on the cluster at ADDRESS or on a local "
+                             "one; each writes what `livecache run FILE` writes, a failure is reported with its "
+                             "node and the others go on (pip install 'comfyui-livecache[ray]'; docs/ray.md)")
+    parser.add_argument("--seeds", default=None, metavar="LIST",
+                        help="with --ray: run each workflow once per seed (0-7, or 1,5,9), setting every node's "
+                             "seed input")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,6 +56,12 @@ def main(args: argparse.Namespace) -> int:
     if args.comfy_base is not None and args.comfy_root is None:
         print("error: --comfy-base needs --comfy-root (the ComfyUI folder to run in)", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        return _run_on_ray(args)
+    if args.seeds is not None or len(args.workflow) > 1:
+        print("error: several workflows and --seeds run with --ray (one workflow runs without it)", file=sys.stderr)
+        return 2
+    args.workflow = args.workflow[0]
     try:
         if args.comfy_root is not None:
             ui = _run_in_comfyui(args)
@@ -76,6 +90,29 @@ def main(args: argparse.Namespace) -> int:
                 continue  # previews in ComfyUI's temp folder
             print(f"node {node_id}: saved {output_dir() / image['subfolder'] / image['filename']}")
     return 0
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """Many workflows as Ray tasks (graph.ray_batch); the exit code 1 when any of them failed."""
+    if args.comfy_root is not None or args.check:
+        print("error: --ray runs this pack's workflows; --comfy-root and --check run without it", file=sys.stderr)
+        return 2
+    try:
+        from .ray_batch import jobs, parse_seeds, run_batch
+    except ImportError as err:
+        print(f"error: {err}; install it with: pip install 'comfyui-livecache[ray]'", file=sys.stderr)
+        return 2
+    from .errors import WorkflowError
+
+    try:
+        batch = jobs(args.workflow, parse_seeds(args.seeds) if args.seeds is not None else None)
+    except (ValueError, WorkflowError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    env = {k: os.pathsep.join(str(Path(p).resolve()) for p in os.environ[k].split(os.pathsep))
+           for k in ("LIVECACHE_OUTPUT", "LIVECACHE_INPUT", "LIVECACHE_MODELS") if k in os.environ}
+    env.setdefault("LIVECACHE_OUTPUT", str(Path.cwd() / "output"))  # where `livecache run` would write here
+    return run_batch(batch, env, args.ray or None)
 
 
 def _run_in_comfyui(args: argparse.Namespace) -> dict | None:

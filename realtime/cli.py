@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 
 def _within(cast: type, low: float, high: float, unit: str = ""):
@@ -65,6 +66,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve https/wss, which browsers on other "
                         "machines need before they allow the microphone")
     parser.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
+    ray = parser.add_argument_group("scale-out on Ray Serve (pip install 'comfyui-livecache[ray]'; docs/ray.md)")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run the engines as Ray Serve replicas behind this server: join the Ray cluster at "
+                          "ADDRESS (such as ray://head:10001 or auto), or start a local one on 127.0.0.1")
+    ray.add_argument("--sessions-per-replica", type=_bounded(1, 64), default=4,
+                     help="--ray: sessions one engine replica holds (default 4)")
+    ray.add_argument("--min-replicas", type=_bounded(1, 256), default=1,
+                     help="--ray: replicas kept running when idle (default 1)")
+    ray.add_argument("--max-replicas", type=_bounded(1, 256), default=2,
+                     help="--ray: the most replicas the autoscaler adds as sessions approach capacity; new "
+                          "sessions get 'busy' only when all of them are full (default 2)")
+    ray.add_argument("--replica-cpus", type=_within(float, 0, 256), default=1.0,
+                     help="--ray: CPUs each replica reserves (default 1)")
+    ray.add_argument("--replica-gpus", type=_within(float, 0, 16), default=0.0,
+                     help="--ray: GPUs each replica reserves; a fraction shares one GPU (0.25: four replicas "
+                          "per GPU; default 0)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -81,6 +98,13 @@ def main(args: argparse.Namespace) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
         return 2
+    if args.ray is not None and args.min_replicas > args.max_replicas:
+        print("--min-replicas cannot exceed --max-replicas", file=sys.stderr)
+        return 2
+    if args.ray is not None and args.max_sessions != 4:
+        print("with --ray the capacity is --max-replicas x --sessions-per-replica; drop --max-sessions",
+              file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(args))
     except OSError as exc:  # port in use, address not available, unreadable certificate
@@ -89,7 +113,29 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the engine refused its options or weights (WeightsError names the file)
         print(f"cannot start the {args.engine} engine: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # --ray without the ray extra
+        print(f"{exc}; install it with: pip install 'comfyui-livecache[ray]'", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # Ray could not start, join the cluster, or deploy the replicas
+        print(f"cannot start on Ray: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _server(args: argparse.Namespace, limits, context, options: dict[str, object]):
+    """The single-process server, or with --ray the ingress in front of Ray Serve engine replicas."""
+    from .server import LiveServer
+
+    if args.ray is None:
+        return LiveServer(args.host, args.port, args.engine, limits, context, options)
+    from .ray_live import RayLiveServer
+    from .ray_serve import ClusterConfig
+
+    cluster = ClusterConfig(engine=args.engine, sessions_per_replica=args.sessions_per_replica,
+                            min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                            replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus)
+    return RayLiveServer(args.host, args.port, cluster, replace(limits, max_sessions=cluster.max_sessions), context,
+                         options, address=args.ray or None)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -97,7 +143,7 @@ async def _serve(args: argparse.Namespace) -> None:
     import signal
     import ssl
 
-    from .server import LiveServer, ServerLimits
+    from .server import ServerLimits
 
     context = None
     if args.certfile:
@@ -108,8 +154,9 @@ async def _serve(args: argparse.Namespace) -> None:
               "head_timeout_s": args.request_timeout, "body_timeout_s": args.body_timeout,
               "max_connections_per_address": args.max_connections_per_address}
     limits = ServerLimits(**{k: v for k, v in chosen.items() if v is not None})  # unset: ServerLimits' default
-    server = await LiveServer(args.host, args.port, args.engine, limits, context, options).start()
-    print(f"livecache live server ({args.engine} engine) on {server.url}/  websocket API: "
+    server = await _server(args, limits, context, options).start()
+    where = "" if args.ray is None else f", {args.min_replicas}-{args.max_replicas} Ray Serve replicas"
+    print(f"livecache live server ({args.engine} engine{where}) on {server.url}/  websocket API: "
           f"{server.url.replace('http', 'ws', 1)}/ws  (Ctrl-C stops)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

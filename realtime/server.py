@@ -106,6 +106,7 @@ async def info(request: web.Request) -> web.Response:
                    "portrait_formats": list(UPLOAD_FORMATS), "max_pending_decodes": MAX_PENDING_DECODES,
                    **asdict(request.app["limits"])},
         "counters": request.app["counters"].snapshot(),
+        "render": hub.worker.render_stats(),
     })
 
 
@@ -214,34 +215,40 @@ async def _on_shutdown(app: web.Application) -> None:
     await hub.close()
 
 
-def build_app(engine: str = "embedded", limits: ServerLimits | None = None,
-              engine_options: dict[str, object] | None = None) -> web.Application:
-    limits = limits or ServerLimits()
+# the HTTP API, by handler name: the single server and the Ray ingress serve the same routes with their own handlers
+ROUTES = (("GET", "/", "index"), ("GET", "/ws", "ws"), ("GET", "/api/info", "info"),
+          ("GET", "/api/portraits/default.png", "default_portrait"), ("POST", "/api/portraits", "upload_portrait"),
+          ("POST", "/api/offer", "offer"), ("GET", "/api/sessions", "sessions"),
+          ("GET", "/api/sessions/{sid}", "session_stats"), ("POST", "/api/sessions/{sid}/state", "session_state"),
+          ("POST", "/api/sessions/{sid}/condition", "session_condition"),
+          ("POST", "/api/sessions/{sid}/interrupt", "session_interrupt"),
+          ("POST", "/api/sessions/{sid}/say", "session_say"), ("POST", "/api/sessions/{sid}/stop", "session_stop"))
+
+
+def guarded_app(limits: ServerLimits, handlers: dict[str, object]) -> web.Application:
+    """An app with the connection guard, the bounded body reads, the counters and every route of ROUTES served by
+    `handlers` (name -> aiohttp handler), plus the page's static files."""
     counters = ServerCounters()
     guard = ConnectionGuard(counters, limits.max_connections_per_address, limits.head_timeout_s)
     app = web.Application(client_max_size=MAX_UPLOAD_BYTES + 1024, middlewares=[guard.middleware, bounded_body])
+    app.update(limits=limits, counters=counters, guard=guard, connections=set())
+    for method, path, name in ROUTES:
+        app.router.add_route(method, path, handlers[name])  # type: ignore[arg-type]
+    app.router.add_static("/live/", WEB_ROOT)
+    return app
+
+
+def build_app(engine: str = "embedded", limits: ServerLimits | None = None,
+              engine_options: dict[str, object] | None = None) -> web.Application:
+    app = guarded_app(limits or ServerLimits(), {
+        "index": index, "ws": handle_ws, "info": info, "default_portrait": default_portrait,
+        "upload_portrait": upload_portrait, "offer": offer, "sessions": sessions, "session_stats": session_stats,
+        "session_state": session_state, "session_condition": session_condition,
+        "session_interrupt": session_interrupt, "session_say": session_say, "session_stop": session_stop})
     app["engine_name"] = engine
     app["engine_options"] = dict(engine_options or {})
-    app["limits"] = limits
-    app["counters"] = counters
-    app["guard"] = guard
-    app["connections"] = set()
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
-    app.router.add_get("/", index)
-    app.router.add_get("/ws", handle_ws)
-    app.router.add_get("/api/info", info)
-    app.router.add_get("/api/portraits/default.png", default_portrait)
-    app.router.add_post("/api/portraits", upload_portrait)
-    app.router.add_post("/api/offer", offer)
-    app.router.add_get("/api/sessions", sessions)
-    app.router.add_get("/api/sessions/{sid}", session_stats)
-    app.router.add_post("/api/sessions/{sid}/state", session_state)
-    app.router.add_post("/api/sessions/{sid}/condition", session_condition)
-    app.router.add_post("/api/sessions/{sid}/interrupt", session_interrupt)
-    app.router.add_post("/api/sessions/{sid}/say", session_say)
-    app.router.add_post("/api/sessions/{sid}/stop", session_stop)
-    app.router.add_static("/live/", WEB_ROOT)
     return app
 
 
@@ -254,11 +261,12 @@ class LiveServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, engine: str = "embedded",
                  limits: ServerLimits | None = None, ssl_context: ssl.SSLContext | None = None,
-                 engine_options: dict[str, object] | None = None):
+                 engine_options: dict[str, object] | None = None, app: web.Application | None = None):
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.limits = limits or ServerLimits()
-        self.app = build_app(engine, self.limits, engine_options)
+        # `app`: another front on the same listener (the Ray ingress), with a ConnectionGuard as app["guard"]
+        self.app = app if app is not None else build_app(engine, self.limits, engine_options)
         self._runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=2.0,
                                      keepalive_timeout=self.limits.keepalive_s)
         self._listener: asyncio.Server | None = None

@@ -8,8 +8,11 @@ engine sets one worker and a larger batch — the server code is the same either
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from statistics import median
 from typing import TypeVar
 
 from .engines.base import Control, Engine, EngineSession, RenderedFrame, RenderRequest, SessionOptions, SessionSource
@@ -23,6 +26,15 @@ class RenderWorker:
         self.executor = ThreadPoolExecutor(max(1, engine.workers), thread_name_prefix=f"lc-{engine.name}")
         self._queue: asyncio.Queue[tuple[RenderRequest, asyncio.Future[RenderedFrame]]] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._serve()) for _ in range(max(1, engine.workers))]
+        self._batches: deque[tuple[float, int]] = deque(maxlen=256)  # recent (seconds, frames) of render_batch
+
+    def render_stats(self) -> dict[str, float | int | None]:
+        """Recent render time per batch and per frame (the capacity arithmetic in docs/ray.md starts here)."""
+        if not self._batches:
+            return {"batches": 0, "batch_ms": None, "frame_ms": None, "batch_size": None}
+        return {"batches": len(self._batches), "batch_ms": round(1000 * median(s for s, _ in self._batches), 2),
+                "frame_ms": round(1000 * median(s / n for s, n in self._batches), 2),
+                "batch_size": round(sum(n for _, n in self._batches) / len(self._batches), 2)}
 
     async def open(self, source: SessionSource, options: SessionOptions) -> EngineSession:
         return await self.run(self.engine.open, source, options)
@@ -51,7 +63,9 @@ class RenderWorker:
             if not live:
                 continue
             try:
+                started = time.perf_counter()
                 frames = await loop.run_in_executor(self.executor, self.engine.render_batch, [r for r, _ in live])
+                self._batches.append((time.perf_counter() - started, len(live)))
             except Exception as exc:  # one bad batch fails its sessions, never the worker
                 for _, fut in live:
                     if not fut.done():

@@ -93,10 +93,16 @@ def error_codes(trees: dict[str, ast.Module]) -> set[str]:
 
 
 def routes(trees: dict[str, ast.Module]) -> set[str]:
-    """"METHOD /path" for every `router.add_*(path, ...)` and `web.get(path, ...)` route."""
+    """"METHOD /path" for every `router.add_*(path, ...)` and `web.get(path, ...)` route, and every
+    ("METHOD", "/path", handler) row of a `ROUTES` table (server.py's, which both the single server and the Ray
+    ingress serve)."""
     found: set[str] = set()
     for tree in trees.values():
         for node in ast.walk(tree):
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ROUTES" for t in node.targets)
+                    and isinstance(node.value, ast.Tuple)):
+                found.update(f"{_const_str(row.elts[0])} {_const_str(row.elts[1])}" for row in node.value.elts
+                             if isinstance(row, ast.Tuple) and len(row.elts) == 3)
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
                 continue
             owner = node.func.value
