@@ -9,18 +9,18 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import aiohttp
 import pytest
+import ray  # the `ray` extra; scripts/test.sh installs it
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-aiohttp = pytest.importorskip("aiohttp")
+from livecache.cli import main as cli_main
+from livecache.realtime.ray_live import RayLiveServer
+from livecache.realtime.ray_serve import ClusterConfig, session_policy
 
-from livecache.cli import main as cli_main  # noqa: E402
-from livecache.realtime.ray_live import RayLiveServer  # noqa: E402
-from livecache.realtime.ray_serve import ClusterConfig, session_policy  # noqa: E402
-
-WORKFLOW = json.loads((__import__("pathlib").Path(__file__).parent.parent / "workflows" /
+WORKFLOW = json.loads((Path(__file__).parent.parent / "workflows" /
                        "deepcache_default_api.json").read_text())
 
 
