@@ -197,7 +197,7 @@ def test_the_ui_file_loads_in_the_frontend_queues_and_saves_images(path, server,
 def test_livecache_run_runs_the_ui_file_headless(path, comfy_root, server, object_info, request):
     if "load_schedule" in path.stem:
         request.getfixturevalue("schedule_saved")
-    prefix = object_info["SaveImage"]["input_order"]["required"].index("filename_prefix")
+    prefix = widget_positions(object_info["SaveImage"])["filename_prefix"]
     ui = tiny(json.loads(path.read_text()), object_info)
     saver = next(node for node in ui["nodes"] if node["type"] == "SaveImage")
     saver["widgets_values"][prefix] = f"headless_{path.stem}"
