@@ -8,7 +8,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
     "video": (".video_bench", "causal AR video: time per clip vs AR step, cache shared vs recompute, memory"),
-    "comfy": (".comfy_bench", "inside a real ComfyUI: uncached vs ComfyUI's EasyCache vs our DeepCache on one MODEL"),
+    "comfy": (".comfy_bench", "inside a real ComfyUI: every technique on one MODEL vs ComfyUI's EasyCache, LazyCache"),
     "avatar": (".avatar_bench", "diffusion avatar: stage costs, FPS, first frame, lip sync; each speed-up on/off"),
     "suite": (".suite_bench", "CacheQuant, DP cache schedule, W8A8, DGQ and diffusers' cache hooks in one table"),
     "slicing": (".slicing_bench", "feature slicing: peak memory, speed, max |Δ| (U-Net, VAE decoder, 16-frame video)"),

@@ -8,7 +8,7 @@ benchmark asks this module for ComfyUI objects instead of importing ComfyUI itse
   `model_base.BaseModel` → `openaimodel.UNetModel`) with seeded random weights, wrapped in
   ComfyUI's `ModelPatcher`: no checkpoint is needed, and channel widths can be shrunk for tests;
 - `sample(...)` runs ComfyUI's KSampler path (`comfy.sample.sample`), CFG batching included;
-- `with_easycache(...)` applies ComfyUI's own EasyCache node, the peer we measure against.
+- `with_peer_cache(...)` applies ComfyUI's own EasyCache or LazyCache node, the peers we measure against.
 """
 
 from __future__ import annotations
@@ -87,33 +87,46 @@ def sample(model: Any, positive: list[list[Any]], negative: list[list[Any]], *, 
                                    seed=seed, disable_pbar=True)
 
 
-def with_easycache(model: Any, reuse_threshold: float = 0.2, start_percent: float = 0.15,
-                   end_percent: float = 0.95) -> Any:
-    """ComfyUI's own EasyCache node applied to `model` (a patched clone), with the node's defaults."""
-    from comfy_extras.nodes_easycache import EasyCacheNode
+PEER_CACHES = ("EasyCache", "LazyCache")
 
-    return EasyCacheNode.execute(model, reuse_threshold, start_percent, end_percent, False).args[0]
 
+def with_peer_cache(model: Any, peer: str, reuse_threshold: float = 0.2, start_percent: float = 0.15,
+                    end_percent: float = 0.95) -> Any:
+    """ComfyUI's own EasyCache or LazyCache node (comfy_extras) applied to `model`, with the node's defaults."""
+    from comfy_extras import nodes_easycache
+
+    if peer not in PEER_CACHES:
+        raise ValueError(f"peer must be one of {PEER_CACHES}, got {peer!r}")
+    node = getattr(nodes_easycache, f"{peer}Node")
+    return node.execute(model, reuse_threshold, start_percent, end_percent, False).args[0]
 
 
 class DeepBlockCalls:
     """Counts U-Net calls (`calls`) and those that really ran the middle block (`count`).
 
     The deep count hooks a layer *inside* the middle block's first res block: DeepCache replaces the
-    res block's forward on cached calls and EasyCache skips the whole U-Net, so neither reaches it.
+    res block's forward on cached calls and EasyCache/LazyCache skip the whole U-Net, so neither reaches
+    it. A call counts once however often the layer runs in it (feature slicing runs it once per slice).
     """
 
     def __init__(self, model: Any) -> None:
         self.count = 0
         self.calls = 0
+        self._deep_ran = False
         unet = model.get_model_object("diffusion_model")
         self._hooks = [
-            unet.middle_block[0].in_layers.register_forward_hook(lambda *_: self._bump("count")),
-            unet.register_forward_pre_hook(lambda *_: self._bump("calls")),
+            unet.middle_block[0].in_layers.register_forward_hook(lambda *_: self._deep()),
+            unet.register_forward_pre_hook(lambda *_: self._call()),
         ]
 
-    def _bump(self, name: str) -> None:
-        setattr(self, name, getattr(self, name) + 1)
+    def _call(self) -> None:
+        self.calls += 1
+        self._deep_ran = False
+
+    def _deep(self) -> None:
+        if not self._deep_ran:
+            self._deep_ran = True
+            self.count += 1
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -9,31 +9,11 @@ model detection once the tiny family is registered), so the run takes seconds of
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-RUN = """
-import sys
-sys.path.insert(0, {tests!r})
-from livecache.graph.comfy_host import use_comfyui
-use_comfyui({root!r}, {base!r})
-from tiny_checkpoint import save_tiny_checkpoint
-save_tiny_checkpoint({checkpoint!r})
-from livecache.cli import main
-sys.exit(main({argv!r}))
-"""
-
-
-def run_cli(comfy_root: Path, base: Path, workflow: dict, *extra: str) -> subprocess.CompletedProcess:
-    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    path = base / "workflow.json"
-    path.write_text(json.dumps(workflow))
-    argv = ["run", str(path), "--comfy-root", str(comfy_root), "--comfy-base", str(base), *extra]
-    code = RUN.format(tests=str(Path(__file__).parent), root=str(comfy_root), base=str(base),
-                      checkpoint=str(base / "models" / "checkpoints" / "tiny.safetensors"), argv=argv)
-    return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+sys.path.insert(0, str(Path(__file__).parent))  # the tests run in importlib mode: the helpers sit beside them
+from comfy_harness import run_cli  # noqa: E402
 
 
 def tiny_workflow(repo: Path) -> dict:
@@ -69,8 +49,7 @@ def test_the_cachequant_workflow_calibrates_saves_and_samples_inside_comfyui(com
     workflow = json.loads((repo / "workflows" / "comfyui" / "cachequant_checkpoint_api.json").read_text())
     workflow["1"]["inputs"]["ckpt_name"] = "tiny.safetensors"
     workflow["5"]["inputs"].update(width=64, height=64)
-    for node in "962":
-        workflow[node]["inputs"]["steps"] = 6
+    workflow["10"]["inputs"]["value"] = 6  # the steps of calibration and sampling, one Int node wired to all three
     for node in "92":
         workflow[node]["inputs"]["full_steps"] = 3
     result = run_cli(comfy_root, tmp_path, workflow)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -23,58 +19,8 @@ import pytest
 
 import livecache
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-START_TIMEOUT = 180.0
-RUN_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, root: Path, base: Path, repo: Path) -> None:
-        (base / "custom_nodes").mkdir(parents=True)
-        (base / "custom_nodes" / "comfyui-livecache").symlink_to(repo, target_is_directory=True)
-        self.base = base
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = (base / "server.log").open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"],
-            cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},  # tiny models; see conftest.py
-        )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"ComfyUI did not listen within {START_TIMEOUT} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return (self.base / "server.log").read_text()[-6000:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+sys.path.insert(0, str(Path(__file__).parent))  # the tests run in importlib mode: the helpers sit beside them
+from comfy_harness import CHROMIUM, FLAGS, RUN_TIMEOUT, Server, get_json, run_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +31,6 @@ def server(comfy_root, repo, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-async def get_json(url: str):
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
 
 
 def test_object_info_lists_our_nodes_with_valid_schemas(server):
@@ -116,30 +56,6 @@ def test_object_info_lists_our_nodes_with_valid_schemas(server):
     assert info["LiveCacheDeepCacheModel"]["input"]["required"]["model"][0] == "MODEL"
     assert info["LiveCacheDeepCacheModel"]["input"]["optional"]["calibrated_schedule"][0] == "LC_SCHEDULE"
     assert info["LiveCacheStepRehashModel"]["input"]["required"]["model"][0] == "MODEL"
-
-
-async def run_prompt(url: str, prompt: dict) -> tuple[str, list[dict]]:
-    """POST `prompt`, follow ComfyUI's websocket until it finishes; returns the prompt id and our messages."""
-    client = uuid.uuid4().hex
-    ours: list[dict] = []
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId={client}") as ws:
-            async with http.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client}) as response:
-                body = await response.json()
-                assert response.status == 200, body
-            prompt_id = body["prompt_id"]
-            async for message in ws:
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary previews
-                event = json.loads(message.data)
-                data = event.get("data", {})
-                if event["type"] == "livecache.stats":
-                    ours.append(data)
-                elif event["type"] == "execution_error":
-                    raise AssertionError(f"the workflow failed in ComfyUI: {data}")
-                elif event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                    return prompt_id, ours
-    raise AssertionError("the websocket closed before the workflow finished")
 
 
 def test_shipped_workflow_runs_through_prompt_and_the_websocket(server, repo):
