@@ -17,7 +17,17 @@ from aiohttp import web
 from .engines import create_engine
 from .engines.base import STATES
 from .guard import ConnectionGuard
-from .hub import CONDITION_FIELDS, CONNECT_TIMEOUT_S, MAX_PENDING_DECODES, LimitError, SessionHub, condition_value
+from .hub import (
+    CONDITION_FIELDS,
+    CONNECT_TIMEOUT_S,
+    MAX_FPS,
+    MAX_PENDING_DECODES,
+    SESSION_FIELDS,
+    SIZES,
+    LimitError,
+    SessionHub,
+    condition_value,
+)
 from .metrics import ServerCounters
 from .portrait import MAX_SIDE, MAX_UPLOAD_BYTES, MIN_SIDE, UPLOAD_FORMATS, PortraitError
 from .schema import Field, SchemaError, validate
@@ -102,6 +112,8 @@ async def info(request: web.Request) -> web.Response:
         "engine": hub.engine.name, "capabilities": hub.engine.traits.as_json(),
         "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
         "connecting": sum(not s.connected for s in hub.sessions.values()),
+        "session_defaults": {"size": hub.engine.default_size, "sizes": list(SIZES), "fps": SESSION_FIELDS["fps"].default,
+                             "max_fps": MAX_FPS},
         "audio": {"engine_rate": hub.engine.sample_rate, "webrtc_rate": WEBRTC_AUDIO_RATE,
                   "max_frame_audio_s": MAX_FRAME_AUDIO_S},
         "limits": {"max_message_bytes": MAX_MESSAGE, "max_audio_message_bytes": MAX_AUDIO_MESSAGE,
