@@ -229,7 +229,8 @@ class Connection:
                 raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64", "portrait_b64") from None
         try:
             options = session_options(message, self.hub.engine)
-            session = await self.hub.open(options, "websocket", portrait, message["prompt"], session_interaction(message))
+            session = await self.hub.open(options, "websocket", portrait, message["prompt"],
+                                          session_interaction(message))
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
         except SchemaError as exc:  # the wrong kind of source for this engine, or a prompt it cannot read
