@@ -3,8 +3,8 @@
 For 1, 2 and 4 concurrent sessions (websocket and WebRTC) it reports time to first frame, steady FPS,
 audio-to-mouth latency, dropped frames and, for websocket sessions, interruption latency. The client speaks a
 fixed pattern (silence, then talk/pause) in real time; audio-to-mouth is the time from sending a speech onset
-to receiving the first frame whose mouth is open — measured by the client (frame header for websocket, decoded pixels for WebRTC), so it
-includes transport, playout delay, rendering and smoothing. The server runs in its own process
+to receiving the first frame whose mouth is open — measured by the client (frame header for websocket, decoded
+pixels for WebRTC), so it includes transport, playout delay, rendering and smoothing. The server runs in its own process
 (`livecache serve`, started by `loopback.spawn_server`); nothing here imports it.
 """
 
