@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels (default 1 2 4)")
     parser.add_argument("--transport", choices=["ws", "webrtc", "both"], default="both")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each session (default 8)")
-    parser.add_argument("--size", type=int, default=512, choices=[256, 384, 512])
+    parser.add_argument("--size", type=int, choices=[256, 384, 512],
+                        help="frame size (default: the engine's own, /api/info session_defaults)")
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--engine", default="embedded", help="the engine of the server it starts (default embedded)")
     parser.add_argument("--url", help="measure a running server (http://HOST:PORT) instead of starting one; its "
@@ -172,7 +173,7 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 async def _run(args: argparse.Namespace, url: str) -> list[dict]:
     transports = ["ws", "webrtc"] if args.transport == "both" else [args.transport]
-    options = {"size": args.size, "fps": args.fps}
+    options = {"fps": args.fps} if args.size is None else {"size": args.size, "fps": args.fps}
     results = []
     if not args.json:
         print(_header(), flush=True)
@@ -228,7 +229,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _announce(args: argparse.Namespace, engine: str, where: str) -> None:
     if not args.json:
-        print(f"realtime bench: engine {engine}, {args.size}x{args.size} @ {args.fps:g} fps target, "
+        size = "the engine's default size" if args.size is None else f"{args.size}x{args.size}"
+        print(f"realtime bench: engine {engine}, {size} @ {args.fps:g} fps target, "
               f"{args.seconds:g} s per session, {where}; times from the client side")
 
 

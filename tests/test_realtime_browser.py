@@ -314,4 +314,4 @@ def test_page_preselects_the_size_the_diffusion_engine_holds_on_a_cpu(tmp_path):
         seen = asyncio.run(diffusion_page(url, tmp_path))
     keep(tmp_path / "diffusion-page.png")
     assert seen["size"] == "256" and seen["badge"] == "diffusion engine"
-    assert seen["note"].startswith("256 px is this server's default: the diffusion engine holds 25 fps")
+    assert seen["note"].startswith("256 px is this server's default for the diffusion engine on its device")

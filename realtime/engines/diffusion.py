@@ -16,8 +16,8 @@ class DiffusionSession(AvatarSession, EngineSession):
     """An avatar session the runtime can drive (mouth box, controls, close)."""
 
 
-# default frame size by device: on a CPU, 512 px composites ran at 6-10 fps with hundreds of dropped frames on two
-# busy cores; 256 px holds 25 fps there (docs/benchmarks.md). An accelerator holds 512 px.
+# default frame size by device: on a CPU, 512 px ran at 6-10 fps with hundreds of dropped frames on two busy cores,
+# and 256 px renders many times faster (docs/benchmarks.md, "Live sessions"). An accelerator holds 512 px.
 DEFAULT_SIZE = {"cpu": 256}
 
 

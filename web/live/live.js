@@ -401,8 +401,8 @@ function describeEngine(server) {
   $("size").replaceChildren(...defaults.sizes.map((s) => new Option(`${s} × ${s}`, String(s))));
   $("size").value = String(defaults.size);
   $("size-note").textContent = defaults.size < Math.max(...defaults.sizes)
-    ? `${defaults.size} px is this server's default: the ${server.engine} engine holds ${defaults.fps} fps there ` +
-      "on its device. Larger sizes may drop frames."
+    ? `${defaults.size} px is this server's default for the ${server.engine} engine on its device: larger ` +
+      `sizes cost more per frame and may fall below ${defaults.fps} fps.`
     : `The ${server.engine} engine streams at ${defaults.fps} fps.`;
   if (avatar) {
     video.poster = "/api/portraits/default.png";
