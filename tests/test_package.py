@@ -68,7 +68,8 @@ def test_the_command_line_starts_without_torch_or_the_node_classes():
 
     probe = ("import sys; from livecache.cli import build_parser; parser = build_parser(); "
              "args = parser.parse_args(['bench', 'realtime', '--sessions', '1']); "
-             "print(sorted(m for m in ('torch', 'livecache.nodes', 'livecache.bench.avatar_bench') if m in sys.modules), "
+             "print(sorted(m for m in ('torch', 'livecache.nodes', 'livecache.bench.avatar_bench') "
+             "if m in sys.modules), "
              "args.sessions)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["[]", "[1]"], out.stdout + out.stderr
