@@ -264,3 +264,34 @@ def test_auto_names_the_state_voice_activity_gives_now():
     assert tracker.force("listening", 0.1) == "listening" and tracker.update(0.2, quiet) == "listening"
     assert tracker.force("auto", 5.0) == "idle"  # 5 s after the avatar spoke: idle, not the pinned listening
     assert tracker.forced is None and tracker.update(5.04, quiet) == "idle"
+
+
+def test_webrtc_voice_is_silent_from_the_cut_on():
+    """The WebRTC audio track of an interactive session: 20 ms packets carry the avatar's speech until the
+    interruption, and no packet from the cut's media time on carries any of it (counted in packets)."""
+    from livecache.realtime.engines import create_engine
+    from livecache.realtime.engines.base import SessionOptions
+    from livecache.realtime.hub import SessionHub
+    from livecache.realtime.session import Interaction
+    from livecache.realtime.webrtc import AUDIO_PTIME, AvatarAudioTrack
+
+    async def run():
+        hub = SessionHub(create_engine("embedded"))
+        try:
+            session = await hub.open(SessionOptions(size=256), "webrtc", interaction=Interaction("interactive"))
+            session.push_pcm16(np.frombuffer(pcm(2.0), "<i2"), RATE)  # the agent's speech, ahead of real time
+            track = AvatarAudioTrack(session)
+            before = [await track.recv() for _ in range(15)]
+            event = await session.interrupt()
+            after = [await track.recv() for _ in range(15)]
+            await session.close("api")
+            return before, event, after
+        finally:
+            await hub.close()
+
+    before, event, after = asyncio.run(asyncio.wait_for(run(), 20))
+    assert any(np.abs(f.to_ndarray()).max() > 1000 for f in before)  # it was speaking
+    cut = event["at"]
+    late = [f for f in after if float(f.pts * f.time_base) >= cut - AUDIO_PTIME]  # every packet that ends after it
+    assert len(late) >= 14
+    assert all(not np.any(f.to_ndarray()) for f in late), [np.abs(f.to_ndarray()).max() for f in late]
