@@ -17,12 +17,33 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
+class _LazyBenchParser(argparse.ArgumentParser):
+    """A bench's parser that imports its module (torch, models) only when that bench is chosen or its help is
+    asked for, so `livecache --help` and every other command start without importing eight benches."""
+
+    def __init__(self, *args, module: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending = module
+
+    def _configure(self) -> None:
+        if self._pending is not None:
+            module, self._pending = self._pending, None
+            _load(module).configure(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override] - same signature
+        self._configure()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._configure()
+        return super().format_help()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True, parser_class=_LazyBenchParser)
     for name, (module, help_text) in BENCHES.items():
-        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text, module=module)
         bench_parser.set_defaults(_bench_module=module)
-        _load(module).configure(bench_parser)
 
 
 def _load(module: str):

@@ -1,10 +1,10 @@
 """`livecache bench realtime`: live sessions driven from loopback clients, measured from the client side.
 
 For 1, 2 and 4 concurrent sessions (websocket and WebRTC) it reports time to first frame, steady FPS,
-audio-to-mouth latency and dropped frames. The client speaks a fixed pattern (silence, then talk/pause)
-in real time; audio-to-mouth is the time from sending a speech onset to receiving the first frame whose
-mouth is open — measured by the client (frame header for websocket, decoded pixels for WebRTC), so it
-includes transport, playout delay, rendering and smoothing. The server runs in its own process
+audio-to-mouth latency, dropped frames and, for websocket sessions, interruption latency. The client speaks a
+fixed pattern (silence, then talk/pause) in real time; audio-to-mouth is the time from sending a speech onset
+to receiving the first frame whose mouth is open — measured by the client (frame header for websocket, decoded
+pixels for WebRTC), so it includes transport, playout delay, rendering and smoothing. The server runs in its own process
 (`livecache serve`, started by `loopback.spawn_server`); nothing here imports it.
 """
 
@@ -21,6 +21,8 @@ TALK_S = 1.0
 PAUSE_S = 1.0
 OPEN_HEADER = 0.25  # header "mouth" (0..1) counted as open
 OPEN_PIXELS = 0.02  # dark-pixel fraction counted as open (see loopback.mouth_openness)
+CLOSED_HEADER = 0.05  # header "mouth" counted as closed after an interruption (the server's own bar)
+INTERRUPT_SPEECH_S = 3.0  # the avatar's speech each interruption cuts off
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +30,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels (default 1 2 4)")
     parser.add_argument("--transport", choices=["ws", "webrtc", "both"], default="both")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each session (default 8)")
-    parser.add_argument("--size", type=int, default=512, choices=[256, 384, 512])
+    parser.add_argument("--size", type=int, choices=[256, 384, 512],
+                        help="frame size (default: the engine's own, /api/info session_defaults)")
     parser.add_argument("--fps", type=float, default=25.0)
-    parser.add_argument("--engine", default="embedded")
-    parser.add_argument("--url", help="measure a running server (http://HOST:PORT) instead of starting one")
+    parser.add_argument("--engine", default="embedded", help="the engine of the server it starts (default embedded)")
+    parser.add_argument("--url", help="measure a running server (http://HOST:PORT) instead of starting one; its "
+                        "engine is read from its /api/info")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
 
@@ -93,11 +97,61 @@ async def _rtc_one(url: str, seconds: float, options: dict) -> dict:
     }
 
 
+async def _interrupt_one(url: str, options: dict) -> dict:
+    """An interactive websocket session: the avatar's speech sent ahead of real time, interrupted mid-sentence
+    once the mouth moves. Client side: from sending `interrupt` to receiving the first frame from the cut on
+    (pts >= the event's `at`) whose mouth is closed; also the server's own `interrupt_latency_ms`."""
+    import asyncio
+    import time
+
+    import websockets
+
+    from ..examples.ws_client import to_pcm16, unpack_frame
+    from ..pipelines.testsignal import speech_like
+    from .loopback import ws_url
+
+    speech = to_pcm16(speech_like(INTERRUPT_SPEECH_S, 16000, options.get("seed", 0))).tobytes()
+    async with websockets.connect(ws_url(url), max_size=16 * 1024 * 1024) as ws:
+        await ws.send(json.dumps({"type": "start", "mode": "interactive", **options}))
+
+        async def recv() -> dict | bytes:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            return unpack_frame(message)[0] if isinstance(message, bytes) else json.loads(message)
+
+        while (await recv()).get("type") != "ready":
+            pass
+        for i in range(0, len(speech), 32000):
+            await ws.send(speech[i : i + 32000])
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # wait until the avatar is talking
+            event = await recv()
+            if event.get("type") == "frame" and event.get("mouth", 0.0) > OPEN_HEADER:
+                break
+        sent = time.monotonic()
+        await ws.send(json.dumps({"type": "interrupt"}))
+        cut, closed = None, None
+        while closed is None and time.monotonic() < sent + 3.0:
+            event = await recv()
+            if event.get("type") == "interrupted":
+                cut = float(event["at"])
+            elif event.get("type") == "frame" and cut is not None and event["pts"] >= cut \
+                    and event.get("mouth", 0.0) <= CLOSED_HEADER:
+                closed = time.monotonic()
+        await ws.send(json.dumps({"type": "stats"}))
+        while (stats := await recv()).get("type") != "stats":
+            pass
+        await ws.send(json.dumps({"type": "stop"}))
+    return {"interrupt_ms": None if closed is None else 1000.0 * (closed - sent), "server": stats}
+
+
 async def _level(url: str, transport: str, n: int, seconds: float, options: dict) -> dict:
     import asyncio
 
     one = _ws_one if transport == "ws" else _rtc_one
     runs = await asyncio.gather(*(one(url, seconds, {**options, "seed": i}) for i in range(n)))
+    # interruption is measured on websocket sessions, where frame headers carry the mouth and the media time
+    cuts = await asyncio.gather(*(_interrupt_one(url, {**options, "seed": i}) for i in range(n))) \
+        if transport == "ws" else []
 
     server = [r["server"] for r in runs]
     return {
@@ -106,6 +160,8 @@ async def _level(url: str, transport: str, n: int, seconds: float, options: dict
         "audio_to_mouth_ms": _median(r["a2m_ms"] for r in runs),
         "server_audio_to_mouth_ms": _median(s.get("audio_to_mouth_ms") for s in server),
         "dropped_frames": sum(int(s.get("dropped_frames", 0)) for s in server),
+        "interrupt_ms": _median(c["interrupt_ms"] for c in cuts),
+        "server_interrupt_ms": _median(c["server"].get("interrupt_latency_ms") for c in cuts),
     }
 
 
@@ -117,7 +173,7 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 async def _run(args: argparse.Namespace, url: str) -> list[dict]:
     transports = ["ws", "webrtc"] if args.transport == "both" else [args.transport]
-    options = {"size": args.size, "fps": args.fps}
+    options = {"fps": args.fps} if args.size is None else {"size": args.size, "fps": args.fps}
     results = []
     if not args.json:
         print(_header(), flush=True)
@@ -130,7 +186,8 @@ async def _run(args: argparse.Namespace, url: str) -> list[dict]:
 
 
 COLUMNS = [("transport", 9), ("sessions", 8), ("ttff_ms", 9), ("fps", 7), ("audio_to_mouth_ms", 17),
-           ("server_audio_to_mouth_ms", 24), ("dropped_frames", 14)]
+           ("server_audio_to_mouth_ms", 24), ("dropped_frames", 14), ("interrupt_ms", 12),
+           ("server_interrupt_ms", 19)]
 
 
 def _header() -> str:
@@ -150,19 +207,38 @@ def main(args: argparse.Namespace) -> int:
     if max(args.sessions) < 1:
         print("--sessions must be positive", file=sys.stderr)
         return 2
-    if not args.json:
-        print(f"realtime bench: engine {args.engine}, {args.size}x{args.size} @ {args.fps:g} fps target, "
-              f"{args.seconds:g} s per session, {os.cpu_count()} CPU cores; times from the client side")
     try:
         if args.url:
-            results = asyncio.run(_run(args, args.url.rstrip("/")))
+            url = args.url.rstrip("/")
+            engine = asyncio.run(remote_engine(url))
+            _announce(args, engine, "a remote server")
+            results = asyncio.run(_run(args, url))
         else:
+            engine = args.engine
+            _announce(args, engine, f"{os.cpu_count()} CPU cores")
             with spawn_server("--engine", args.engine, "--max-sessions", str(max(args.sessions))) as url:
                 results = asyncio.run(_run(args, url))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:  # aiohttp's client errors are OSErrors
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"engine": args.engine, "size": args.size, "fps_target": args.fps,
-                          "cpu_cores": os.cpu_count(), "results": results}, indent=2))
+        print(json.dumps({"engine": engine, "url": args.url, "size": args.size, "fps_target": args.fps,
+                          "cpu_cores": None if args.url else os.cpu_count(), "results": results}, indent=2))
     return 0
+
+
+def _announce(args: argparse.Namespace, engine: str, where: str) -> None:
+    if not args.json:
+        size = "the engine's default size" if args.size is None else f"{args.size}x{args.size}"
+        print(f"realtime bench: engine {engine}, {size} @ {args.fps:g} fps target, "
+              f"{args.seconds:g} s per session, {where}; times from the client side")
+
+
+async def remote_engine(url: str) -> str:
+    """The engine a running server serves, from its /api/info (what `--engine` says is only this machine's)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/api/info") as res:
+        if res.status != 200:
+            raise RuntimeError(f"{url}/api/info answered {res.status}: is this a livecache server?")
+        return str((await res.json())["engine"])

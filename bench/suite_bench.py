@@ -43,6 +43,7 @@ from ..accel.slicing import SlicingConfig
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_site import accelerated
 from ..models.calibration import calibration_runs
+from ..models.loading import cast
 from ..models.sampling import decode, make_scheduler, sample
 from .deepcache_bench import _fid_scorer, write_outputs
 from .hook_peers import HOOK_PEERS, Loop
@@ -121,7 +122,7 @@ def _generate(method: Method, meter: SamplerLoop) -> torch.Tensor:
 
 
 def _bf16(work: Workload) -> Workload:
-    model = replace(work.model, unet=copy.deepcopy(work.model.unet).to(torch.bfloat16))
+    model = replace(work.model, unet=cast(copy.deepcopy(work.model.unet), torch.bfloat16))
     return replace(work, model=model, cond=work.cond.bfloat16(), uncond=work.uncond.bfloat16(),
                    noise=work.noise.bfloat16())
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.embedded import DIGITS_DIR
+from ..models.loading import cast
 from ..models.pipeline import DiffusionModel, load_model
 
 SD15_SCHEDULER = {
@@ -48,7 +49,7 @@ def sd15_workload(steps: int = 20, tiny: bool = False, dtype: torch.dtype = torc
     else:
         # diffusers' default config is SD1.5's block structure; SD1.5's text states are 768-wide
         unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)
-    unet = unet.to(dtype).eval()
+    unet = cast(unet, dtype).eval()
     dim = unet.config.cross_attention_dim
     generator = torch.Generator().manual_seed(1)
     cond = torch.randn(1, 77, dim, generator=generator).to(dtype)

@@ -121,14 +121,30 @@ async def stream(url: str, pcm: np.ndarray, rate: int, seconds: float, options: 
     return result
 
 
-def main() -> int:
+TAIL_S = 1.0  # how long a session goes on after the audio, so the last words' frames arrive
+
+
+def session_seconds(requested: float | None, pcm: np.ndarray, rate: int) -> float:
+    """How long to run: `requested`, or by default the whole audio plus TAIL_S. A shorter request is kept (the
+    user asked for it) but said out loud, since the audio is then cut."""
+    audio_s = pcm.size / rate
+    if requested is None:
+        return audio_s + TAIL_S
+    if requested < audio_s:
+        print(f"note: --seconds {requested:g} stops before the end of the {audio_s:.1f} s of audio",
+              file=sys.stderr)
+    return requested
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8765/ws")
     parser.add_argument("--wav", help="16-bit PCM WAV to speak (default: a synthetic vowel)")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, help=f"session length (default: the audio plus {TAIL_S:g} s)")
     parser.add_argument("--out", type=Path, help="folder to save received JPEG frames")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     pcm, rate = read_wav(args.wav) if args.wav else (demo_audio(), 16000)
+    seconds = session_seconds(args.seconds, pcm, rate)
     save = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +152,7 @@ def main() -> int:
         def save(header: dict, jpeg: bytes, _audio: bytes) -> None:
             (args.out / f"{header['seq']:05d}.jpg").write_bytes(jpeg)
 
-    result = asyncio.run(stream(args.url, pcm, rate, args.seconds, on_frame=save))
+    result = asyncio.run(stream(args.url, pcm, rate, seconds, on_frame=save))
     for error in result.errors:
         print(f"error {error['code']}: {error['message']}", file=sys.stderr)
     print(f"received {len(result.frames)} frames; session metrics: {json.dumps(result.stats)}")

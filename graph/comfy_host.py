@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkflowError, unknown_types
+from .errors import WorkflowError, all_problems, unknown_types
 
 CLIENT = "livecache-cli"
 _extras_loaded = False  # ComfyUI's built-in extra nodes register globally: once per process
@@ -107,9 +107,10 @@ def validate_in_comfyui(api: dict[str, dict[str, Any]]) -> list[str]:
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(uuid.uuid4().hex, api, None))
     if valid:
         return list(outputs)
-    for node_id, entry in node_errors.items():
-        reasons = "; ".join(f"{r.get('message')}: {r.get('details')}" for r in entry.get("errors", []))
-        raise WorkflowError(f"node {node_id} ({entry.get('class_type')}): {reasons}")
+    problems = [f"node {node_id} ({entry.get('class_type')}): {r.get('message')}: {r.get('details')}"
+                for node_id, entry in node_errors.items() for r in entry.get("errors", [])]
+    if problems:  # every node's every error, as `livecache run --check` does without ComfyUI
+        raise WorkflowError(all_problems(problems))
     raise WorkflowError(f"{error.get('message')}: {error.get('details')}".rstrip(": "))
 
 

@@ -17,3 +17,14 @@ def unknown_types(nodes: Sequence[tuple[str, str]], hint: str = COMFY_HINT) -> s
     more = f" and {len(nodes) - 12} more" if len(nodes) > 12 else ""
     plural = "s" if len(nodes) > 1 else ""
     return f"{named}{more}: unknown node type{plural}; {hint}"
+
+
+MAX_LISTED = 20  # problems named in one message; a generated workflow can have thousands
+
+
+def all_problems(problems: Sequence[str]) -> str:
+    """One line naming every problem found (up to MAX_LISTED, then how many more), not only the first."""
+    if len(problems) == 1:
+        return problems[0]
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"{len(problems)} problems: " + "; ".join(problems[:MAX_LISTED]) + more

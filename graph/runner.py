@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nodes.validation import literal_problem, short
-from .errors import WorkflowError, unknown_types
+from .errors import WorkflowError, all_problems, unknown_types
 from .schema import check_api
 from .ui_format import is_widget, ui_to_api
 
@@ -63,8 +63,9 @@ def _validate(api: Api, classes: dict[str, type], results: dict[str, Any]) -> li
     unknown = [(node_id, node["class_type"]) for node_id, node in api.items() if node["class_type"] not in classes]
     if unknown:
         raise WorkflowError(unknown_types(unknown))
-    for node_id, node in api.items():
-        _check_inputs(node_id, node, api, classes)
+    problems = [problem for node_id, node in api.items() for problem in _input_problems(node_id, node, api, classes)]
+    if problems:  # every bad input at once: a user fixing a workflow should not rerun it per widget
+        raise WorkflowError(all_problems(problems))
     outputs = [i for i, n in api.items() if getattr(classes[n["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
         raise WorkflowError("workflow has no output node (e.g. a save node): nothing would be produced")
@@ -74,30 +75,37 @@ def _validate(api: Api, classes: dict[str, type], results: dict[str, Any]) -> li
     return order
 
 
-def _check_inputs(node_id: str, node: dict[str, Any], api: Api, classes: dict[str, type]) -> None:
+def _input_problems(node_id: str, node: dict[str, Any], api: Api, classes: dict[str, type]) -> list[str]:
+    """Every problem with a node's inputs (unknown, missing, bad links, bad widget values), one line each."""
     class_type = node["class_type"]
     where = f"node {node_id} ({class_type})"
     declared = classes[class_type].INPUT_TYPES()
     required, optional = declared.get("required", {}), declared.get("optional", {})
     inputs = node.get("inputs", {})
-    for name in inputs:
-        if name not in required and name not in optional:
-            raise WorkflowError(f"{where}: unknown input {short(name)}")
+    problems = [f"{where}: unknown input {short(name)}" for name in inputs if name not in required and
+                name not in optional]
     for name, spec in {**required, **optional}.items():
         if name not in inputs:
             if name in required:
-                raise WorkflowError(f"{where}: missing required input '{name}'")
+                problems.append(f"{where}: missing required input '{name}'")
             continue
-        value = inputs[name]
-        if isinstance(value, list) and not _is_link(value):
-            raise WorkflowError(f"{where}: input '{name}' is a list but not a link [node id, output index] "
-                                f"({short(value)})")
-        if _is_link(value):
-            _check_link(where, name, spec, value, api, classes)
-        elif not is_widget(spec):
-            raise WorkflowError(f"{where}: input '{name}' needs a link from a node that outputs {spec[0]}")
-        else:
-            _check_value(where, name, spec, value)
+        try:
+            _check_input(where, name, spec, inputs[name], api, classes)
+        except WorkflowError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _check_input(where: str, name: str, spec: tuple, value: Any, api: Api, classes: dict[str, type]) -> None:
+    if isinstance(value, list) and not _is_link(value):
+        raise WorkflowError(f"{where}: input '{name}' is a list but not a link [node id, output index] "
+                            f"({short(value)})")
+    if _is_link(value):
+        _check_link(where, name, spec, value, api, classes)
+    elif not is_widget(spec):
+        raise WorkflowError(f"{where}: input '{name}' needs a link from a node that outputs {spec[0]}")
+    else:
+        _check_value(where, name, spec, value)
 
 
 def _is_link(value: Any) -> bool:

@@ -46,7 +46,16 @@ import torch
 from torch import nn
 
 from .embedded import WEIGHTS_ROOT
-from .loading import WeightsError, load_state_into, read_config, read_json, save_component, save_json, weight_file
+from .loading import (
+    WeightsError,
+    cast,
+    load_state_into,
+    read_config,
+    read_json,
+    save_component,
+    save_json,
+    weight_file,
+)
 
 AVATAR_DIR = WEIGHTS_ROOT / "avatar"
 STATES = ("speaking", "listening", "idle")
@@ -268,8 +277,8 @@ class AvatarModel:
     def to(self, dtype: torch.dtype, device: str | torch.device | None = None) -> AvatarModel:
         """Cast the U-Net and VAE (the audio encoder stays fp32: it is tiny and sees raw log-mels)."""
         self.device = torch.device(device) if device is not None else self.device
-        for module in (self.unet, self.vae):  # nn.Module.to: diffusers' own `to` warns about hub dtypes
-            nn.Module.to(module, self.device, dtype)
+        for module in (self.unet, self.vae):
+            cast(module, self.device, dtype)
         self.audio_encoder.to(self.device)
         self.dtype = dtype
         return self

@@ -163,6 +163,13 @@ def save_json(file: Path, data: Any, sort_keys: bool = False) -> None:
     write_replacing(file, text_writer(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n"))
 
 
+def cast(module: nn.Module, *args: object) -> nn.Module:
+    """`module.to(*args)` (a dtype, a device) through torch's own `to`: diffusers' `ModelMixin.to` warns "There are
+    modules ... that should be kept in float32: []" on every dtype cast, even when no module needs float32
+    (diffusers 0.42 tests the list against None), and the warning then reads like a real problem in every job."""
+    return nn.Module.to(module, *args)
+
+
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
     """A diffusers `UNet2DConditionModel` from `folder/config.json` and its safetensors file."""
     from diffusers import UNet2DConditionModel
@@ -172,7 +179,7 @@ def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
         unet = UNet2DConditionModel.from_config(config)
     except Exception as err:
         raise WeightsError(f"{folder / 'config.json'}: not a UNet2DConditionModel config ({err})") from None
-    return nn.Module.to(load_state_into(unet, weight_file(folder)), dtype).eval()  # diffusers' `to` warns
+    return cast(load_state_into(unet, weight_file(folder)), dtype).eval()
 
 
 def load_scheduler_config(folder: Path) -> dict[str, Any]:

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .embedded import DIGITS_DIR, DigitPromptEncoder
-from .loading import WeightsError, load_scheduler_config, load_state_into, load_unet, read_config, weight_file
+from .loading import (
+    WeightsError,
+    cast,
+    load_scheduler_config,
+    load_state_into,
+    load_unet,
+    read_config,
+    weight_file,
+)
 
 
 @dataclass(frozen=True)
@@ -107,5 +115,5 @@ def _vae(root: Path, dtype: torch.dtype) -> tuple[nn.Module | None, float]:
     from diffusers import AutoencoderKL
 
     config = read_config(folder)
-    vae = nn.Module.to(load_state_into(AutoencoderKL.from_config(config), weight_file(folder)), dtype).eval()
+    vae = cast(load_state_into(AutoencoderKL.from_config(config), weight_file(folder)), dtype).eval()
     return vae, float(config.get("scaling_factor", 0.18215))

@@ -50,14 +50,24 @@ class StateTracker:
         self._user_onset = float("-inf")  # start of the user's current stretch of talking
         self.state: State = "idle"
 
-    def force(self, state: str | None) -> None:
-        """Pin a state (None or "auto" returns to voice activity); unknown names raise ValueError."""
+    def force(self, state: str | None, t: float | None = None) -> State:
+        """Pin a state (None or "auto" returns to voice activity); unknown names raise ValueError.
+
+        Returns the state now in effect. With the media time `t` that is what voice activity says at `t` after
+        an "auto" (not the state that was pinned until now), so a client told it sees no stale state that the
+        next frame then corrects; without `t` it is the last frame's state until the next `update`.
+        """
         if state in (None, "auto"):
             self.forced = None
         elif state in STATES:
             self.forced = state  # type: ignore[assignment]
         else:
             raise ValueError(f"unknown state {state!r}; use one of {', '.join(STATES)} or 'auto'")
+        if self.forced is not None:
+            self.state = self.forced
+        elif t is not None:
+            self.state = self._auto(t)
+        return self.state
 
     def hear_user(self, t: float, window: np.ndarray) -> None:
         """The user's audio window ending at `t` (interactive sessions): voice activity only, never lip-synced."""
@@ -83,13 +93,14 @@ class StateTracker:
     def update(self, t: float, window: np.ndarray) -> State:
         if voiced(window, self.rate):
             self._last_voice = t
-        quiet = t - self._last_voice
-        auto: State
-        if quiet <= self.hangover_s:
-            auto = "speaking"
-        elif self.follows_user:
-            auto = "listening" if self.user_talking(t) else "idle"
-        else:
-            auto = "listening" if quiet <= self.hangover_s + self.listening_s else "idle"
-        self.state = self.forced or auto
+        self.state = self.forced or self._auto(t)
         return self.state
+
+    def _auto(self, t: float) -> State:
+        """What voice activity heard so far says at `t`."""
+        quiet = t - self._last_voice
+        if quiet <= self.hangover_s:
+            return "speaking"
+        if self.follows_user:
+            return "listening" if self.user_talking(t) else "idle"
+        return "listening" if quiet <= self.hangover_s + self.listening_s else "idle"

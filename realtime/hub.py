@@ -35,7 +35,7 @@ MAX_PROMPT = 200  # characters of a prompt (the embedded video model reads a few
 # The client's session choices, shared by the websocket `start` message and the WebRTC offer. `portrait` is for
 # engines that take one (unset: the default portrait), `prompt` for engines that take a prompt.
 SESSION_FIELDS = {
-    "size": Field("integer", 512, choices=SIZES),
+    "size": Field("integer", None, choices=SIZES),  # unset: the engine's default_size
     "fps": Field("number", 25, low=1, high=MAX_FPS),
     "seed": Field("integer", 0, low=0, high=2**32 - 1),
     "portrait": Field("string", None, max_len=64, code="bad_portrait"),
@@ -56,9 +56,10 @@ class LimitError(RuntimeError):
     """A request exceeds a server limit; the message says which and what to do."""
 
 
-def session_options(fields: dict[str, object]) -> SessionOptions:
-    """SessionOptions from a message already validated against SESSION_FIELDS."""
-    return SessionOptions(size=int(fields["size"]), fps=float(fields["fps"]), seed=int(fields["seed"]))
+def session_options(fields: dict[str, object], engine: Engine) -> SessionOptions:
+    """SessionOptions from a message already validated against SESSION_FIELDS; no size: the engine's default."""
+    size = engine.default_size if fields["size"] is None else fields["size"]
+    return SessionOptions(size=int(size), fps=float(fields["fps"]), seed=int(fields["seed"]))  # type: ignore[arg-type]
 
 
 def session_interaction(fields: dict[str, object]) -> Interaction:

@@ -17,14 +17,25 @@ from aiohttp import web
 from .engines import create_engine
 from .engines.base import STATES
 from .guard import ConnectionGuard
-from .hub import CONDITION_FIELDS, CONNECT_TIMEOUT_S, MAX_PENDING_DECODES, LimitError, SessionHub, condition_value
+from .hub import (
+    CONDITION_FIELDS,
+    CONNECT_TIMEOUT_S,
+    MAX_FPS,
+    MAX_PENDING_DECODES,
+    SESSION_FIELDS,
+    SIZES,
+    LimitError,
+    SessionHub,
+    condition_value,
+)
 from .metrics import ServerCounters
 from .portrait import MAX_SIDE, MAX_UPLOAD_BYTES, MIN_SIDE, UPLOAD_FORMATS, PortraitError
 from .schema import Field, SchemaError, validate
 from .session import LiveSession
 from .speech import SpeechUnavailable
+from .webrtc import AUDIO_RATE as WEBRTC_AUDIO_RATE
 from .webrtc import answer_offer
-from .wsapi import MAX_AUDIO_MESSAGE, MAX_MESSAGE, SAY_FIELDS
+from .wsapi import MAX_AUDIO_MESSAGE, MAX_FRAME_AUDIO_S, MAX_MESSAGE, SAY_FIELDS
 from .wsapi import handle as handle_ws
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web" / "live"
@@ -101,6 +112,10 @@ async def info(request: web.Request) -> web.Response:
         "engine": hub.engine.name, "capabilities": hub.engine.traits.as_json(),
         "sessions": len(hub.sessions), "max_sessions": hub.max_sessions,
         "connecting": sum(not s.connected for s in hub.sessions.values()),
+        "session_defaults": {"size": hub.engine.default_size, "sizes": list(SIZES),
+                             "fps": SESSION_FIELDS["fps"].default, "max_fps": MAX_FPS},
+        "audio": {"engine_rate": hub.engine.sample_rate, "webrtc_rate": WEBRTC_AUDIO_RATE,
+                  "max_frame_audio_s": MAX_FRAME_AUDIO_S},
         "limits": {"max_message_bytes": MAX_MESSAGE, "max_audio_message_bytes": MAX_AUDIO_MESSAGE,
                    "max_portrait_bytes": MAX_UPLOAD_BYTES, "portrait_sides": [MIN_SIDE, MAX_SIDE],
                    "portrait_formats": list(UPLOAD_FORMATS), "max_pending_decodes": MAX_PENDING_DECODES,

@@ -195,8 +195,9 @@ class LiveSession:
         return self.timeline.read(start, end)
 
     @property
-    def forced(self) -> bool:
-        return self.states.forced is not None
+    def forced(self) -> str | None:
+        """The pinned state, or None while voice activity decides (the `forced` field of every reply)."""
+        return self.states.forced
 
     async def offload(self, fn: Callable[..., T], *args: object) -> T:
         """Other per-frame CPU work of a transport (JPEG encoding) on the engine's threads, bounded with them."""
@@ -212,12 +213,13 @@ class LiveSession:
 
     async def force_state(self, state: str) -> dict[str, object]:
         """Pin a state ("auto" returns to voice activity); ValueError for an unknown one or an engine without
-        states. Returns the state now in effect."""
+        states. Returns the state now in effect at the current media time (after "auto": what voice activity says
+        now, not the state pinned until now) and the pinned state (`forced`, None after "auto")."""
         if not self.traits.states:
             raise ValueError(f"the {self.worker.engine.name} engine has no states")
-        self.states.force(state)
+        applied = self.states.force(state, self.clock.now())
         await self._control(ForceState(self.states.forced))
-        return {"state": self.states.forced or self.states.state, "forced": self.forced}
+        return {"state": applied, "forced": self.forced}
 
     async def interrupt(self, auto: bool = False) -> dict[str, object]:
         """Barge-in: cut the avatar's speech off now (at once, on the loop, so no frame or audio after this carries

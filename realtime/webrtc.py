@@ -143,7 +143,7 @@ async def answer_offer(hub: SessionHub, body: object) -> dict[str, object]:
     which also closes its peer connection and releases its UDP sockets.
     """
     offer = _validate_offer(body)
-    session = await hub.open(session_options(offer), "webrtc", offer["portrait"], offer["prompt"],  # type: ignore[arg-type]
+    session = await hub.open(session_options(offer, hub.engine), "webrtc", offer["portrait"], offer["prompt"],  # type: ignore[arg-type]
                              session_interaction(offer))
     pc = RTCPeerConnection()
     tasks: set[asyncio.Task[None]] = set()

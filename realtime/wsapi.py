@@ -41,6 +41,7 @@ from .speech import MAX_SAY_CHARS, SpeechUnavailable
 MAX_MESSAGE = 8 * 1024 * 1024  # hard cap (the connection is closed with 1009 above it)
 MAX_AUDIO_MESSAGE = 64 * 1024  # one binary audio chunk; larger chunks are refused with an error
 SEND_QUEUE = 2
+MAX_FRAME_AUDIO_S = 1.0  # a frame carries the audio since the previous one sent, at most this much (after drops)
 SEND_BUFFER = 256 * 1024  # about half a second of 512x512 JPEG frames
 STATS_EVERY_S = 1.0
 AUDIO_TAGS = {ord("a"): "avatar", ord("u"): "user"}  # first byte of a tagged (odd-length) audio message
@@ -134,6 +135,10 @@ class Connection:
         self._queue: asyncio.Queue[RenderedFrame] = asyncio.Queue(SEND_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._notices: set[asyncio.Task[bool]] = set()  # messages sent without the sender waiting (auto interrupts)
+        # the state last announced and the media time it took effect: frames rendered before a `state` reply still
+        # carry the old state, and announcing them would flip the client back and forth (and announce twice)
+        self._announced: object = None
+        self._announced_at = float("-inf")
 
     async def _send(self, data: str | bytes) -> bool:
         """Send to a client that may have gone; False (never an exception) when it has."""
@@ -190,6 +195,7 @@ class Connection:
                 applied = await self.session.force_state(str(message["state"]))
             except ValueError as exc:
                 raise ProtocolError("bad_state", str(exc), "state") from None
+            self._announced, self._announced_at = applied["state"], self.session.clock.now()
             await self.send_json({"type": "state", **applied})
         elif kind == "interrupt":
             await self.send_json({"type": "interrupted", **await self.session.interrupt()})
@@ -222,7 +228,8 @@ class Connection:
             except (binascii.Error, ValueError):
                 raise ProtocolError("bad_portrait", "portrait_b64 is not valid base64", "portrait_b64") from None
         try:
-            session = await self.hub.open(session_options(message), "websocket", portrait, message["prompt"],
+            options = session_options(message, self.hub.engine)
+            session = await self.hub.open(options, "websocket", portrait, message["prompt"],
                                           session_interaction(message))
         except LimitError as exc:
             raise ProtocolError("busy", str(exc)) from None
@@ -295,11 +302,11 @@ class Connection:
     async def _send_frames(self) -> None:
         session = self.session
         assert session is not None
-        audio_t, state, seq = 0.0, None, 0
+        audio_t, seq = 0.0, 0
         while True:
             frame = await self._queue.get()
             jpeg = await session.offload(encode_jpeg, frame.image, self.quality)
-            start = max(audio_t, frame.t - 1.0)
+            start = max(audio_t, frame.t - MAX_FRAME_AUDIO_S)
             pcm = float_to_pcm16(session.audio_out(start, frame.t)).tobytes()
             audio_t = frame.t
             seq += 1
@@ -307,9 +314,9 @@ class Connection:
             if not await self._send(pack_frame(header, jpeg, pcm)):
                 return
             session.delivered(frame)
-            if session.traits.states and frame.state != state:
-                state = frame.state
-                await self.send_json({"type": "state", "state": state, "forced": session.forced})
+            if session.traits.states and frame.t >= self._announced_at and frame.state != self._announced:
+                self._announced = frame.state
+                await self.send_json({"type": "state", "state": frame.state, "forced": session.forced})
 
     async def _report(self) -> None:
         session = self.session

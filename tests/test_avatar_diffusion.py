@@ -269,3 +269,23 @@ def test_shipped_weights_folder_is_small_and_safetensors_only():
     assert sum(p.stat().st_size for p in files) < 8 * 1024 * 1024
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert load_model(AVATAR_DIR).spec.resolution == 64
+
+
+def test_on_a_cpu_sessions_default_to_the_size_that_holds_the_frame_rate():
+    """Old behaviour: every session without a size ran at 512 px, 6-10 fps on a CPU with frames dropping."""
+    from livecache.realtime.hub import SESSION_FIELDS, SessionHub, session_options
+    from livecache.realtime.schema import validate
+
+    engine = _engine(device="cpu")
+    assert engine.default_size == 256 and create_engine("embedded").default_size == 512
+
+    async def run():
+        hub = SessionHub(engine)
+        try:
+            unnamed = await hub.open(session_options(validate({}, SESSION_FIELDS, "x"), engine), "websocket")
+            named = await hub.open(session_options(validate({"size": 512}, SESSION_FIELDS, "x"), engine), "websocket")
+            return unnamed.info()["size"], named.info()["size"]
+        finally:
+            await hub.close()
+
+    assert asyncio.run(run()) == (256, 512)  # the default follows the device; a client's choice is kept

@@ -166,3 +166,28 @@ def test_a_missing_audio_file_names_the_input_folders(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="nowhere.wav: not found inside the input folders or the pack's example"):
         LoadAudioFile().load("nowhere.wav")
     assert "not found inside the input folders" in LoadAudioFile.VALIDATE_INPUTS(file="nowhere.wav")
+
+
+def test_loading_and_casting_models_prints_no_spurious_diffusers_warning():
+    """Old behaviour: every dtype cast through diffusers' `ModelMixin.to` logged "There are modules in ... that
+    should be kept in float32: []" (an empty list), in the main workflow job and every bench."""
+    import logging
+
+    import torch
+
+    from livecache.bench.workloads import embedded_workload, sd15_workload
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        sd15_workload(tiny=True, dtype=torch.bfloat16)
+        embedded_workload()
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [m for m in seen if "kept in float32" in m], seen

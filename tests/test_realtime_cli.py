@@ -88,6 +88,26 @@ def test_bench_prints_the_four_numbers_as_json(capsys):
         assert 0 < row["fps"] <= 1.1 * report["fps_target"]
         assert row["audio_to_mouth_ms"] is not None and row["server_audio_to_mouth_ms"] is not None
         assert row["dropped_frames"] >= 0
+    for n in (1, 2):  # interruption: measured on websocket sessions, within one frame period plus transport
+        row = rows[("ws", n)]
+        assert row["interrupt_ms"] is not None and 0 < row["server_interrupt_ms"] <= row["interrupt_ms"] + 5
+        assert rows[("webrtc", n)]["interrupt_ms"] is None
+
+
+def test_bench_url_labels_the_remote_engine_from_its_info(capsys, monkeypatch):
+    """Old behaviour: `--url` labelled the remote server with this command's own `--engine` (embedded)."""
+
+    async def no_sessions(args, url):
+        return []
+
+    monkeypatch.setattr(bench, "_run", no_sessions)
+    with spawn_server("--engine", "video") as url:
+        assert bench.main(parse(bench, "--url", url, "--json")) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert bench.main(parse(bench, "--url", url, "--transport", "ws")) == 0
+        header = capsys.readouterr().out.splitlines()[0]
+    assert report["engine"] == "video" and report["url"] == url and report["cpu_cores"] is None
+    assert header.startswith("realtime bench: engine video,") and "a remote server" in header
 
 
 def test_bench_table_has_a_row_per_level(capsys):

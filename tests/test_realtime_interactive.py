@@ -227,3 +227,71 @@ def test_say_without_espeak_is_a_clear_error(monkeypatch):
     with spawn_server() as url:
         error = asyncio.run(asyncio.wait_for(run(url), 20))
     assert error["code"] == "tts_unavailable" and "espeak-ng" in error["message"]
+
+
+def test_a_forced_state_is_announced_once_and_auto_does_not_flicker(server):
+    """Old behaviour: the reply to a `state` message announced the state and the first frame in it announced it
+    again; after "auto" the reply named the state pinned until then (listening) and the next frame idle."""
+
+    async def states_after(ws, message: dict | None, seconds: float) -> list[dict]:
+        if message is not None:
+            await ws.send(json.dumps(message))
+        seen, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            reply = await asyncio.wait_for(ws.recv(), 5)
+            if isinstance(reply, str) and json.loads(reply)["type"] == "state":
+                seen.append(json.loads(reply))
+        return seen
+
+    async def run():
+        async with websockets.connect(ws_url(server)) as ws:
+            await start(ws)  # no audio: voice activity says idle
+            first = await states_after(ws, None, 0.5)
+            pinned = await states_after(ws, {"type": "state", "state": "listening"}, 0.5)
+            released = await states_after(ws, {"type": "state", "state": "auto"}, 0.5)
+            return first, pinned, released
+
+    first, pinned, released = asyncio.run(asyncio.wait_for(run(), 20))
+    assert first == [{"type": "state", "state": "idle", "forced": None}]
+    assert pinned == [{"type": "state", "state": "listening", "forced": "listening"}]
+    assert released == [{"type": "state", "state": "idle", "forced": None}]
+
+
+def test_auto_names_the_state_voice_activity_gives_now():
+    tracker = StateTracker(RATE)
+    quiet = np.zeros(1024, np.float32)
+    tracker.update(0.0, np.full(1024, 0.3, np.float32))
+    assert tracker.force("listening", 0.1) == "listening" and tracker.update(0.2, quiet) == "listening"
+    assert tracker.force("auto", 5.0) == "idle"  # 5 s after the avatar spoke: idle, not the pinned listening
+    assert tracker.forced is None and tracker.update(5.04, quiet) == "idle"
+
+
+def test_webrtc_voice_is_silent_from_the_cut_on():
+    """The WebRTC audio track of an interactive session: 20 ms packets carry the avatar's speech until the
+    interruption, and no packet from the cut's media time on carries any of it (counted in packets)."""
+    from livecache.realtime.engines import create_engine
+    from livecache.realtime.engines.base import SessionOptions
+    from livecache.realtime.hub import SessionHub
+    from livecache.realtime.session import Interaction
+    from livecache.realtime.webrtc import AUDIO_PTIME, AvatarAudioTrack
+
+    async def run():
+        hub = SessionHub(create_engine("embedded"))
+        try:
+            session = await hub.open(SessionOptions(size=256), "webrtc", interaction=Interaction("interactive"))
+            session.push_pcm16(np.frombuffer(pcm(2.0), "<i2"), RATE)  # the agent's speech, ahead of real time
+            track = AvatarAudioTrack(session)
+            before = [await track.recv() for _ in range(15)]
+            event = await session.interrupt()
+            after = [await track.recv() for _ in range(15)]
+            await session.close("api")
+            return before, event, after
+        finally:
+            await hub.close()
+
+    before, event, after = asyncio.run(asyncio.wait_for(run(), 20))
+    assert any(np.abs(f.to_ndarray()).max() > 1000 for f in before)  # it was speaking
+    cut = event["at"]
+    late = [f for f in after if float(f.pts * f.time_base) >= cut - AUDIO_PTIME]  # every packet that ends after it
+    assert len(late) >= 14
+    assert all(not np.any(f.to_ndarray()) for f in late), [np.abs(f.to_ndarray()).max() for f in late]

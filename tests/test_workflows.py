@@ -272,3 +272,20 @@ def test_comfyui_nodes_without_comfy_root_fail_in_one_line_naming_them(capsys):
     assert "--comfy-root DIR" in err[0] and "LiveCacheDeepCacheModel" not in err[0]
     assert cli_main(["run", str(workflow), "--comfy-base", "."]) == 2
     assert "--comfy-base needs --comfy-root" in capsys.readouterr().err
+
+
+def test_check_names_every_invalid_widget_not_only_the_first(tmp_path, capsys):
+    """Old behaviour: `run --check` stopped at the first bad widget, so fixing a workflow took one run per widget."""
+    api = json.loads((WORKFLOWS / "deepcache_default_api.json").read_text())
+    api["2"]["inputs"]["cache_interval"] = -3
+    api["3"]["inputs"]["steps"] = "twenty"
+    api["3"]["inputs"]["scheduler"] = "no-such-scheduler"
+    del api["5"]["inputs"]["filename_prefix"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(api))
+    assert cli_main(["run", str(path), "--check"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 4 problems: "), lines
+    for named in ("node 2 (LiveCacheDeepCache): ", "'cache_interval'", "'steps'", "'scheduler'",
+                  "node 5 (LiveCacheSaveImages): missing required input 'filename_prefix'"):
+        assert named in lines[0], (named, lines[0])

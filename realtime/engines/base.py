@@ -118,6 +118,9 @@ class Engine(ABC):
     audio_context_s: float = 0.064  # how much audio before `t` a request carries
     max_batch: int = 1  # requests the worker may hand over at once (a GPU engine raises this)
     workers: int = 1  # concurrent render_batch calls the engine tolerates
+    # the frame size a session gets when the client names none: the largest this engine holds its frame rate at
+    # on the device it runs on (the page and /api/info show it); clients may still ask for any size
+    default_size: int = 512
 
     @abstractmethod
     def open(self, source: SessionSource, options: SessionOptions) -> EngineSession:

@@ -16,7 +16,16 @@ class DiffusionSession(AvatarSession, EngineSession):
     """An avatar session the runtime can drive (mouth box, controls, close)."""
 
 
+# default frame size by device: on a CPU, 512 px ran at 6-10 fps with hundreds of dropped frames on two busy cores,
+# and 256 px renders many times faster (docs/benchmarks.md, "Live sessions"). An accelerator holds 512 px.
+DEFAULT_SIZE = {"cpu": 256}
+
+
 class DiffusionEngine(AvatarRenderer, PortraitEngine):
     name = "diffusion"
     workers = 1  # one U-Net; concurrency comes from batching and the stage pipeline
     session_class = DiffusionSession
+
+    @property
+    def default_size(self) -> int:  # type: ignore[override] - depends on the device the model runs on
+        return DEFAULT_SIZE.get(self.model.device.type, 512)
