@@ -390,6 +390,8 @@ async def info(request: web.Request) -> web.Response:
     first = pool.capabilities()
     return web.json_response({
         "engine": first.get("engine"), "capabilities": first.get("capabilities"),
+        # every replica runs the same engine, so its defaults and audio rates are the cluster's
+        "session_defaults": first.get("session_defaults"), "audio": first.get("audio"),
         "sessions": sum(int(r.info.get("sessions", 0)) for r in replicas),
         "max_sessions": request.app["cluster"].max_sessions,
         "connecting": sum(int(r.info.get("connecting", 0)) for r in replicas),

@@ -89,6 +89,9 @@ def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessio
             _, listed = await get(base + "/api/sessions")
             _, info = await get(base + "/api/info")
             owner = {s["session"]: s["replica"] for s in listed}
+            # the page reads the session defaults and audio rates from the ingress as from a single server
+            assert info["session_defaults"]["size"] in info["session_defaults"]["sizes"]
+            assert info["audio"]["webrtc_rate"] == 48000
             # a control through the ingress reaches the replica that owns the session
             async with http.post(f"{base}/api/sessions/{ready[0]['session']}/interrupt") as res:
                 interrupted = res.status, await res.json()
