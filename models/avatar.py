@@ -46,7 +46,16 @@ import torch
 from torch import nn
 
 from .embedded import WEIGHTS_ROOT
-from .loading import WeightsError, load_state_into, read_config, read_json, save_component, save_json, weight_file
+from .loading import (
+    WeightsError,
+    build_from_config,
+    load_state_into,
+    read_config,
+    read_json,
+    save_component,
+    save_json,
+    weight_file,
+)
 
 AVATAR_DIR = WEIGHTS_ROOT / "avatar"
 STATES = ("speaking", "listening", "idle")
@@ -306,11 +315,7 @@ def save_model(model: AvatarModel, folder: Path, extra: dict[str, Any] | None = 
 
 
 def _from_config(cls: Any, folder: Path) -> nn.Module:
-    config = read_config(folder)
-    try:
-        return cls.from_config(config)
-    except Exception as err:
-        raise WeightsError(f"{folder / 'config.json'}: not a {cls.__name__} config ({err})") from None
+    return build_from_config(cls, read_config(folder), folder / "config.json")
 
 
 def load_model(folder: Path = AVATAR_DIR) -> AvatarModel:
