@@ -67,8 +67,10 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
         data = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{file}: refused: not a plain tensor checkpoint (weights_only load failed: {first})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise WeightsError(f"{file}: refused: not a plain tensor checkpoint (weights_only load failed: "
+                           f"{first})") from None
+    flat = isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+    if not flat:
         raise WeightsError(f"{file}: must hold a flat {{name: tensor}} state dict, got {type(data).__name__}")
     return data
 
