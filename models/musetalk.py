@@ -306,12 +306,13 @@ def load_musetalk(root: str | Path, spec: MuseTalkSpec | None = None) -> MuseTal
                             vae_dir / "config.json")
     encoder = WhisperEncoder(whisper_config(whisper_dir))
     extractor = whisper_extractor(whisper_dir)
+    files = {"unet": unet_dir / UNET_CONFIG, "whisper": whisper_dir / "config.json",
+             "extractor": whisper_dir / "preprocessor_config.json"}
+    model = MuseTalkModel(spec, unet.eval(), vae.eval(), encoder.eval(), extractor, files)  # configs fit first
     for module, folder, rename in ((unet, unet_dir, None), (vae, vae_dir, legacy_to_current),
                                    (encoder, whisper_dir, "whisper")):
         file = safetensors_of(folder)
         state = read_state(file)
         state = encoder_state(state, file) if rename == "whisper" else rename(state) if rename else state
         load_state_dict_into(module, state, file)
-    files = {"unet": unet_dir / UNET_CONFIG, "whisper": whisper_dir / "config.json",
-             "extractor": whisper_dir / "preprocessor_config.json"}
-    return MuseTalkModel(spec, unet.float().eval(), vae.float().eval(), encoder.float().eval(), extractor, files)
+    return model
