@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .avatar import vae_decode
 from .loading import (
     PICKLE_SUFFIXES,
     WeightsError,
@@ -274,11 +275,9 @@ class MuseTalkModel:
         return self.unet(reference.to(self.device, self.dtype), self._t0.to(self.device),
                          encoder_hidden_states=audio).sample
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """RGB crops [B, 3, R, R] in 0..1."""
-        image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        return ((image.float().cpu() + 1) / 2).clamp(0, 1)
+        return vae_decode(self.vae, latents, self.dtype)
 
     def to(self, dtype: torch.dtype, device: str | torch.device | None = None) -> MuseTalkModel:
         """Cast every network (MuseTalk runs Whisper in the U-Net's dtype too)."""
