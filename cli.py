@@ -1,4 +1,4 @@
-"""`livecache` command line: run | serve | bench | train | info.
+"""`livecache` command line: run | serve | bench | train | convert | info.
 
 Each subcommand lives in the layer it belongs to and exposes `configure(parser)` and
 `main(args) -> int`; this file only wires them, importing each lazily so `livecache --help`
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": (".realtime.cli", "start the live server: web page, WebRTC and websocket API on one port"),
     "bench": (".bench.cli", "measure speed and fidelity against baselines and peers"),
     "train": (".train.cli", "train the embedded default models (reproducible, CPU-friendly)"),
+    "convert": (".models.convert", "convert other projects' weights (pickle) into the safetensors layouts we load"),
     "info": (".models.info", "show versions, devices and where models are looked for"),
 }
 

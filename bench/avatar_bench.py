@@ -1,5 +1,8 @@
 """`livecache bench avatar`: the diffusion avatar's per-stage cost, FPS, first-frame latency and lip sync,
 with each acceleration switched on one at a time and all together, in one process on one clip.
+`--engine musetalk` runs the same ladder on MuseTalk-format weights (`pipelines/musetalk.py`; without
+`--weights`, a tiny random model in that layout, whose ratios mean something and whose lip sync does not),
+without the LCM-step row and, on CUDA, with fp16 and torch.compile rows.
 
 The clip is the shipped `workflows/hello_avatar.wav` (espeak-ng speech) twice with pauses, rendered
 offline through `AvatarRenderer.render_clip` (`pipelines/avatar.py`) exactly as the ComfyUI node and the
@@ -59,7 +62,11 @@ class Row:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, default=AVATAR_DIR, help="avatar weights folder (default: shipped)")
+    parser.add_argument("--engine", choices=("diffusion", "musetalk"), default="diffusion",
+                        help="diffusion (default: the pack's avatar) or musetalk (MuseTalk-format weights)")
+    parser.add_argument("--weights", type=Path, help="weights folder (diffusion default: the shipped avatar; "
+                        "musetalk default: a tiny random MuseTalk-layout model, for ratios only)")
+    parser.add_argument("--resolution", type=int, default=256, help="--engine musetalk: face crop side (256)")
     parser.add_argument("--size", type=int, default=256, choices=(256, 384, 512), help="output frame side (256)")
     parser.add_argument("--fps", type=float, default=25.0, help="frames per second of the clip (25)")
     parser.add_argument("--steps", type=int, default=2, choices=(1, 2, 3, 4), help="LCM steps per frame (2)")
@@ -69,20 +76,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
 
 
-def _ladder(batch: int) -> list[tuple[str, dict]]:
+def _ladder(batch: int, engine: str = "diffusion") -> list[tuple[str, dict]]:
+    from ..pipelines.musetalk import MUSETALK_REUSE
+
+    reuse = MUSETALK_REUSE if engine == "musetalk" else TemporalReuseConfig()
     off = {"bf16": False, "reference_cache": False, "temporal_cache": None, "max_batch": 1, "pipeline": False,
            "first_chunk": 1}
     steps = [("+ bf16", {"bf16": True}), ("+ reference cache", {"reference_cache": True}),
              (f"+ batch {batch}", {"max_batch": batch}), ("+ pipeline", {"pipeline": True}),
-             ("+ temporal DeepCache", {"temporal_cache": TemporalReuseConfig()})]
+             ("+ temporal DeepCache", {"temporal_cache": reuse})]
     rows, current = [("baseline (all off, fp32)", dict(off))], dict(off)
     for name, change in steps:
         current = {**current, **change}
         rows.append((name, dict(current)))
     rows.append((f"all on, first chunk {batch}", {**current, "first_chunk": batch}))
-    rows.append(("all on, 1 LCM step", {**current, "steps": 1}))
+    if engine == "diffusion":
+        rows.append(("all on, 1 LCM step", {**current, "steps": 1}))
     rows.append(("all on + W8A8 (int8 U-Net)", {**current, "w8a8": True}))
+    if engine == "musetalk" and torch.cuda.is_available():  # fp16 and CUDA graphs exist on GPUs only
+        rows.append(("all on, fp16 instead of bf16", {**current, "bf16": False, "dtype": torch.float16}))
+        rows.append(("all on + torch.compile (CUDA graphs)", {**current, "compile": True}))
     return rows
+
+
+def _renderer_factory(args: argparse.Namespace, folder: Path):
+    """A fresh renderer per row (each casts and hooks its own model copy) for the chosen engine."""
+    if args.engine == "musetalk":
+        from ..models.musetalk import MuseTalkSpec, load_musetalk
+        from ..pipelines.musetalk import MuseTalkRenderer
+
+        return lambda options: MuseTalkRenderer(model=load_musetalk(folder, MuseTalkSpec(resolution=args.resolution)),
+                                                **options)
+    from ..pipelines.avatar import AvatarRenderer
+
+    return lambda options: AvatarRenderer(model=load_model(folder), **{"steps": args.steps, **options})
 
 
 def _clip(rate: int) -> np.ndarray:
@@ -139,28 +166,40 @@ def _teacher(audio: np.ndarray, rate: int, fps: float, size: int) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if args.engine == "musetalk" and args.weights is None:
+        with tempfile.TemporaryDirectory(prefix="lc-musetalk-") as folder:
+            from ..models.musetalk_files import write_tiny_musetalk
+
+            return _run(args, write_tiny_musetalk(Path(folder) / "musetalk"), tiny=True)
+    return _run(args, args.weights or AVATAR_DIR)
+
+
+def _run(args: argparse.Namespace, folder: Path, tiny: bool = False) -> int:
     from ..pipelines.avatar import AvatarRenderer
     from ..pipelines.portrait import default_portrait
 
     portrait = default_portrait(512)
     engines, rows = [], []
-    for name, options in _ladder(args.batch):
-        engine = AvatarRenderer(model=load_model(args.weights), **{"steps": args.steps, **options})
-        engines.append(engine)
-        rows.append(Row(name, {k: (v is not None if k == "temporal_cache" else v) for k, v in options.items()}))
+    make = _renderer_factory(args, folder)
+    for name, options in _ladder(args.batch, args.engine):
+        engines.append(make(options))
+        rows.append(Row(name, {k: (v is not None if k == "temporal_cache" else str(v) if k == "dtype" else v)
+                               for k, v in options.items()}))
     rate = engines[0].sample_rate
     audio = _clip(rate)[: int(args.seconds * rate) if args.seconds else None]
     warm = audio[: int(0.5 * rate)]
     outputs: dict[int, list] = {}
 
-    def clip(engine: AvatarRenderer, sound: np.ndarray) -> tuple[list, float, float, tuple[int, int, int]]:
+    def clip(engine: AvatarRenderer, sound: np.ndarray) -> tuple[list, float, float, tuple[int, int, int, int]]:
         session = engine.open_session(portrait, _options(args))
         start = time.perf_counter()
         frames, first = [], None
         for frame in engine.render_clip(session, sound, args.fps):
             first = first if first is not None else time.perf_counter() - start
             frames.append(frame)
-        return frames, time.perf_counter() - start, first or 0.0, session.box
+        return frames, time.perf_counter() - start, first or 0.0, session.region
 
     # Rendering runs on a worker thread, as in the server (RenderWorker) and in ComfyUI: torch's main-thread
     # OpenMP team runs much slower per call than a worker thread's.
@@ -179,8 +218,8 @@ def main(args: argparse.Namespace) -> int:
                 outputs[i] = (box, frames)
     energy = _energy(audio, rate, args.fps, rows[0].frames)
     box, reference = outputs[0]
-    x, y, side = box
-    crop = lambda frames: torch.from_numpy(np.stack([f.image[y : y + side, x : x + side] for f in frames]))  # noqa: E731
+    x, y, w, h = box
+    crop = lambda frames: torch.from_numpy(np.stack([f.image[y : y + h, x : x + w] for f in frames]))  # noqa: E731
     for i, (row, engine) in enumerate(zip(rows, engines, strict=True)):
         frames = outputs[i][1]
         row.crop_psnr = psnr(crop(frames).float(), crop(reference).float(), peak=255.0)
@@ -189,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         row.reused = f"{reused}/{full + reused}" if full + reused else "-"
         engine.close()
     teacher = _sync(_teacher(audio, rate, args.fps, args.size), energy)
-    _print(rows, teacher, args, len(audio) / rate)
+    _print(rows, teacher, args, len(audio) / rate, tiny)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = {"rows": [asdict(r) for r in rows], "teacher_lip_sync": teacher[0]}
@@ -203,12 +242,15 @@ def _options(args: argparse.Namespace):
     return SessionOptions(size=args.size, fps=args.fps)
 
 
-def _print(rows: list[Row], teacher: tuple[float, float, float], args: argparse.Namespace, seconds: float) -> None:
+def _print(rows: list[Row], teacher: tuple[float, float, float], args: argparse.Namespace, seconds: float,
+           tiny: bool) -> None:
     base = statistics.median(rows[0].seconds)
     stages = list(rows[0].stage_ms)
-    print(f"diffusion avatar, {rows[0].frames} frames ({seconds:.1f} s clip) at {args.size}px, {args.fps:g} fps, "
-          f"{args.steps} LCM steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"medians of {args.rounds} rounds")
+    what = (f"{args.steps} LCM steps" if args.engine == "diffusion" else
+            f"MuseTalk single step, {args.resolution}px face crop"
+            f"{', tiny random MuseTalk-layout model (ratios only)' if tiny else ''}")
+    print(f"{args.engine} avatar, {rows[0].frames} frames ({seconds:.1f} s clip) at {args.size}px, {args.fps:g} fps, "
+          f"{what}, torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.rounds} rounds")
     head = ["config", "s / clip", "FPS", "speed", "first frame ms", *[f"{s} ms/f" for s in stages],
             "crop PSNR dB", "lip sync r", "open speech/silence", "U-Net calls reused"]
     print("| " + " | ".join(head) + " |")

@@ -48,6 +48,7 @@ from torch import nn
 from .embedded import WEIGHTS_ROOT
 from .loading import (
     WeightsError,
+    build_from_config,
     cast,
     load_state_into,
     read_config,
@@ -187,6 +188,13 @@ class AudioEncoder(nn.Module):
         return self.proj(self.norm(mel)) + self.position
 
 
+@torch.no_grad()
+def vae_decode(vae: nn.Module, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled latents through an `AutoencoderKL` decoder: float RGB [B, 3, H, W] in 0..1 on the CPU."""
+    image = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
+    return ((image.float().cpu() + 1) / 2).clamp(0, 1)
+
+
 def mouth_mask(spec: AvatarSpec, size: int) -> np.ndarray:
     """The soft inpainting mask over the mouth in crop coordinates ([size, size] float32, 1 inside)."""
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
@@ -268,11 +276,9 @@ class AvatarModel:
             sample, denoised = self._scheduler.step(out, t, sample, generator=generator, return_dict=False)
         return denoised
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Crops [B, 3, H, W] in 0..1."""
-        image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        return ((image.float().cpu() + 1) / 2).clamp(0, 1)
+        return vae_decode(self.vae, latents, self.dtype)
 
     def to(self, dtype: torch.dtype, device: str | torch.device | None = None) -> AvatarModel:
         """Cast the U-Net and VAE (the audio encoder stays fp32: it is tiny and sees raw log-mels)."""
@@ -315,11 +321,7 @@ def save_model(model: AvatarModel, folder: Path, extra: dict[str, Any] | None = 
 
 
 def _from_config(cls: Any, folder: Path) -> nn.Module:
-    config = read_config(folder)
-    try:
-        return cls.from_config(config)
-    except Exception as err:
-        raise WeightsError(f"{folder / 'config.json'}: not a {cls.__name__} config ({err})") from None
+    return build_from_config(cls, read_config(folder), folder / "config.json")
 
 
 def load_model(folder: Path = AVATAR_DIR) -> AvatarModel:

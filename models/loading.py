@@ -114,14 +114,22 @@ def load_state_into(module: nn.Module, file: Path) -> nn.Module:
     Tensors must also fit in kind (floating point where the model has floating point: int8 weights
     are a quantized checkpoint this loader cannot read) and be finite (a NaN weight makes every output
     NaN)."""
+    return load_state_dict_into(module, read_state(file), file)
+
+
+def read_state(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a corrupt file raises naming it."""
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except Exception as err:  # safetensors raises several types for corrupt files
         raise WeightsError(f"{file}: cannot read safetensors ({err})") from None
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+
+
+def check_keys(shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse tensors whose names or shapes differ from the model's (`shapes`), naming the first of each."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    wrong = sorted(k for k in set(shapes) & set(state) if shapes[k] != tuple(state[k].shape))
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -130,8 +138,14 @@ def load_state_into(module: nn.Module, file: Path) -> nn.Module:
             parts.append(f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}")
         if wrong:
             k = wrong[0]
-            parts.append(f"shape of {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+            parts.append(f"shape of {k}: file {tuple(state[k].shape)} vs model {shapes[k]}")
         raise WeightsError(f"{file}: does not match the model config ({'; '.join(parts)})")
+
+
+def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> nn.Module:
+    """`load_state_into` for tensors already read (and renamed) from `file`, which errors name."""
+    own = module.state_dict()
+    check_keys({k: tuple(v.shape) for k, v in own.items()}, state, file)
     for key in sorted(state):
         tensor, expected = state[key], own[key]
         if tensor.is_floating_point() != expected.is_floating_point() or (tensor.dtype == torch.bool) != (
@@ -170,15 +184,20 @@ def cast(module: nn.Module, *args: object) -> nn.Module:
     return nn.Module.to(module, *args)
 
 
+def build_from_config(cls: Any, config: dict[str, Any], file: Path) -> nn.Module:
+    """A diffusers model class built from a config dict read from `file` (metadata keys dropped); a config
+    the class refuses raises naming the file."""
+    try:
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except Exception as err:
+        raise WeightsError(f"{file}: not a {cls.__name__} config ({err})") from None
+
+
 def load_unet(folder: Path, dtype: torch.dtype = torch.float32):
     """A diffusers `UNet2DConditionModel` from `folder/config.json` and its safetensors file."""
     from diffusers import UNet2DConditionModel
 
-    config = read_config(folder)
-    try:
-        unet = UNet2DConditionModel.from_config(config)
-    except Exception as err:
-        raise WeightsError(f"{folder / 'config.json'}: not a UNet2DConditionModel config ({err})") from None
+    unet = build_from_config(UNet2DConditionModel, read_config(folder), folder / "config.json")
     return cast(load_state_into(unet, weight_file(folder)), dtype).eval()
 
 

@@ -93,6 +93,12 @@ class AvatarSession:
     def mouth_box(self) -> tuple[int, int, int, int]:
         return lips_box(self.layout)
 
+    @property
+    def region(self) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of the portrait pixels the model renders (what the bench compares)."""
+        x, y, side = self.box
+        return x, y, side, side
+
     def _dark_share(self, crop: np.ndarray) -> float:
         x, y, w, h = self.lips_in_crop
         luminance = crop[y : y + h, x : x + w] @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -124,7 +130,8 @@ class _Chunk:
     """Frames travelling through the stages together."""
 
     requests: list[RenderRequest]
-    mel: torch.Tensor | None = None
+    mel: torch.Tensor | None = None  # the conditioning features (log-mel here, Whisper tokens for MuseTalk)
+    signal: torch.Tensor | None = None  # what the temporal cache compares between frames
     latents: torch.Tensor | None = None
 
 
@@ -152,7 +159,7 @@ class AvatarRenderer:
                  bf16: bool | None = None, reference_cache: bool = True,
                  temporal_cache: TemporalReuseConfig | None = DEFAULT_REUSE,
                  max_batch: int = 4, pipeline: bool = True, first_chunk: int = 1, seed: int = 0,
-                 device: str | None = None, w8a8: bool = False) -> None:
+                 device: str | None = None, w8a8: bool = False, dtype: torch.dtype | None = None) -> None:
         if max_batch < 1 or first_chunk < 1:
             raise ValueError(f"max_batch and first_chunk must be >= 1, got {max_batch} and {first_chunk}")
         self.model = model if model is not None else load_model(Path(weights) if weights else AVATAR_DIR)
@@ -163,7 +170,8 @@ class AvatarRenderer:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if bf16 is None:  # `livecache bench avatar`: bf16 lost to fp32 on CPU at this model's tiny sizes
             bf16 = device != "cpu"
-        self.model.to(torch.bfloat16 if bf16 else torch.float32, device)
+        self.device = torch.device(device)
+        self.model.to(dtype or (torch.bfloat16 if bf16 else torch.float32), device)  # `dtype` (fp16) wins
         self.sample_rate = spec.sample_rate
         self.audio_context_s = spec.audio_context_s
         self.max_batch = max_batch
@@ -225,11 +233,20 @@ class AvatarRenderer:
     # -- stages ------------------------------------------------------------------------------
     def _features(self, chunk: _Chunk) -> _Chunk:
         start = time.perf_counter()
-        audio = self.model.audio_encoder.config
-        chunk.mel = torch.from_numpy(mel_features(np.stack([_window(r.audio, self.model) for r in chunk.requests]),
-                                                  self.sample_rate, audio))
+        chunk.mel, chunk.signal = self._audio_features(np.stack([_window(r.audio, self.model) for r in chunk.requests]))
         self.clock.add("audio features", time.perf_counter() - start, len(chunk.requests))
         return chunk
+
+    def _audio_features(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the U-Net is conditioned on, what the temporal cache compares between frames) for windows
+        [B, T]: here log-mel frames and their newest ones."""
+        mel = torch.from_numpy(mel_features(windows, self.sample_rate, self.model.audio_encoder.config))
+        return mel, mel[:, -_REUSE_MEL_FRAMES:]
+
+    def _latents(self, reference: torch.Tensor, features: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Clean latents for a chunk (called under the U-Net lock): audio tokens, then the LCM steps."""
+        noise = self._noise.expand(len(reference), -1, -1, -1)
+        return self.model.denoise(reference, self.model.audio_tokens(features), states, self.steps, noise)
 
     def _denoise(self, chunk: _Chunk) -> _Chunk:
         start = time.perf_counter()
@@ -240,12 +257,10 @@ class AvatarRenderer:
             reference = self.model.encode_reference(_to_tensor([_session(r).crop for r in requests]))
         states = torch.tensor([STATES.index(r.state) for r in requests])
         with self._lock:
-            tokens = self.model.audio_tokens(chunk.mel)
             if self._cache is not None and self._reuse is not None:
                 key = tuple((_session(r).key, r.state) for r in requests)
-                self._cache.begin_frame(self._reuse.decide(key, chunk.mel[:, -_REUSE_MEL_FRAMES:]), key)
-            noise = self._noise.expand(len(requests), -1, -1, -1)
-            chunk.latents = self.model.denoise(reference, tokens, states, self.steps, noise)
+                self._cache.begin_frame(self._reuse.decide(key, chunk.signal), key)
+            chunk.latents = self._latents(reference, chunk.mel, states)
         self.clock.add("U-Net", time.perf_counter() - start, len(requests))
         return chunk
 

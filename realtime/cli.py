@@ -45,12 +45,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="TCP port for everything (default 8765; 0 = any free)")
     parser.add_argument("--engine", default="embedded",
                         help="engine: 'embedded' (default; weight-free avatar, real time on 2 CPU cores), "
-                             "'diffusion' (the few-step latent diffusion avatar) or 'video' (the causal AR video "
-                             "model; change what it shows with condition messages)")
+                             "'diffusion' (the few-step latent diffusion avatar), 'musetalk' (MuseTalk-format "
+                             "lip-sync weights, needs --weights) or 'video' (the causal AR video model; change "
+                             "what it shows with condition messages)")
     parser.add_argument("--weights", help="--engine diffusion: a local avatar weights folder (safetensors; layout in "
-                        "docs/avatar.md); default: the small model shipped with the pack")
+                        "docs/avatar.md; default: the small model shipped with the pack). --engine musetalk: a "
+                        "MuseTalk folder (musetalkV15/, sd-vae/, whisper/ in safetensors; convert the authors' "
+                        "files with `livecache convert musetalk SRC DST`)")
     parser.add_argument("--w8a8", action="store_true",
-                        help="--engine diffusion: int8 U-Net (W8A8, calibrated at start-up)")
+                        help="--engine diffusion or musetalk: int8 U-Net (W8A8, calibrated at start-up)")
+    parser.add_argument("--bbox-shift", type=_bounded(-64, 64), default=0,
+                        help="--engine musetalk: MuseTalk's bbox_shift in portrait pixels (+ moves the face box's "
+                             "upper edge down: more mouth opening; default 0)")
+    parser.add_argument("--compile", action="store_true",
+                        help="--engine musetalk: torch.compile the U-Net with CUDA graphs (CUDA only; ignored on CPU)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
                         help="concurrent sessions; further clients get a clear 'busy' error (default 4)")
     parser.add_argument("--connect-timeout", type=_seconds(0.5, 600),
@@ -92,8 +100,15 @@ def main(args: argparse.Namespace) -> int:
     if args.engine not in available_engines():
         print(f"unknown engine {args.engine!r}; available: {', '.join(available_engines())}", file=sys.stderr)
         return 2
-    if (args.weights or args.w8a8) and args.engine != "diffusion":
-        print("--weights and --w8a8 apply to --engine diffusion only", file=sys.stderr)
+    if (args.weights or args.w8a8) and args.engine not in ("diffusion", "musetalk"):
+        print("--weights and --w8a8 apply to --engine diffusion or musetalk only", file=sys.stderr)
+        return 2
+    if (args.bbox_shift or args.compile) and args.engine != "musetalk":
+        print("--bbox-shift and --compile apply to --engine musetalk only", file=sys.stderr)
+        return 2
+    if args.engine == "musetalk" and not args.weights:
+        print("--engine musetalk needs --weights DIR (a MuseTalk folder in safetensors; docs/avatar.md)",
+              file=sys.stderr)
         return 2
     if bool(args.certfile) != bool(args.keyfile):
         print("--certfile and --keyfile go together", file=sys.stderr)
@@ -149,7 +164,9 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.certfile:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
-    options = {k: v for k, v in (("weights", args.weights), ("w8a8", args.w8a8)) if v}
+    chosen_options = (("weights", args.weights), ("w8a8", args.w8a8), ("bbox_shift", args.bbox_shift),
+                      ("compile", args.compile))
+    options = {k: v for k, v in chosen_options if v}
     chosen = {"max_sessions": args.max_sessions, "connect_timeout_s": args.connect_timeout,
               "head_timeout_s": args.request_timeout, "body_timeout_s": args.body_timeout,
               "max_connections_per_address": args.max_connections_per_address}

@@ -34,8 +34,12 @@ def test_serve_defaults_to_localhost_and_rejects_unknown_engines(capsys):
     assert (args.host, args.port, args.engine) == ("127.0.0.1", 8765, "embedded")
     assert cli.main(parse(cli, "--engine", "nope")) == 2
     assert "available: diffusion, embedded" in capsys.readouterr().err
-    assert cli.main(parse(cli, "--weights", "somewhere")) == 2  # --weights belongs to --engine diffusion
-    assert "--engine diffusion only" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--weights", "somewhere")) == 2  # --weights belongs to the weighted engines
+    assert "--engine diffusion or musetalk only" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--engine", "musetalk")) == 2  # no weights ship for MuseTalk
+    assert "--engine musetalk needs --weights DIR" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--bbox-shift", "4")) == 2
+    assert "--engine musetalk only" in capsys.readouterr().err
     for bad in (["--port", "70000"], ["--max-sessions", "0"]):
         with pytest.raises(SystemExit):
             parse(cli, *bad)

@@ -15,6 +15,7 @@ ENGINES: dict[str, tuple[str, str]] = {
     "embedded": (".embedded", "EmbeddedEngine"),
     "video": (".video", "VideoEngine"),
     "diffusion": (".diffusion", "DiffusionEngine"),
+    "musetalk": (".musetalk", "MuseTalkEngine"),
 }
 
 
