@@ -6,7 +6,7 @@
   cores; a 32×32×16 latent packed into 256 tokens of 64, 64 text tokens, flow-matching Euler, no
   CFG (as FLUX.1-schnell), 20 steps.
 - `flux-tiny`: the same structure with 1 + 3 blocks of width 64 on a 16×16 latent, for tests.
-- `dit`: the embedded digits DiT (`models/dit.py`), all ten digits, DDIM with CFG 2, FID-style score.
+- `dit`: the embedded digits DiT (`models/dit.py`), all ten digits, DDIM with CFG 3, FID-style score.
 
 A `DitWork` samples itself: `sample(scheduler)` runs its loop and returns the final latent.
 """
@@ -99,7 +99,7 @@ def _flux(model: torch.nn.Module, steps: int, side: int, inputs: tuple[torch.Ten
 
 
 def dit_work(steps: int = 20, per_class: int = 10, dtype: torch.dtype = torch.float32) -> DitWork:
-    """All ten digits, `per_class` samples each, guidance 2 (the model's default), DDIM."""
+    """All ten digits, `per_class` samples each, guidance 3 (the model's default), DDIM."""
     if not (DIT_DIR / "transformer").is_dir():
         raise FileNotFoundError(f"{DIT_DIR}: the embedded DiT is missing; run `livecache train dit`")
     model = load_dit(DIT_DIR, dtype)

@@ -31,6 +31,8 @@ from .pipeline import DiffusionModel
 
 DIT_DIR = WEIGHTS_ROOT / "dit"
 EMBEDDED_DIT = "embedded:dit"
+# guidance 3 draws the asked digit more often than the U-Net's 2 (75% vs 63% by our classifier, 20 DDIM steps)
+DIT_GUIDANCE = 3.0
 
 # 16×16 digits in 4×4 patches (2×2 pixels of the 8×8 scans): 16 tokens of width 64, 8 adaLN-zero blocks
 # (~0.8 M parameters, 1.6 MB in fp16); 2×2 patches cost 4× more per step, too slow to train here
@@ -109,5 +111,5 @@ def load_dit(folder: Path = DIT_DIR, dtype: torch.dtype = torch.float32) -> Diff
     encoder = DitPromptEncoder()
     name = EMBEDDED_DIT if folder.resolve() == DIT_DIR.resolve() else folder.name
     return DiffusionModel(name, model, load_scheduler_config(folder / "scheduler"), encoder.encode,
-                          default_guidance=2.0)
+                          default_guidance=DIT_GUIDANCE)
 
