@@ -1,6 +1,7 @@
 """The embedded DiT: its calling convention, loader, resumable training and the DiT site it goes through."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,33 @@ def test_training_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     b = load_file(str(tmp_path / "resumed" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_dit(whole).unet.config.num_layers == DIT_CONFIG["num_layers"]
+
+
+def test_shipped_dit_loads_by_name_and_its_workflow_runs(tmp_path, capsys):
+    from livecache.cli import main as cli_main
+    from livecache.nodes.diffusers_nodes import LoadDiffusersModel
+
+    (model,) = LoadDiffusersModel().load("embedded:dit")
+    assert model.name == "embedded:dit" and isinstance(model_site(model.unet), DiTSite)
+    workflow = Path(__file__).resolve().parents[1] / "workflows" / "dit_block_cache_api.json"
+    assert cli_main(["run", str(workflow), "--output", str(tmp_path)]) == 0
+    assert len(sorted(tmp_path.glob("dit_block_cache_*.png"))) == 4
+    assert "saved" in capsys.readouterr().out
+
+
+def test_shipped_dit_draws_the_asked_digit():
+    from livecache.models.embedded import FEATURES_FILE
+    from livecache.models.features import DigitFeatures
+    from livecache.models.loading import load_state_into
+
+    model = load_dit()
+    asked = torch.arange(30) % 10
+    cond = torch.cat([model.encode_prompt(str(int(d))) for d in asked])
+    noise = torch.randn(30, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    uncond = model.encode_prompt("").repeat(30, 1, 1)
+    images = sample(model, make_scheduler("ddim", model.scheduler_config), cond, uncond, noise, 20,
+                    model.default_guidance, progress=False)
+    classifier = load_state_into(DigitFeatures(), FEATURES_FILE).eval()
+    with torch.no_grad():
+        share = float((classifier(images.clamp(-1, 1)).argmax(-1) == asked).float().mean())
+    assert share >= 0.5  # chance is 0.1; see docs/models.md for the measured share
