@@ -63,6 +63,11 @@ def supported() -> str:
     return ", ".join(f"{cls} ({family.name})" for cls, family in FAMILIES.items())
 
 
+def is_dit(model: nn.Module) -> bool:
+    """Whether `model`'s class (or a base class, by name) is a supported diffusers DiT."""
+    return any(cls.__name__ in FAMILIES for cls in type(model).__mro__)
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of `model` (its class or a base class by name), or a TypeError naming what is supported."""
     for cls in type(model).__mro__:

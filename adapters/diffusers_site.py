@@ -135,6 +135,14 @@ def apply_technique(target: Any, config: Any) -> Handle:
     return REGISTRY.apply(site_of(target), [config])[0]
 
 
+def model_site(model: nn.Module, scheduler: Any | None = None) -> Site:
+    """The site of the denoiser a `DiffusionModel` carries: a DiT's when its class is a supported DiT
+    family (the embedded DiT, Flux, SD3, …), else the U-Net's."""
+    from .diffusers_dit import DiTSite, is_dit  # imported here: that module builds on this one
+
+    return DiTSite(model, scheduler) if is_dit(model) else UNetSite(model, scheduler)
+
+
 @contextmanager
 def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iterator[list[Handle]]:
     """Apply each acceleration config to `unet` (and `scheduler`) for the duration of a `with` block.
@@ -145,7 +153,7 @@ def accelerated(unet: nn.Module, scheduler: Any, configs: Sequence[Any]) -> Iter
     first, so the U-Net leaves the block exactly as it entered — which is what lets node classes share
     one loaded model without mutating it.
     """
-    handles = REGISTRY.apply(UNetSite(unet, scheduler), configs)
+    handles = REGISTRY.apply(model_site(unet, scheduler), configs)
     try:
         yield handles
     finally:

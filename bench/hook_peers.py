@@ -53,13 +53,18 @@ def _run_with_hook(work: Workload, name: str, apply: Callable[[torch.nn.Module, 
         raise PeerUnavailable(f"{name} cannot run on this U-Net ({type(err).__name__}: {str(err)[:160]})") from err
     finally:
         clock.handle.remove()
-        for module in unet.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None:
-                for hook_name in list(registry.hooks):
-                    registry.remove_hook(hook_name, recurse=False)
-                del module._diffusers_hook
-            module.__dict__.pop("forward", None)  # removal leaves the class forward bound on the instance
+        remove_diffusers_hooks(unet)
+
+
+def remove_diffusers_hooks(model: torch.nn.Module) -> None:
+    """Take every `diffusers.hooks` hook off `model` and its submodules, through diffusers' `HookRegistry`."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for hook_name in list(registry.hooks):
+                registry.remove_hook(hook_name, recurse=False)
+            del module._diffusers_hook
+        module.__dict__.pop("forward", None)  # removal leaves the class forward bound on the instance
 
 
 def run_pab(work: Workload, loop: Loop) -> torch.Tensor:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..accel.block_cache import BlockCacheConfig
 from ..adapters.comfy_dit import check_span
 from ..adapters.comfy_unet import apply_technique
 from .comfy_nodes import MODEL_INPUT, stats_reporter
+from .dit_nodes import block_cache_config, block_cache_inputs
 
 
 class BlockCacheModel:
@@ -31,29 +31,13 @@ class BlockCacheModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            "cache_interval": ("INT", {"default": 3, "min": 1, "max": 1000, "step": 1,
-                                       "tooltip": "A full step every N steps; 1 never caches (exactly the "
-                                                  "uncached output)."}),
-            "span_start": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
-                                   "tooltip": "First cached block, counted over all blocks in execution order "
-                                              "(Flux: double then single blocks). 0: the family's default (the "
-                                              "longest range that can be cached; block 0 always runs)."}),
-            "span_stop": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
-                                  "tooltip": "One past the last cached block. 0: the family's default (the last "
-                                             "block always runs)."}),
-            "mode": (["reuse", "forecast"], {"default": "reuse",
-                                             "tooltip": "reuse: the span's residual of the last full step; "
-                                                        "forecast: extrapolated to this step's noise level from "
-                                                        "the last full steps."}),
-            "order": ("INT", {"default": 1, "min": 1, "max": 2, "step": 1,
-                              "tooltip": "The forecast's order in the noise level (forecast mode only)."}),
+            **block_cache_inputs(),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: Any, cache_interval: int, span_start: int, span_stop: int, mode: str, order: int,
               unique_id: str | None = None) -> tuple[Any]:
         diffusion_model = model.get_model_object("diffusion_model")
-        first, stop = check_span(diffusion_model, None)  # the family's default; an unsupported model fails here
-        span = (int(span_start) or first, int(span_stop) or stop)
-        config = BlockCacheConfig(cache_interval=int(cache_interval), span=span, mode=mode, order=int(order))
+        default = check_span(diffusion_model, None)  # the family's default; an unsupported model fails here
+        config = block_cache_config(default, cache_interval, span_start, span_stop, mode, order)
         check_span(diffusion_model, config.span)
         return (apply_technique(model, config, stats_reporter(unique_id)),)

@@ -20,6 +20,7 @@ from ..adapters.diffusers_site import accelerated
 from ..adapters.diffusers_slicing import sliced_decoder
 from ..adapters.diffusers_unet import deep_modules
 from ..files import write_numbered
+from ..models.dit import EMBEDDED_DIT, load_dit
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
@@ -33,9 +34,12 @@ MAX_SEED = 2**63 - 1
 
 
 @lru_cache(maxsize=4)
-def _load_cached(folder: str | None) -> DiffusionModel:
-    """Loading is the slow part of a re-run; models are immutable values, so sharing them is safe."""
-    return load_model(None if folder is None else Path(folder))
+def _load_cached(source: str) -> DiffusionModel:
+    """`source`: an embedded model's name or a folder. Loading is the slow part of a re-run; models are
+    immutable values, so sharing them is safe."""
+    if source == EMBEDDED_DIT:
+        return load_dit()
+    return load_model(None if source == EMBEDDED else Path(source))
 
 
 class LoadDiffusersModel:
@@ -45,13 +49,15 @@ class LoadDiffusersModel:
     RETURN_TYPES = ("LC_PIPE",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads a diffusers-format model: the embedded digits model (no download) or a local folder."
+    DESCRIPTION = ("Loads a diffusers-format model: an embedded model (the digits U-Net or the digits DiT; no "
+                   "download) or a local folder.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"source": ("STRING", {
             "default": EMBEDDED,
-            "tooltip": "'embedded:digits' for the model that ships with LiveCache, or a folder name inside "
+            "tooltip": "'embedded:digits' (U-Net) or 'embedded:dit' (transformer) for the models that ship with "
+                       "LiveCache, or a folder name inside "
                        "your diffusers model folders (unet/, scheduler/, optional vae/, text encoder).",
         })}}
 
@@ -60,14 +66,15 @@ class LoadDiffusersModel:
         return verdict(cls, {"source": source}, lambda: isinstance(source, str) and _model_folder(source))
 
     def load(self, source: str) -> tuple[DiffusionModel]:
-        folder = _model_folder(source)
-        return (_load_cached(None if folder is None else str(folder)),)
+        return (_load_cached(str(_model_folder(source))),)
 
 
-def _model_folder(source: str) -> Path | None:
-    """None for the embedded model, else the folder inside the model roots (refused outside them)."""
+def _model_folder(source: str) -> Path | str:
+    """An embedded model's name, else the folder inside the model roots (refused outside them)."""
     source = source.strip()
-    return None if source in ("", EMBEDDED) else resolve_inside(source, model_roots())
+    if source in ("", EMBEDDED, EMBEDDED_DIT):
+        return source or EMBEDDED
+    return resolve_inside(source, model_roots())
 
 
 class ApplyDeepCache:

@@ -1,6 +1,7 @@
-"""`livecache train digits|features|video|avatar`: rebuild the shipped models from scratch.
+"""`livecache train digits|dit|features|video|avatar`: rebuild the shipped models from scratch.
 
-`digits` and `features` fit the embedded image models (`train/embedded.py`), `video` the causal video
+`digits` and `features` fit the embedded image models (`train/embedded.py`), `dit` the embedded
+class-conditional DiT (`train/dit.py`, resumable: rerun the command after an interruption), `video` the causal video
 model (`train/video.py`), `avatar` the diffusion avatar (`train/avatar.py`) on frames its teacher — the
 procedural avatar animating espeak-ng speech (`train/distill.py`) — renders. Training is reproducible
 (seeded) and CPU-friendly. Only the standard library loads at import time.
@@ -12,7 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-MODELS = {"digits": "the embedded diffusion U-Net", "features": "the FID-style feature extractor",
+MODELS = {"digits": "the embedded diffusion U-Net",
+          "dit": "the embedded class-conditional DiT (`--steps` default 2000; resumes from its checkpoint)",
+          "features": "the FID-style feature extractor",
           "video": "the causal AR video model (`--steps` default 2400 for it)",
           "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech"}
 
@@ -21,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=list(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps for `digits` (default 1500) or `video` (default 2400)")
+                        help="optimizer steps for `digits` (default 1500), `dit` (2000) or `video` (default 2400)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
     parser.add_argument("--sentences", type=int, default=14,
@@ -40,6 +43,11 @@ def main(args: argparse.Namespace) -> int:
         from .embedded import train_digits
 
         out = train_digits(args.out or DIGITS_DIR, steps=args.steps or 1500, seed=args.seed)
+    elif args.what == "dit":
+        from ..models.dit import DIT_DIR
+        from .dit import train_dit
+
+        out = train_dit(args.out or DIT_DIR, steps=args.steps or 2000, seed=args.seed)
     elif args.what == "video":
         from ..models.video import VIDEO_DIR
         from .video import train_video

@@ -29,7 +29,7 @@ from ..models.features import DigitFeatures
 from ..models.loading import save_component, save_json, save_weights
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shift each digit by up to one pixel: more variety without changing what a digit looks like."""
     shifts = torch.randint(-1, 2, (2,), generator=generator).tolist()
     return torch.roll(images, shifts=shifts, dims=(2, 3))
@@ -54,7 +54,7 @@ def train_digits(out_dir: Path = DIGITS_DIR, steps: int = 1500, batch: int = 64,
     progress = tqdm(range(steps), desc="train digits U-Net", unit="step")
     for step in progress:
         idx = torch.randint(0, len(images), (batch,), generator=generator)
-        x0 = _augment(images[idx], generator)
+        x0 = augment(images[idx], generator)
         y = torch.where(torch.rand(batch, generator=generator) < 0.1, UNCONDITIONAL, labels[idx])
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator)
@@ -92,7 +92,7 @@ def train_features(out_file: Path = FEATURES_FILE, epochs: int = 30, seed: int =
         order = torch.randperm(len(images), generator=generator)
         for i in range(0, len(images), 128):
             idx = order[i : i + 128]
-            loss = F.cross_entropy(model(_augment(images[idx], generator)), labels[idx])
+            loss = F.cross_entropy(model(augment(images[idx], generator)), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
