@@ -1,4 +1,4 @@
-"""Inner Loop Feedback (ILF): a small trained module that predicts, on a cached step, the features a full step would have.
+"""Inner Loop Feedback (ILF): a small trained module that predicts, on a cached step, what a full step computes.
 
 The idea (Gwilliam et al., "Accelerate High-Quality Diffusion Models with Inner Loop Feedback"): the
 features of one backbone block change slowly from step to step, and a little computation on a step
