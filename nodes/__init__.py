@@ -6,12 +6,15 @@ from .comfy_dit_nodes import BlockCacheModel
 from .comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadScheduleModel, QuantizeModel, SlicingModel
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
+from .ilf_nodes import ApplyILF, LoadILFModule
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
     "LiveCacheDeepCache": ApplyDeepCache,
+    "LiveCacheLoadILF": LoadILFModule,
+    "LiveCacheApplyILF": ApplyILF,
     "LiveCacheStepRehash": ApplyStepRehash,
     "LiveCacheSlicing": ApplySlicing,
     "LiveCacheSampler": DiffusersSampler,
@@ -39,6 +42,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
     "LiveCacheDeepCache": "DeepCache (LiveCache)",
+    "LiveCacheLoadILF": "Load ILF Module (LiveCache)",
+    "LiveCacheApplyILF": "Apply ILF (LiveCache)",
     "LiveCacheStepRehash": "Step Rehash (LiveCache)",
     "LiveCacheSlicing": "Feature Slicing (LiveCache)",
     "LiveCacheSampler": "Sampler (LiveCache)",

@@ -213,7 +213,7 @@ def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraini
             optimizer.zero_grad(set_to_none=True)
             value.backward()
         optimizer.step()
-        loss = float(value)
+        loss = value.item()
         if checkpoint is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
             _save_checkpoint(checkpoint, tag, step + 1, module, optimizer, generator)
     return loss
