@@ -23,6 +23,9 @@ def _module_file(source: str) -> Path:
     """The shipped module of an embedded model, or a file inside the model folders (refused outside them)."""
     source = source.strip()
     if source in ILF_FILES:
+        if not ILF_FILES[source].is_file():
+            raise ValueError(f"{ILF_FILES[source]}: the module for {source} is missing; run "
+                             f"`livecache train ilf --model {source}`")
         return ILF_FILES[source]
     return resolve_inside(source, model_roots())
 

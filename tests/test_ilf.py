@@ -1,6 +1,7 @@
 """Inner Loop Feedback: the core (scale 0 changes nothing), training without data, loading tied to the backbone."""
 
 import pickle
+from pathlib import Path
 
 import diffusers as D
 import pytest
@@ -15,7 +16,11 @@ from livecache.accel.quant import QuantConfig, QuantPlan
 from livecache.accel.techniques import REGISTRY
 from livecache.adapters.diffusers_dit import DiTSite
 from livecache.adapters.diffusers_site import UNetSite
+from livecache.cli import main as cli_main
+from livecache.models.embedded import ILF_FILES
 from livecache.train.ilf import ILFTraining, class_dit_teacher, train_ilf
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
 def tiny_dit(seed: int = 0) -> nn.Module:
@@ -172,3 +177,26 @@ def test_ilf_is_a_feature_cache_and_refuses_quantization():
         REGISTRY.check_stack([ILFConfig(), DeepCacheConfig()])
     with pytest.raises(ValueError, match="quantization"):
         REGISTRY.check_stack([ILFConfig(), QuantPlan(QuantConfig(), "", {}, 0)])
+
+
+@pytest.mark.skipif(not ILF_FILES["embedded:digits"].is_file(), reason="the digits module is not trained yet")
+@pytest.mark.parametrize("name", ["ilf_digits.json", "ilf_digits_api.json"])
+def test_the_ilf_workflow_runs_headless_with_the_shipped_module(tmp_path, capsys, name):
+    assert cli_main(["run", str(WORKFLOWS / name), "--output", str(tmp_path)]) == 0
+    assert len(sorted(tmp_path.glob("ilf_digits_*.png"))) == 4
+    assert "ILF: " in capsys.readouterr().out
+
+
+def test_apply_ilf_refuses_a_module_of_another_model():
+    from livecache.models.pipeline import load_model
+    from livecache.nodes.ilf_nodes import ApplyILF
+
+    model = load_model()
+    stranger = tiny_unet()
+    handle = REGISTRY.apply(UNetSite(stranger), [ILFConfig()])[0]
+    from livecache.accel.cache_schedule import model_fingerprint
+
+    weights = FeedbackWeights.of(handle.core.module, model_fingerprint(stranger), "tiny", handle.core.point.where)
+    handle.remove()
+    with pytest.raises(ValueError, match=f"#{weights.fingerprint}.*#{model_fingerprint(model.unet)}"):
+        ApplyILF().apply(model, weights, 2)
