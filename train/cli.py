@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default embedded:digits)")
     parser.add_argument("--interval", type=int, default=2,
                         help="`ilf`: the cache interval the module is trained for (default 2: every other step)")
+    parser.add_argument("--generations", type=int, default=6,
+                        help="`ilf`: teacher generations to distil from (default 6; 2 more, other seeds, are held out)")
+    parser.add_argument("--batch", type=int, default=8, help="`ilf`: samples per teacher generation (default 8)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="`ilf`: keep the run's state here and resume from it (default: beside --out)")
     parser.add_argument("--unet-steps", type=int, default=1000,
@@ -95,7 +98,8 @@ def _ilf(args: argparse.Namespace, start: float) -> int:
         return 2
     try:
         model = load_model(None if args.model == "embedded:digits" else Path(args.model))
-        settings = ILFTraining(steps=args.steps or 300, interval=args.interval, seed=args.seed)
+        settings = ILFTraining(steps=args.steps or 300, interval=args.interval, generations=args.generations,
+                               seed=args.seed)
     except (WeightsError, ValueError) as err:
         print(err)
         return 2
@@ -103,7 +107,8 @@ def _ilf(args: argparse.Namespace, start: float) -> int:
     out = ILF_FILES[args.model] if shipped else args.out or Path(f"ilf_{model.name}.safetensors")
     checkpoint = args.checkpoint or out.with_name(f".{out.stem}.checkpoint.safetensors")
     try:
-        weights = train_ilf(digits_teacher(model), out, settings, checkpoint=checkpoint, replace=shipped)
+        weights = train_ilf(digits_teacher(model, batch=args.batch), out, settings, checkpoint=checkpoint,
+                            replace=shipped)
     except (FileExistsError, ValueError) as err:
         print(err)
         return 1
