@@ -67,13 +67,19 @@ def _report_quantization(stats: QuantStats, seconds: float) -> tuple[str, dict[s
              "seconds": seconds})
 
 
+def _drive(site: Site, core: Any, handle: Handle) -> None:
+    """A reuse cache's undo steps and its announcements: calls drive its step clock, and a generation's
+    start (with its length, which fixes the schedule) resets it."""
+    handle.undo(core.remove)
+    handle.undo(site.watch_calls(core.begin_call, core.end_call))
+    handle.undo(site.watch_generations(core.reset))
+
+
 # -- DeepCache --------------------------------------------------------------------------------
 def _apply_deepcache(site: Site, config: DeepCacheConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     core = handle.core = DeepCache(config)
     core.attach(site.deep_modules(config.cache_branch_id))
-    handle.undo(core.remove)
-    handle.undo(site.watch_calls(core.begin_call, core.end_call))
-    handle.undo(site.watch_generations(core.reset))  # a generation's length fixes the schedule
+    _drive(site, core, handle)
 
 
 def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
@@ -86,9 +92,7 @@ def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[
 def _apply_blockcache(site: Site, config: BlockCacheConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     core = handle.core = BlockCache(config)
     core.attach_span(site.block_span(config.span))
-    handle.undo(core.remove)
-    handle.undo(site.watch_calls(core.begin_call, core.end_call))
-    handle.undo(site.watch_generations(core.reset))
+    _drive(site, core, handle)
 
 
 def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
@@ -103,9 +107,7 @@ def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dic
 def _apply_ilf(site: Site, config: ILFConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     where = config.module.where if config.module is not None else config.where
     core = handle.core = build_ilf(config, site.feedback_point(where), site.root)
-    handle.undo(core.remove)
-    handle.undo(site.watch_calls(core.begin_call, core.end_call))
-    handle.undo(site.watch_generations(core.reset))
+    _drive(site, core, handle)
 
 
 def _report_ilf(stats: ILFStats, seconds: float) -> tuple[str, dict[str, Any]]:
