@@ -99,7 +99,8 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None) -> list[list[Call]]:
+def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
+           progress: Progress | bool = False) -> list[list[Call]]:
     """The teacher's model calls for each seed's generation (uncached), with the feature ILF corrects."""
     point = teacher.site.feedback_point(where)
     corrected = point.skipped[point.corrected]
@@ -113,7 +114,7 @@ def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None) -> 
                                                           features.pop()))),
              corrected.register_forward_hook(lambda _m, _a, out: features.append(point.stream_of(out).detach()))]
     try:
-        for seed in seeds:
+        for seed in as_progress(progress).loop(seeds, "teacher generations", "generation"):
             runs.append([])
             with torch.no_grad():
                 teacher.generate(seed)
@@ -175,7 +176,8 @@ def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTra
     torch.manual_seed(settings.seed)
     train_seeds = [settings.seed * 1000 + k for k in range(settings.generations)]
     test_seeds = [settings.seed * 1000 + settings.generations + k for k in range(settings.held_out)]
-    runs, held = record(teacher, train_seeds, where), record(teacher, test_seeds, where)
+    runs = record(teacher, train_seeds + test_seeds, where, progress)
+    runs, held = runs[:settings.generations], runs[settings.generations:]
     frozen = [(p, p.requires_grad) for p in root.parameters()]
     handle = REGISTRY.apply(teacher.site, [ILFConfig(cache_interval=1 << 30, where=where)])[0]
     try:
