@@ -16,8 +16,6 @@ from livecache.accel.quant import QuantConfig, QuantPlan
 from livecache.accel.techniques import REGISTRY
 from livecache.adapters.diffusers_dit import DiTSite
 from livecache.adapters.diffusers_site import UNetSite
-from livecache.cli import main as cli_main
-from livecache.models.embedded import ILF_FILES
 from livecache.train.ilf import ILFTraining, class_dit_teacher, train_ilf
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -177,14 +175,6 @@ def test_ilf_is_a_feature_cache_and_refuses_quantization():
         REGISTRY.check_stack([ILFConfig(), DeepCacheConfig()])
     with pytest.raises(ValueError, match="quantization"):
         REGISTRY.check_stack([ILFConfig(), QuantPlan(QuantConfig(), "", {}, 0)])
-
-
-@pytest.mark.skipif(not ILF_FILES["embedded:digits"].is_file(), reason="the digits module is not trained yet")
-@pytest.mark.parametrize("name", ["ilf_digits.json", "ilf_digits_api.json"])
-def test_the_ilf_workflow_runs_headless_with_the_shipped_module(tmp_path, capsys, name):
-    assert cli_main(["run", str(WORKFLOWS / name), "--output", str(tmp_path)]) == 0
-    assert len(sorted(tmp_path.glob("ilf_digits_*.png"))) == 4
-    assert "ILF: " in capsys.readouterr().out
 
 
 def test_apply_ilf_refuses_a_module_of_another_model():
