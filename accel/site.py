@@ -110,6 +110,17 @@ class BlockIO:
     def streams_out(self, output: Any) -> Streams:
         return (output,) if self.outputs is None else tuple(output[i] for i in self.outputs)
 
+    def call_with(self, block: nn.Module, streams: Streams, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Streams:
+        """Run `block` (a copy of the block this IO describes, say) on `streams` with the rest of one call's
+        arguments as they were: how a feedback module built from a backbone block sees that step's context."""
+        args, kwargs = list(args), dict(kwargs)
+        for name, position, stream in zip(self.inputs, self.positions, streams, strict=True):
+            if name in kwargs or position >= len(args):
+                kwargs[name] = stream
+            else:
+                args[position] = stream
+        return self.streams_out(block(*args, **kwargs))
+
     def pack(self, streams: Streams) -> Any:
         """The block's output carrying `streams`."""
         if self.outputs is None:
@@ -133,6 +144,34 @@ class BlockSpan:
         if len({len(io.inputs) for io in self.io}) != 1:
             raise ValueError("every block of a span must carry the same streams (a span cannot cross a point where "
                              "the model joins or splits its streams)")
+
+
+# run(copy, features, args, kwargs) -> features: a copy of the backbone block on `features`, with the
+# context (timestep embedding, class labels) of the first skipped module's call in this model call
+RunBlock = Callable[[nn.Module, torch.Tensor, tuple[Any, ...], dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeedbackPoint:
+    """Where an Inner Loop Feedback module attaches on one model (`accel.ilf`).
+
+    `skipped`: what a feedback step does not compute, in execution order — a U-Net's deep modules
+    (DeepCache's) or a DiT's block span (`span`, then the blocks are `span.blocks`); `corrected`: the
+    index in `skipped` whose (reused) output the module corrects, the feature the rest of the model reads;
+    `block`: the backbone block the module is a copy of; `where`: how the family numbers this point
+    (saved with a trained module, so it is loaded where it was trained); `run`: how the copy is called;
+    `stream_of`/`with_stream`: the feature tensor in the corrected module's output, and that output
+    carrying another feature.
+    """
+
+    skipped: tuple[nn.Module, ...]
+    corrected: int
+    block: nn.Module
+    where: dict[str, Any]
+    run: RunBlock
+    span: BlockSpan | None = None
+    stream_of: Callable[[Any], torch.Tensor] = lambda out: out
+    with_stream: Callable[[Any, torch.Tensor], Any] = lambda _out, feature: feature
 
 
 class Site:
@@ -171,6 +210,10 @@ class Site:
         """The transformer blocks `span` names (`(first, stop)` in execution order; None: the family's
         default) and how each is called: what a block cache covers."""
         raise self._lacks("transformer block span (a block cache needs a DiT)")
+
+    def feedback_point(self, where: dict[str, Any] | None) -> FeedbackPoint:
+        """Where an ILF module attaches: `where` as a trained module saved it (None: the family's default)."""
+        raise self._lacks("attachment point for an Inner Loop Feedback module")
 
     def cache_site(self, branch_id: int) -> CacheSite:
         deep = tuple(self.deep_modules(branch_id))

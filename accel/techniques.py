@@ -3,8 +3,8 @@
 Application order (rank, lowest innermost):
 - 0 feature slicing (exact: it only changes how a group computes) and quantization (it overrides
   leaf Linear/Conv2d layers, which no other core touches, so a cache then stores quantized outputs);
-- 1 the feature caches, DeepCache, CacheQuant and the block cache (replace deep modules' or a
-  transformer block span's outputs). A cache may wrap a
+- 1 the feature caches, DeepCache, CacheQuant, the block cache and ILF (replace deep modules' or a
+  transformer block span's outputs; ILF corrects them with its trained module). A cache may wrap a
   sliced module, never the reverse (a cache inside a sliced group would see each slice as a separate
   call): slicing is applied first, and with a feature cache in the stack it keeps its groups at layer
   granularity, so a module a cache names is never inside a group;
@@ -13,7 +13,8 @@ Application order (rank, lowest innermost):
 Refusals beyond "one per technique, one feature cache": step rehash's "extrapolate" mode with a
 feature cache (it extrapolates the difference of the last two computed outputs, which with a cache
 alternate between full and cached approximations, so the difference is mostly cache error; "reuse"
-stacks fine), and a separate quantization with a CacheQuant that quantizes already.
+stacks fine), a separate quantization with a CacheQuant that quantizes already, and quantization under
+ILF (its module copies a float block and was trained on the float backbone).
 
 Front ends use `REGISTRY` (and the two shortcuts below) and nothing else of this module.
 """
@@ -27,6 +28,7 @@ from .block_cache import BlockCache, BlockCacheConfig, BlockCacheStats
 from .cache_schedule import model_fingerprint
 from .cachequant import CacheQuant, CacheQuantPlan, CacheQuantStats
 from .deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
+from .ilf import ILFConfig, ILFStats, build_ilf
 from .quant import Quantizer, QuantPlan, QuantStats
 from .registry import Handle, Registry, Technique
 from .rehash import StepRehash, StepRehashConfig, StepRehashStats
@@ -65,13 +67,19 @@ def _report_quantization(stats: QuantStats, seconds: float) -> tuple[str, dict[s
              "seconds": seconds})
 
 
+def _drive(site: Site, core: Any, handle: Handle) -> None:
+    """A reuse cache's undo steps and its announcements: calls drive its step clock, and a generation's
+    start (with its length, which fixes the schedule) resets it."""
+    handle.undo(core.remove)
+    handle.undo(site.watch_calls(core.begin_call, core.end_call))
+    handle.undo(site.watch_generations(core.reset))
+
+
 # -- DeepCache --------------------------------------------------------------------------------
 def _apply_deepcache(site: Site, config: DeepCacheConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     core = handle.core = DeepCache(config)
     core.attach(site.deep_modules(config.cache_branch_id))
-    handle.undo(core.remove)
-    handle.undo(site.watch_calls(core.begin_call, core.end_call))
-    handle.undo(site.watch_generations(core.reset))  # a generation's length fixes the schedule
+    _drive(site, core, handle)
 
 
 def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
@@ -84,9 +92,7 @@ def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[
 def _apply_blockcache(site: Site, config: BlockCacheConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     core = handle.core = BlockCache(config)
     core.attach_span(site.block_span(config.span))
-    handle.undo(core.remove)
-    handle.undo(site.watch_calls(core.begin_call, core.end_call))
-    handle.undo(site.watch_generations(core.reset))
+    _drive(site, core, handle)
 
 
 def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
@@ -95,6 +101,27 @@ def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dic
             f"{stats.skipped_blocks} block calls skipped in {seconds:.2f} s, schedule {stats.schedule}",
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls,
              "forecast_calls": stats.forecast_calls, "skipped_blocks": stats.skipped_blocks, "seconds": seconds})
+
+
+# -- Inner Loop Feedback ----------------------------------------------------------------------
+def _apply_ilf(site: Site, config: ILFConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
+    where = config.module.where if config.module is not None else config.where
+    core = handle.core = build_ilf(config, site.feedback_point(where), site.root)
+    _drive(site, core, handle)
+
+
+def _report_ilf(stats: ILFStats, seconds: float) -> tuple[str, dict[str, Any]]:
+    return (f"ILF: {stats.full_calls} full / {stats.cached_calls} cached model calls, {stats.feedback_calls} "
+            f"corrected by the feedback module in {seconds:.2f} s, schedule {stats.schedule}",
+            {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls,
+             "feedback_calls": stats.feedback_calls, "seconds": seconds})
+
+
+def _ilf_refuses(_config: ILFConfig, other: Any) -> str | None:
+    if isinstance(other, QuantPlan):
+        return ("ILF cannot stack with quantization: its feedback module is a copy of a float backbone block, "
+                "trained on the float backbone; remove the quantization node")
+    return None
 
 
 # -- CacheQuant -------------------------------------------------------------------------------
@@ -147,6 +174,7 @@ REGISTRY = Registry([
     Technique("deepcache", "DeepCache", DeepCacheConfig, 1, _apply_deepcache, _report_deepcache, feature_cache=True),
     Technique("blockcache", "block cache", BlockCacheConfig, 1, _apply_blockcache, _report_blockcache,
               feature_cache=True),
+    Technique("ilf", "ILF", ILFConfig, 1, _apply_ilf, _report_ilf, feature_cache=True, refuses=_ilf_refuses),
     Technique("cachequant", "CacheQuant", CacheQuantPlan, 1, _apply_cachequant, _report_cachequant,
               feature_cache=True, refuses=_cachequant_refuses),
     Technique("rehash", "step rehash", StepRehashConfig, 2, _apply_rehash, _report_rehash, refuses=_rehash_refuses),

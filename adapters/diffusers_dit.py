@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from ..accel.registry import Handle
-from ..accel.site import BlockSpan, Removable, Removal, Site
+from ..accel.site import BlockSpan, FeedbackPoint, Removable, Removal, Site
 from ..accel.techniques import REGISTRY
 from .diffusers_site import GenerationWatch
-from .dit_blocks import BlockLayout, Stage
+from .dit_blocks import BlockLayout, Stage, span_feedback
 
 PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...
 PAIR_OUT = (1, 0)  # ... and out as (encoder_hidden_states, hidden_states)
@@ -105,6 +105,9 @@ class DiTSite(Site):
 
     def block_span(self, span: tuple[int, int] | None) -> BlockSpan:
         return self.layout.block_span(span)
+
+    def feedback_point(self, where: dict[str, Any] | None) -> FeedbackPoint:
+        return span_feedback(self.layout, where)
 
     def quant_layers(self) -> dict[str, nn.Module]:
         """The Linear layers inside the transformer blocks, by qualified name: where the arithmetic is.

@@ -18,12 +18,12 @@ from torch import nn
 
 from ..accel.quant import log2_quantize
 from ..accel.registry import Handle
-from ..accel.site import Around, Removable, Removal, Site
+from ..accel.site import Around, FeedbackPoint, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis
 from ..accel.techniques import REGISTRY
 from .diffusers_rehash import wrap_unet_calls
 from .diffusers_slicing import unet_groups
-from .diffusers_unet import cross_attentions, deep_modules, quant_layers, read_timestep
+from .diffusers_unet import cross_attentions, deep_modules, feedback_block, quant_layers, read_timestep, run_resnet
 
 _WATCH = "_livecache_generation_watch"
 
@@ -86,6 +86,20 @@ class UNetSite(Site):
 
     def quant_layers(self) -> dict[str, nn.Module]:
         return quant_layers(self.root)
+
+    def feedback_point(self, where: dict[str, Any] | None) -> FeedbackPoint:
+        """ILF below skip branch `branch` (default 0): the deep modules are skipped, the feature the shallow
+        branch reads is corrected, by a copy of the deep resnet `block` (default `feedback_block`)."""
+        where = dict(where or {})
+        branch = where.setdefault("branch", 0)
+        if isinstance(branch, bool) or not isinstance(branch, int):
+            raise ValueError(f"ILF branch must be an integer, got {branch!r}")
+        name = where.setdefault("block", feedback_block(self.root, branch))
+        blocks = dict(self.root.named_modules())
+        if name not in blocks:
+            raise ValueError(f"this U-Net has no block {name!r} for the ILF module to copy")
+        deep = tuple(deep_modules(self.root, branch))
+        return FeedbackPoint(deep, len(deep) - 1, blocks[name], where, run_resnet)
 
     def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
         return unet_groups(self.root, axis, cache_inside)

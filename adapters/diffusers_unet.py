@@ -108,3 +108,32 @@ def feature_module(unet: nn.Module, branch_id: int) -> nn.Module:
 def cross_attentions(unet: nn.Module) -> list[nn.Module]:
     """The cross-attention `Attention` modules (where DGQ log-quantizes the scores)."""
     return [m for m in unet.modules() if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+
+
+def feedback_block(unet: nn.Module, branch_id: int) -> str:
+    """The qualified name of the block an ILF module copies at `branch_id`: the last resnet among the deep
+    modules that maps the feature's channels to themselves (it can run on the feature the shallow branch reads,
+    conditioned on the step's timestep embedding like every resnet of the U-Net)."""
+    channels = feature_channels(unet, branch_id)
+    inside = {id(m) for deep in deep_modules(unet, branch_id) for m in deep.modules()}
+    names = [name for name, m in unet.named_modules() if id(m) in inside and type(m).__name__ == "ResnetBlock2D"
+             and m.in_channels == m.out_channels == channels and getattr(m, "time_emb_proj", None) is not None]
+    if not names:
+        raise TypeError(f"no deep resnet of this U-Net maps {channels} channels to {channels} with a timestep "
+                        f"embedding: ILF cannot attach at branch {branch_id}")
+    return names[-1]
+
+
+def feature_channels(unet: nn.Module, branch_id: int) -> int:
+    """The channels of the feature the shallow branch reads at `branch_id` (its last deep layer's output)."""
+    layers = unet_layers(unet)
+    last_up = layers.up[len(layers.up) - branch_id - 2][1] if len(layers.up) - branch_id - 2 >= 0 else None
+    resnet = None if last_up is None else next((m for m in last_up if type(m).__name__ == "ResnetBlock2D"), None)
+    if resnet is None:
+        raise TypeError(f"branch {branch_id} of this U-Net has no deep up layer with a resnet")
+    return int(resnet.out_channels)
+
+
+def run_resnet(block: nn.Module, feature: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A resnet copy on `feature` with the timestep embedding every deep module receives (`temb`, second)."""
+    return block(feature, kwargs["temb"] if "temb" in kwargs else args[1])

@@ -18,10 +18,11 @@ of stages and in how a call's noise level is read; the layout logic is this modu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from ..accel.site import BlockIO, BlockSpan
+from ..accel.site import BlockIO, BlockSpan, FeedbackPoint
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,36 @@ class BlockLayout:
                              + ", ".join(f"[{b[0]}, {b[-1] + 1})" for b in bounds))
         return BlockSpan(tuple(b.module for b in chosen), tuple(b.io for b in chosen))
 
+    def block_io(self, index: int) -> BlockIO:
+        return self._blocks[index].io
+
     def block_names(self) -> tuple[str, ...]:
         """The attributes holding the blocks (the prefixes of their layers' qualified names)."""
         return tuple(stage.attribute for stage in self.stages)
+
+
+def span_feedback(layout: BlockLayout, where: dict[str, Any] | None) -> FeedbackPoint:
+    """ILF on a DiT: feedback steps skip the block `span` (default: the block cache's) and its first block's
+    reused output is corrected by a copy of the span's last block (`block`, in the model's numbering), called
+    with that step's own arguments (timestep, class labels, text), every stream but the image's as they were."""
+    where = dict(where or {})
+    span = where.setdefault("span", list(layout.default_span()))
+    if not (isinstance(span, list | tuple) and len(span) == 2 and all(isinstance(i, int) for i in span)):
+        raise ValueError(f"ILF span must be a pair of block indices, got {span!r}")
+    chosen = layout.block_span((span[0], span[1]))
+    index = where.setdefault("block", span[1] - 1)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layout.blocks):
+        raise ValueError(f"ILF block must be a block index in 0..{len(layout.blocks) - 1}, got {index!r}")
+    first = chosen.io[0]
+    if len(first.inputs) != 1:
+        raise TypeError(f"ILF needs a span of single-stream blocks; {layout.name}'s blocks "
+                        f"{tuple(span)} carry {len(first.inputs)} streams")
+    copied = layout.block_io(index)
+    where["span"] = [span[0], span[1]]
+
+    def run(block: nn.Module, feature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return copied.call_with(block, (feature,), args, kwargs)[0]
+
+    return FeedbackPoint(chosen.blocks, 0, layout.blocks[index], where, run, span=chosen,
+                         stream_of=lambda out: first.streams_out(out)[0],
+                         with_stream=lambda _out, feature: first.pack((feature,)))

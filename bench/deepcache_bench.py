@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,8 @@ class Row:
 Runner = Callable[[Workload], torch.Tensor]
 
 
-def _ours(config: DeepCacheConfig) -> Runner:
+def _ours(config: Any) -> Runner:
+    """A runner sampling with `config` (any registered technique's) applied."""
     def run(work: Workload) -> torch.Tensor:
         scheduler = make_scheduler("ddim", work.model.scheduler_config)
         with accelerated(work.model.unet, scheduler, [config]):
@@ -103,11 +105,13 @@ class _CallCounter:
 
 
 def bench_workload(work: Workload, dtype_name: str, runs: int, intervals: list[int], peers: bool,
-                   fid_reference=None, progress: Callable[[str], None] = print, only: str = "") -> list[Row]:
+                   fid_reference=None, progress: Callable[[str], None] = print, only: str = "",
+                   plan: list[tuple[str, str, Runner]] | None = None) -> list[Row]:
+    """Every method of `plan` (default: this bench's `methods`; the first must be "uncached") in rounds."""
     rows: dict[str, Row] = {}
     outputs: dict[str, torch.Tensor] = {}
     wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
-    plan = [m for m in methods(intervals, peers, work.steps)
+    plan = [m for m in (plan or methods(intervals, peers, work.steps))
             if m[0] == "uncached" or not wanted or any(w in m[0].lower() for w in wanted)]
     _ours_uncached(work)  # warm-up: allocator, oneDNN primitives, caches
     for round_index in range(runs):

@@ -7,6 +7,7 @@ from .comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadSche
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .dit_nodes import ApplyBlockCache
+from .ilf_nodes import ApplyILF, LoadILFModule
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
@@ -14,6 +15,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheLoadDiffusers": LoadDiffusersModel,
     "LiveCacheDeepCache": ApplyDeepCache,
     "LiveCacheBlockCache": ApplyBlockCache,
+    "LiveCacheLoadILF": LoadILFModule,
+    "LiveCacheApplyILF": ApplyILF,
     "LiveCacheStepRehash": ApplyStepRehash,
     "LiveCacheSlicing": ApplySlicing,
     "LiveCacheSampler": DiffusersSampler,
@@ -42,6 +45,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheLoadDiffusers": "Load Diffusers Model (LiveCache)",
     "LiveCacheDeepCache": "DeepCache (LiveCache)",
     "LiveCacheBlockCache": "Block Cache (LiveCache)",
+    "LiveCacheLoadILF": "Load ILF Module (LiveCache)",
+    "LiveCacheApplyILF": "Apply ILF (LiveCache)",
     "LiveCacheStepRehash": "Step Rehash (LiveCache)",
     "LiveCacheSlicing": "Feature Slicing (LiveCache)",
     "LiveCacheSampler": "Sampler (LiveCache)",

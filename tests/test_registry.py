@@ -37,7 +37,7 @@ def untouched(unet, scheduler) -> bool:
 
 
 def test_every_technique_is_registered_once_with_its_rank():
-    assert REGISTRY.names() == ["slicing", "quantization", "deepcache", "blockcache", "cachequant", "rehash"]
+    assert REGISTRY.names() == ["slicing", "quantization", "deepcache", "blockcache", "ilf", "cachequant", "rehash"]
     assert REGISTRY.of(DEEPCACHE).title == "DeepCache" and REGISTRY.named("rehash").config_type is StepRehashConfig
     assert [REGISTRY.of(c).rank for c in (SLICING, DEEPCACHE, REHASH)] == [0, 1, 2]
     with pytest.raises(TypeError, match="no LiveCache adapter for int"):

@@ -1,9 +1,10 @@
-"""`livecache train digits|dit|features|video|avatar`: rebuild the shipped models from scratch.
+"""`livecache train digits|dit|features|video|avatar|ilf`: rebuild the shipped models from scratch.
 
 `digits` and `features` fit the embedded image models (`train/embedded.py`), `dit` the embedded
 class-conditional DiT (`train/dit.py`, resumable: rerun the command after an interruption), `video` the causal video
 model (`train/video.py`), `avatar` the diffusion avatar (`train/avatar.py`) on frames its teacher — the
-procedural avatar animating espeak-ng speech (`train/distill.py`) — renders. Training is reproducible
+procedural avatar animating espeak-ng speech (`train/distill.py`) — renders; `ilf` an Inner Loop Feedback
+module for `--model` by distillation from that model's own sampling (`train/ilf.py`). Training is reproducible
 (seeded) and CPU-friendly. Only the standard library loads at import time.
 """
 
@@ -17,19 +18,31 @@ MODELS = {"digits": "the embedded diffusion U-Net",
           "dit": "the embedded class-conditional DiT (`--steps` default 2000; resumes from its checkpoint)",
           "features": "the FID-style feature extractor",
           "video": "the causal AR video model (`--steps` default 2400 for it)",
-          "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech"}
+          "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech",
+          "ilf": "an ILF feedback module for --model, distilled from its own sampling (no data set)"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=list(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps for `digits` (default 1500), `dit` (2000) or `video` (default 2400)")
+                        help="optimizer steps for `digits` (default 1500), `dit` (2000), `video` (2400) or "
+                             "`ilf` (300)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
     parser.add_argument("--sentences", type=int, default=14,
                         help="`avatar`: espeak-ng sentences rendered by the teacher (default 14)")
     parser.add_argument("--vae-steps", type=int, default=300, help="`avatar`: VAE optimizer steps (default 300)")
+    parser.add_argument("--model", default="embedded:digits",
+                        help="`ilf`: the backbone, embedded:digits or a diffusers folder of a digits-prompt U-Net "
+                             "(default embedded:digits)")
+    parser.add_argument("--interval", type=int, default=2,
+                        help="`ilf`: the cache interval the module is trained for (default 2: every other step)")
+    parser.add_argument("--generations", type=int, default=6,
+                        help="`ilf`: teacher generations to distil from (default 6; 2 more, other seeds, are held out)")
+    parser.add_argument("--batch", type=int, default=8, help="`ilf`: samples per teacher generation (default 8)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="`ilf`: keep the run's state here and resume from it (default: beside --out)")
     parser.add_argument("--unet-steps", type=int, default=1000,
                         help="`avatar`: U-Net + audio encoder optimizer steps (default 1000)")
 
@@ -38,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.what == "avatar":
         return _avatar(args, start)
+    if args.what == "ilf":
+        return _ilf(args, start)
     if args.what == "digits":
         from ..models.embedded import DIGITS_DIR
         from .embedded import train_digits
@@ -76,5 +91,37 @@ def _avatar(args: argparse.Namespace, start: float) -> int:
     out = Path(args.out) if args.out else AVATAR_DIR
     train_avatar(data.crops, data.windows, data.states, data.reference_index, data.references, out,
                  TrainSettings(vae_steps=args.vae_steps, unet_steps=args.unet_steps, seed=args.seed))
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _ilf(args: argparse.Namespace, start: float) -> int:
+    from ..models.embedded import ILF_FILES
+    from ..models.loading import WeightsError
+    from ..models.pipeline import load_model
+    from .ilf import ILFTraining, digits_teacher, train_ilf
+
+    if args.model == "embedded:dit":
+        print("embedded:dit is not in this build yet; train for embedded:digits or a folder")
+        return 2
+    try:
+        model = load_model(None if args.model == "embedded:digits" else Path(args.model))
+        settings = ILFTraining(steps=args.steps or 300, interval=args.interval, generations=args.generations,
+                               seed=args.seed)
+    except (WeightsError, ValueError) as err:
+        print(err)
+        return 2
+    shipped = args.out is None and args.model in ILF_FILES
+    out = ILF_FILES[args.model] if shipped else args.out or Path(f"ilf_{model.name}.safetensors")
+    checkpoint = args.checkpoint or out.with_name(f".{out.stem}.checkpoint.safetensors")
+    try:
+        weights = train_ilf(digits_teacher(model, batch=args.batch), out, settings, checkpoint=checkpoint,
+                            replace=shipped)
+    except (FileExistsError, ValueError) as err:
+        print(err)
+        return 1
+    checkpoint.unlink(missing_ok=True)
+    loss = weights.training["held_out_loss"]
+    print(f"held-out distillation loss {loss['ilf']:.4g} (plain reuse {loss['reuse']:.4g})")
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0

@@ -1,0 +1,299 @@
+"""Training an ILF feedback module without a data set: distillation from the frozen backbone's own trajectories.
+
+The teacher is the backbone itself, sampling uncached from seeds and class labels (or prompts) only.
+Every model call of those generations is recorded — its inputs, its output, and the feature the
+module will correct (`FeedbackPoint.corrected`'s output). A training example is a pair of calls of
+one generation, `gap` steps apart (1 ≤ gap < the cache interval the module is trained for): the
+model with ILF applied runs the earlier call fully, then the later one as a cached step, where the
+module corrects the reused feature. Two losses, each relative to the teacher's magnitude:
+- feature: the corrected feature against the teacher's feature at the later step;
+- output: the model's output at the later step against the teacher's output there.
+Only the module's parameters get gradients; the backbone is frozen.
+
+Seeded and reproducible (the teacher's seeds, the pairs' order and the initial module come from
+`seed`); a checkpoint (module, optimizer, generator state, as safetensors) is written atomically
+every `checkpoint_every` steps and resumed from when it matches the run's settings and backbone.
+Held-out generations (seeds the module never saw) measure the distillation loss of the trained
+module against the plain reuse it corrects (the same loss with the module's scale at 0).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from ..accel.cache_schedule import model_fingerprint
+from ..accel.ilf import ILF, FeedbackWeights, ILFConfig
+from ..accel.progress import Progress, as_progress
+from ..accel.site import Site
+from ..accel.techniques import REGISTRY
+from ..files import write_replacing
+
+CHECKPOINT_FORMAT = "livecache.ilf_checkpoint/1"
+
+
+@dataclass(frozen=True)
+class ILFTraining:
+    """How a module is trained; every field is saved with it (and a checkpoint resumes only the same run)."""
+
+    steps: int = 300  # optimizer steps
+    interval: int = 2  # the cache interval it is trained for: gaps 1 .. interval-1
+    generations: int = 6  # teacher generations (one batch each) to train on
+    held_out: int = 2  # further generations, other seeds, to measure it on
+    lr: float = 2e-3
+    feature_weight: float = 1.0
+    output_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "interval", "generations", "held_out", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.interval < 2:
+            raise ValueError("interval must be >= 2: with every step full the module never runs")
+        if not self.lr > 0 or self.feature_weight < 0 or self.output_weight < 0:
+            raise ValueError("lr must be > 0 and the loss weights >= 0")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The frozen backbone as the trainer sees it: its site, its name, and one uncached generation per seed
+    (`generate(seed)` samples a batch whose noise and labels come from `seed` alone)."""
+
+    site: Site
+    model: str
+    generate: Callable[[int], None]
+
+
+@dataclass
+class Call:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    feature: torch.Tensor
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a diffusers model call returns (`.sample`, or the first entry of its tuple)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
+           progress: Progress | bool = False) -> list[list[Call]]:
+    """The teacher's model calls for each seed's generation (uncached), with the feature ILF corrects."""
+    point = teacher.site.feedback_point(where)
+    corrected = point.skipped[point.corrected]
+    runs: list[list[Call]] = []
+    pending: list[tuple[Any, Any]] = []
+    features: list[torch.Tensor] = []
+    hooks = [teacher.site.root.register_forward_pre_hook(
+                 lambda _m, a, k: pending.append((_detached(a), _detached(k))), with_kwargs=True),
+             teacher.site.root.register_forward_hook(
+                 lambda _m, _a, out: runs[-1].append(Call(*pending.pop(), output_tensor(out).detach().clone(),
+                                                          features.pop()))),
+             corrected.register_forward_hook(lambda _m, _a, out: features.append(point.stream_of(out).detach()))]
+    try:
+        for seed in as_progress(progress).loop(seeds, "teacher generations", "generation"):
+            runs.append([])
+            with torch.no_grad():
+                teacher.generate(seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return runs
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
+
+
+def pair_loss(core: ILF, root: nn.Module, first: Call, later: Call, settings: ILFTraining) -> torch.Tensor:
+    """Run `first` fully, `later` as a cached step corrected by the module: the weighted distillation loss."""
+    core.reset()
+    with torch.no_grad():
+        root(*first.args, **first.kwargs)
+    out = output_tensor(root(*later.args, **later.kwargs))
+    if core.prediction is None:
+        raise RuntimeError("the later call was not a cached step: the feedback module never ran")
+    return (settings.output_weight * _relative(out, later.output)
+            + settings.feature_weight * _relative(core.prediction, later.feature))
+
+
+def pairs_of(runs: list[list[Call]], interval: int) -> list[tuple[int, int, int]]:
+    """Every (generation, earlier call, later call) at a gap 1 .. interval-1."""
+    return [(g, i, i + gap) for g, run in enumerate(runs) for gap in range(1, interval)
+            for i in range(len(run) - gap)]
+
+
+@torch.no_grad()
+def held_out_losses(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining) -> dict[str, float]:
+    """The mean distillation loss over every held-out pair: with the module, and as plain reuse (scale 0)."""
+    pairs = pairs_of(runs, settings.interval)
+    trained = sum(float(pair_loss(core, root, runs[g][i], runs[g][j], settings)) for g, i, j in pairs)
+    scale = core.module.scale.detach().clone()
+    core.module.scale.zero_()
+    try:
+        reuse = sum(float(pair_loss(core, root, runs[g][i], runs[g][j], settings)) for g, i, j in pairs)
+    finally:
+        core.module.scale.copy_(scale)
+    return {"ilf": trained / len(pairs), "reuse": reuse / len(pairs)}
+
+
+def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTraining(),
+              where: dict[str, Any] | None = None, checkpoint: Path | None = None,
+              progress: Progress | bool = True, replace: bool = False) -> FeedbackWeights:
+    """Train a module for `teacher`'s backbone; write it to `out` (safetensors) when given and return it.
+
+    `checkpoint`: where to keep (and resume) the run's state; `replace`: overwrite `out` (the shipped files),
+    otherwise an existing `out` is refused before any work.
+    """
+    if out is not None and out.exists() and not replace:
+        raise FileExistsError(f"{out} exists; choose another --out (a trained module is never written over)")
+    start = time.perf_counter()
+    root = teacher.site.root
+    fingerprint = model_fingerprint(root)
+    torch.manual_seed(settings.seed)
+    train_seeds = [settings.seed * 1000 + k for k in range(settings.generations)]
+    test_seeds = [settings.seed * 1000 + settings.generations + k for k in range(settings.held_out)]
+    runs = record(teacher, train_seeds + test_seeds, where, progress)
+    runs, held = runs[:settings.generations], runs[settings.generations:]
+    frozen = [(p, p.requires_grad) for p in root.parameters()]
+    handle = REGISTRY.apply(teacher.site, [ILFConfig(cache_interval=1 << 30, where=where)])[0]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        core: ILF = handle.core
+        last = _fit(core, root, runs, settings, fingerprint, checkpoint, progress)
+        losses = held_out_losses(core, root, held, settings)
+        training = {**asdict(settings), "seconds": round(time.perf_counter() - start, 1), "held_out_loss": losses,
+                    "train_seeds": train_seeds, "held_out_seeds": test_seeds, "last_loss": last}
+        result = FeedbackWeights.of(core.module, fingerprint, teacher.model, core.point.where, training)
+    finally:
+        handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    if out is not None:
+        result.save(out, replace=replace)
+    return result
+
+
+def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining,
+         fingerprint: str, checkpoint: Path | None, progress: Progress | bool) -> float:
+    """The optimisation loop (resuming from `checkpoint` when it holds this run); returns the last loss."""
+    module = core.module.requires_grad_(True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    pairs = pairs_of(runs, settings.interval)
+    tag = json.dumps({**asdict(settings), "fingerprint": fingerprint, "where": core.point.where}, sort_keys=True)
+    done = _resume(checkpoint, tag, module, optimizer, generator)
+    loss = float("nan")
+    for step in as_progress(progress).loop(range(done, settings.steps), "train ILF module", "step"):
+        g, i, j = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+        with torch.enable_grad():
+            value = pair_loss(core, root, runs[g][i], runs[g][j], settings)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+        optimizer.step()
+        loss = value.item()
+        if checkpoint is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
+            _save_checkpoint(checkpoint, tag, step + 1, module, optimizer, generator)
+    return loss
+
+
+def _save_checkpoint(path: Path, tag: str, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator) -> None:
+    tensors = {f"module.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous().clone()
+    tensors["rng"] = generator.get_state()
+    data = save(tensors, metadata={"format": CHECKPOINT_FORMAT, "run": tag, "step": str(step)})
+    write_replacing(path, lambda stream: stream.write(data))
+
+
+def _resume(path: Path | None, tag: str, module: nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> int:
+    """Load the checkpoint at `path` when it is this run's; the number of steps it had done (0: start over)."""
+    if path is None or not path.is_file():
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several types for files it cannot parse
+        raise ValueError(f"{path}: not an ILF checkpoint ({err}); delete it or choose another --checkpoint") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an ILF checkpoint; delete it or choose another --checkpoint")
+    if meta.get("run") != tag:
+        raise ValueError(f"{path}: a checkpoint of another run (other settings or another model); delete it to "
+                         "start this one")
+    module.load_state_dict({k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["rng"])
+    return int(meta["step"])
+
+
+def digits_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
+    """The embedded digits U-Net (or a folder model with digit prompts) sampling with DDIM and its own CFG:
+    seed `s` draws `batch` noises and digit labels from `s` alone."""
+    from ..adapters.diffusers_site import UNetSite
+    from ..models.sampling import initial_noise, make_scheduler, sample
+
+    def generate(seed: int) -> None:
+        labels = torch.randint(10, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
+        cond = torch.cat([model.encode_prompt(str(label)) for label in labels])
+        uncond = model.encode_prompt("").expand_as(cond)
+        sample(model, make_scheduler("ddim", model.scheduler_config), cond, uncond,
+               initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
+
+    return Teacher(UNetSite(model.unet), model.name, generate)
+
+
+def class_dit_teacher(transformer: nn.Module, name: str, steps: int = 20, batch: int = 8,
+                      classes: int = 10) -> Teacher:
+    """A class-conditional diffusers DiT (`DiTTransformer2DModel`) sampling with DDIM, no guidance: seed `s`
+    draws the noise and class labels. The learned-variance half of its output, where it has one, is dropped."""
+    from diffusers import DDIMScheduler
+
+    from ..adapters.diffusers_dit import DiTSite
+
+    config = transformer.config
+    channels, size = config.in_channels, config.sample_size
+
+    def generate(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.randint(classes, (batch,), generator=generator)
+        x = torch.randn((batch, channels, size, size), generator=generator)
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            out = output_tensor(transformer(x, timestep=t.expand(batch), class_labels=labels, return_dict=False))
+            x = scheduler.step(out[:, :channels], t, x).prev_sample
+
+    return Teacher(DiTSite(transformer), name, generate)
