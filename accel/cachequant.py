@@ -38,7 +38,7 @@ from .deepcache import DeepCache, DeepCacheConfig
 from .progress import Progress
 from .quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant
 from .schedules import format_schedule
-from .site import CacheSite
+from .site import CacheSite, remove_all
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,7 @@ class CacheQuant:
                                1.0 if quant is None else quant.size_ratio)
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        remove_all(self._hooks)
         if self.quantizer is not None:
             self.quantizer.remove()
         self.deepcache.remove()

@@ -31,7 +31,7 @@ from torch import nn
 
 from .forward_override import Forward, ForwardOverrides, has_approximate_override
 from .schedules import Schedule, format_schedule, nonuniform_schedule, uniform_schedule
-from .site import LevelReader, Removal, hook_calls
+from .site import LevelReader, Removal, hook_calls, remove_all
 from .step_clock import StepClock, Tick, call_signature
 
 ScheduleKind = Literal["uniform", "non-uniform", "calibrated"]
@@ -157,9 +157,7 @@ class DeepCache:
     def remove(self) -> None:
         """Restore the model exactly as it was and drop every cached tensor."""
         self._overrides.restore()
-        for hook in self._root_hooks:
-            hook.remove()
-        self._root_hooks = []
+        remove_all(self._root_hooks)
         self._forget()
 
     def reset(self, total_steps: int | None = None) -> None:

@@ -44,6 +44,7 @@ from torch import nn
 
 from .cache_schedule import affine_residual, fit_affine
 from .forward_override import Forward, ForwardOverrides, has_approximate_override
+from .site import remove_all
 
 QuantMethod = Literal["w8a8", "dgq"]
 Backend = Literal["auto", "int8", "simulated"]
@@ -531,6 +532,4 @@ class Quantizer:
 
     def remove(self) -> None:
         self._overrides.restore()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        remove_all(self._hooks)

@@ -55,6 +55,14 @@ class Removal:
             undo()
 
 
+def remove_all(removables: list[Any]) -> None:
+    """Remove each of `removables` (hook handles, `Removal`s), in order, and empty the list: a core's
+    `remove()` runs this, so calling it twice is harmless."""
+    for removable in removables:
+        removable.remove()
+    removables.clear()
+
+
 def hook_calls(root: nn.Module, read_level: LevelReader, begin: CallStart, end: Callable[[], None]) -> Removal:
     """Announce every call of `root` as one model call: `begin(level, args, kwargs)` before, `end()` after."""
     handles = [root.register_forward_pre_hook(lambda _m, args, kwargs: begin(read_level(args, kwargs), args, kwargs),

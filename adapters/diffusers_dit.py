@@ -13,7 +13,6 @@ Any other model fails with one error naming its class and the supported families
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +20,9 @@ import torch
 from torch import nn
 
 from ..accel.registry import Handle
-from ..accel.site import BlockSpan, FeedbackPoint, Removable, Removal, Site
+from ..accel.site import BlockSpan, FeedbackPoint
 from ..accel.techniques import REGISTRY
-from .diffusers_site import GenerationWatch
+from .diffusers_site import ScheduledSite
 from .dit_blocks import BlockLayout, Stage, span_feedback
 
 PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...
@@ -76,14 +75,15 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"{type(model).__name__} is not a supported diffusers transformer; supported: {supported()}")
 
 
-class DiTSite(Site):
+class DiTSite(ScheduledSite):
     """A diffusers DiT of a supported family (and, when given, the scheduler that samples with it)."""
+
+    component = "transformer"
 
     def __init__(self, transformer: nn.Module, scheduler: Any | None = None) -> None:
         self.dit = family_of(transformer)
-        super().__init__(transformer)
+        super().__init__(transformer, scheduler)
         self.family = f"diffusers DiT ({self.dit.name})"
-        self.scheduler = scheduler
         self.layout = BlockLayout(transformer, self.dit.name, self.dit.stages)
         params = list(inspect.signature(type(transformer).forward).parameters)[1:]
         self._level_position = params.index(self.dit.level_argument)
@@ -120,15 +120,10 @@ class DiTSite(Site):
         return {name: module for name, module in self.root.named_modules()
                 if isinstance(module, nn.Linear) and name.startswith(prefixes)}
 
-    def watch_generations(self, start: Callable[[int], None]) -> Removable:
-        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
-        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
-
 
 def site_of(target: Any) -> DiTSite:
     """The site of a diffusers DiT pipeline (`target.transformer` and its scheduler) or of a bare transformer."""
-    transformer = getattr(target, "transformer", target)
-    return DiTSite(transformer, getattr(target, "scheduler", None) if transformer is not target else None)
+    return DiTSite.of(target)
 
 
 def apply_technique(target: Any, config: Any) -> Handle:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 from torch import nn
 
@@ -69,14 +69,32 @@ class GenerationWatch:
             self._scheduler.set_timesteps = self._previous
 
 
-class UNetSite(Site):
+class ScheduledSite(Site):
+    """A diffusers model and, when given, the scheduler that samples with it, which announces each generation
+    and its length (`GenerationWatch`): what the U-Net and DiT sites share."""
+
+    component = "unet"  # the pipeline attribute that holds the model
+
+    def __init__(self, root: nn.Module, scheduler: Any | None = None) -> None:
+        super().__init__(root)
+        self.scheduler = scheduler
+
+    @classmethod
+    def of(cls, target: Any) -> Self:
+        """The site of a pipeline (its `component` and its scheduler) or of a bare model."""
+        model = getattr(target, cls.component, target)
+        return cls(model, getattr(target, "scheduler", None) if model is not target else None)
+
+    def watch_generations(self, start: Callable[[int], None]) -> Removable:
+        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
+        # (uniform caching works from the noise levels alone)
+        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
+
+
+class UNetSite(ScheduledSite):
     """A diffusers `UNet2DConditionModel` (and, when given, the scheduler that samples with it)."""
 
     family = "diffusers"
-
-    def __init__(self, unet: nn.Module, scheduler: Any | None = None) -> None:
-        super().__init__(unet)
-        self.scheduler = scheduler
 
     def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         return read_timestep(args, kwargs)
@@ -127,16 +145,10 @@ class UNetSite(Site):
     def wrap_calls(self, around: Around) -> Removable:
         return wrap_unet_calls(self.root, around)
 
-    def watch_generations(self, start: Callable[[int], None]) -> Removable:
-        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
-        # (uniform caching works from the noise levels alone)
-        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
-
 
 def site_of(target: Any) -> UNetSite:
     """The site of a diffusers pipeline (`target.unet` and its scheduler) or of a bare U-Net."""
-    unet = getattr(target, "unet", target)
-    return UNetSite(unet, getattr(target, "scheduler", None) if unet is not target else None)
+    return UNetSite.of(target)
 
 
 def apply_technique(target: Any, config: Any) -> Handle:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
 from ..accel.cachequant import CacheQuantConfig, Calibration
@@ -39,6 +40,12 @@ CALIBRATION_INPUTS = {
     "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
                            "tooltip": "Classifier-free guidance of the calibration generations."}),
 }
+# inputs that the LC_PIPE nodes here and the MODEL nodes (`comfy_model_nodes`) declare alike
+CACHE_BRANCH = ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
+                        "tooltip": "The DeepCache skip branch whose deep features are reused."})
+SERVED_MODEL = "The model the schedule will serve (checked by fingerprint)."
+WEIGHT_BITS = ("INT", {"default": 8, "min": 4, "max": 8, "step": 2, "tooltip": "8, 6 or 4 (DGQ); W8A8 needs 8."})
+ACT_BITS = ("INT", {"default": 8, "min": 4, "max": 8, "step": 1, "tooltip": "Activation bits (W8A8 needs 8)."})
 
 
 def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
@@ -64,7 +71,7 @@ def _check_prompts(model: DiffusionModel | None, calibration_prompts: str | None
             model.encode_prompt(prompt.strip())
 
 
-def _check_steps(full_steps: int | None, steps: int | None) -> None:
+def check_steps(full_steps: int | None, steps: int | None) -> None:
     if isinstance(full_steps, int) and isinstance(steps, int) and full_steps > steps:
         raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")
 
@@ -75,6 +82,26 @@ def schedule_path(path: str) -> Path:
     if not path.strip() or relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"schedule path {path!r} must be a relative path inside the output folder")
     return output_dir() / relative.with_suffix(".json")
+
+
+def cachequant_inputs(quantization: str, correct_quant: str) -> dict[str, tuple]:
+    """CacheQuant's own inputs, the same on both lanes but for two tooltips (the int8 kernels and the
+    corrections run per lane)."""
+    return {
+        "quantization": (["w8a8", "none"], {"default": "w8a8", "tooltip": quantization}),
+        "correct_cache": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Correct the reused deep features per channel (calibrated)."}),
+        "correct_quant": ("BOOLEAN", {"default": True, "tooltip": correct_quant}),
+    }
+
+
+def save_schedule(schedule: CalibratedSchedule, save_as: str) -> None:
+    """Save under `save_as` (see `schedule_path`); a file there holding another schedule is kept, and this one
+    goes to a numbered name beside it."""
+    wanted = schedule_path(save_as)
+    saved = schedule.save(wanted)
+    if saved != wanted:
+        LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
 
 
 class CalibrateSchedule:
@@ -93,8 +120,7 @@ class CalibrateSchedule:
             "model": ("LC_PIPE", {"tooltip": "The model to calibrate for (the schedule only fits this model)."}),
             "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
                                    "tooltip": "K: how many steps run the whole U-Net; the rest reuse deep features."}),
-            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
-                                        "tooltip": "The DeepCache skip branch whose deep features are reused."}),
+            "cache_branch_id": CACHE_BRANCH,
             **CALIBRATION_INPUTS,
             "objective": (["output", "feature"], {
                 "default": "output",
@@ -111,27 +137,27 @@ class CalibrateSchedule:
                         model: DiffusionModel | None = None) -> bool | str:
         return verdict(cls, {"full_steps": full_steps, "steps": steps, "calibration_prompts": calibration_prompts,
                              "save_as": save_as},
-                       lambda: _check_steps(full_steps, steps),
+                       lambda: check_steps(full_steps, steps),
                        lambda: isinstance(save_as, str) and save_as.strip() and schedule_path(save_as),
                        lambda: _check_prompts(model, calibration_prompts))
 
     def calibrate(self, model: DiffusionModel, full_steps: int, cache_branch_id: int, calibration_prompts: str,
                   calibration_seeds: int, steps: int, scheduler: str, guidance: float, objective: str,
                   save_as: str) -> tuple[CalibratedSchedule]:
-        _check_steps(full_steps, steps)
+        check_steps(full_steps, steps)
         deep_modules(model.unet, cache_branch_id)  # a branch this U-Net lacks fails here, naming the range
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
         schedule = calibrate_schedule(model.unet, calibration, full_steps, cache_branch_id, objective)
         if save_as.strip():
-            wanted = schedule_path(save_as)
-            saved = schedule.save(wanted)
-            if saved != wanted:
-                LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
+            save_schedule(schedule, save_as)
         return (schedule,)
 
 
 class LoadSchedule:
-    """Load a saved cache schedule and check that it was calibrated for this model."""
+    """Load a saved cache schedule and check that it was calibrated for this model.
+
+    `comfy_model_nodes.LoadScheduleModel` is this node for a ComfyUI MODEL: other inputs, another fingerprint.
+    """
 
     CATEGORY = "LiveCache/calibrate"
     RETURN_TYPES = ("LC_SCHEDULE",)
@@ -142,7 +168,7 @@ class LoadSchedule:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model the schedule will serve (checked by fingerprint)."}),
+            "model": ("LC_PIPE", {"tooltip": SERVED_MODEL}),
             "path": ("STRING", {"default": "schedules/digits.json",
                                 "tooltip": "File inside the output folder, as written by Calibrate Cache Schedule."}),
         }}
@@ -153,10 +179,15 @@ class LoadSchedule:
         return verdict(cls, {"path": path}, lambda: isinstance(path, str) and CalibratedSchedule.load(
             schedule_path(path)))
 
-    def load(self, model: DiffusionModel, path: str) -> tuple[CalibratedSchedule]:
+    def load(self, model: Any, path: str) -> tuple[CalibratedSchedule]:
         schedule = CalibratedSchedule.load(schedule_path(path))
-        schedule.check(model_fingerprint(model.unet))
+        schedule.check(self.fingerprint(model))
         return (schedule,)
+
+    @staticmethod
+    def fingerprint(model: DiffusionModel) -> str:
+        """What the schedule records about the weights it was calibrated on."""
+        return model_fingerprint(model.unet)
 
 
 class ApplyCacheQuant:
@@ -173,17 +204,11 @@ class ApplyCacheQuant:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
-            "quantization": (["w8a8", "none"], {"default": "w8a8",
-                                                "tooltip": "w8a8: int8 weights and activations (real int8 kernels "
-                                                           "on x86 CPUs); none: calibrated caching only."}),
-            "correct_cache": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Correct the reused deep features per channel (calibrated)."}),
-            "correct_quant": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Correct each quantized layer's output per channel."}),
+            **cachequant_inputs("w8a8: int8 weights and activations (real int8 kernels on x86 CPUs); none: "
+                                "calibrated caching only.", "Correct each quantized layer's output per channel."),
             "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
                                    "tooltip": "K full-compute steps, when no schedule is connected."}),
-            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
-                                        "tooltip": "The DeepCache skip branch whose deep features are reused."}),
+            "cache_branch_id": CACHE_BRANCH,
             **CALIBRATION_INPUTS,
         }, "optional": {
             "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
@@ -230,10 +255,8 @@ class Quantize:
             "method": (["w8a8", "dgq"], {"default": "w8a8",
                                          "tooltip": "w8a8: per-tensor int8 activations, int8 weights; dgq: group-wise "
                                                     "activations keeping outliers in float (simulated)."}),
-            "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 2,
-                                    "tooltip": "8, 6 or 4 (DGQ); W8A8 needs 8."}),
-            "act_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 1,
-                                 "tooltip": "Activation bits (W8A8 needs 8)."}),
+            "weight_bits": WEIGHT_BITS,
+            "act_bits": ACT_BITS,
             "attention_bits": ("INT", {"default": 0, "min": 0, "max": 8, "step": 1,
                                        "tooltip": "DGQ: log2-quantize cross-attention scores to this many bits "
                                                   "(0 = off)."}),

@@ -10,7 +10,6 @@ schedule calibrate when the node runs, through ComfyUI's own sampler with the in
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..accel.cache_schedule import CalibratedSchedule
@@ -26,11 +25,19 @@ from ..adapters.comfy_cachequant import (
 )
 from ..adapters.comfy_quant import apply_quantization
 from ..adapters.comfy_unet import apply_slicing
-from .cachequant_nodes import schedule_path
+from .cachequant_nodes import (
+    ACT_BITS,
+    CACHE_BRANCH,
+    SERVED_MODEL,
+    WEIGHT_BITS,
+    LoadSchedule,
+    cachequant_inputs,
+    check_steps,
+    save_schedule,
+    schedule_path,
+)
 from .comfy_nodes import MODEL_INPUT, stats_reporter
 from .validation import verdict
-
-LOG = logging.getLogger("livecache")
 
 
 class QuantizeModel:
@@ -52,10 +59,8 @@ class QuantizeModel:
                                          "tooltip": "w8a8: int8 weights, per-call int8 activations; dgq: 8/6/4-bit "
                                                     "weights, group-wise activations keeping outlier pixels in "
                                                     "float (simulated)."}),
-            "weight_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 2,
-                                    "tooltip": "8, 6 or 4 (DGQ); W8A8 needs 8."}),
-            "act_bits": ("INT", {"default": 8, "min": 4, "max": 8, "step": 1,
-                                 "tooltip": "Activation bits (W8A8 needs 8)."}),
+            "weight_bits": WEIGHT_BITS,
+            "act_bits": ACT_BITS,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model: Any, method: str, weight_bits: int, act_bits: int,
@@ -129,8 +134,6 @@ def _run(positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, 
 
 _FULL_STEPS = ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
                        "tooltip": "K: how many steps run the whole U-Net; the rest reuse its deep features."})
-_BRANCH = ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
-                   "tooltip": "The DeepCache skip branch whose deep features are reused."})
 _OBJECTIVE = (["output", "feature"], {
     "default": "output",
     "tooltip": "What the DP minimises: output = the measured change of the final latent when a run of steps reuses "
@@ -155,7 +158,7 @@ class CalibrateScheduleModel:
             "model": ("MODEL", {"tooltip": "The model to calibrate for (the schedule only fits these weights)."}),
             **_sampler_inputs(),
             "full_steps": _FULL_STEPS,
-            "cache_branch_id": _BRANCH,
+            "cache_branch_id": CACHE_BRANCH,
             "objective": _OBJECTIVE,
             "save_as": ("STRING", {"default": "", "tooltip": "Optional file name inside ComfyUI's output folder "
                                                              "(e.g. schedules/my_model.json); empty: not saved."}),
@@ -165,53 +168,41 @@ class CalibrateScheduleModel:
     def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None,
                         save_as: str | None = None) -> bool | str:
         return verdict(cls, {"full_steps": full_steps, "steps": steps, "save_as": save_as},
-                       lambda: _check_steps(full_steps, steps),
+                       lambda: check_steps(full_steps, steps),
                        lambda: isinstance(save_as, str) and save_as.strip() and schedule_path(save_as))
 
     def calibrate(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int,
                   calibration_seeds: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
                   full_steps: int, cache_branch_id: int, objective: str, save_as: str) -> tuple[CalibratedSchedule]:
-        _check_steps(full_steps, steps)
-        wanted = schedule_path(save_as) if save_as.strip() else None  # a bad path fails before calibrating
+        check_steps(full_steps, steps)
+        if save_as.strip():
+            schedule_path(save_as)  # a bad path fails before calibrating
         run = _run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name, scheduler,
                    denoise)
         schedule = calibrate_schedule(model, run, int(full_steps), int(cache_branch_id), objective)
-        if wanted is not None:
-            saved = schedule.save(wanted)
-            if saved != wanted:
-                LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
+        if save_as.strip():
+            save_schedule(schedule, save_as)
         return (schedule,)
 
 
-class LoadScheduleModel:
+class LoadScheduleModel(LoadSchedule):
     """Load a saved cache schedule and check it against the weights of a ComfyUI MODEL."""
 
-    CATEGORY = "LiveCache/calibrate"
-    RETURN_TYPES = ("LC_SCHEDULE",)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "load"
     DESCRIPTION = ("Loads a cache schedule JSON from ComfyUI's output folder; refuses one calibrated for other "
                    "weights (another checkpoint, or the same one with other LoRAs).")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the schedule will serve (checked by fingerprint)."}),
+            "model": ("MODEL", {"tooltip": SERVED_MODEL}),
             "path": ("STRING", {"default": "schedules/my_model.json",
                                 "tooltip": "File inside ComfyUI's output folder, as Calibrate Cache Schedule for "
                                            "MODEL saved it."}),
         }}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, path: str | None = None) -> bool | str:
-        """The file is read and checked now: a missing or broken schedule fails before anything runs."""
-        return verdict(cls, {"path": path}, lambda: isinstance(path, str) and CalibratedSchedule.load(
-            schedule_path(path)))
-
-    def load(self, model: Any, path: str) -> tuple[CalibratedSchedule]:
-        schedule = CalibratedSchedule.load(schedule_path(path))
-        schedule.check(fingerprint_of(model))
-        return (schedule,)
+    @staticmethod
+    def fingerprint(model: Any) -> str:
+        return fingerprint_of(model)
 
 
 class CacheQuantModel:
@@ -231,15 +222,10 @@ class CacheQuantModel:
         return {"required": {
             "model": MODEL_INPUT,
             **_sampler_inputs(),
-            "quantization": (["w8a8", "none"], {"default": "w8a8",
-                                                "tooltip": "w8a8: int8 weights and activations; none: calibrated "
-                                                           "caching only."}),
-            "correct_cache": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Correct the reused deep features per channel (calibrated)."}),
-            "correct_quant": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Correct each quantized layer's output per channel and step."}),
+            **cachequant_inputs("w8a8: int8 weights and activations; none: calibrated caching only.",
+                                "Correct each quantized layer's output per channel and step."),
             "full_steps": _FULL_STEPS,
-            "cache_branch_id": _BRANCH,
+            "cache_branch_id": CACHE_BRANCH,
             "objective": _OBJECTIVE,
         }, "optional": {
             "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps' "
@@ -248,7 +234,7 @@ class CacheQuantModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None) -> bool | str:
-        return verdict(cls, {"full_steps": full_steps, "steps": steps}, lambda: _check_steps(full_steps, steps))
+        return verdict(cls, {"full_steps": full_steps, "steps": steps}, lambda: check_steps(full_steps, steps))
 
     def apply(self, model: Any, positive: Any, negative: Any, latent_image: dict[str, Any], seed: int,
               calibration_seeds: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
@@ -257,7 +243,7 @@ class CacheQuantModel:
         if schedule is not None:
             steps = schedule.steps
         else:
-            _check_steps(full_steps, steps)
+            check_steps(full_steps, steps)
         config = CacheQuantConfig(int(full_steps), int(cache_branch_id),
                                   QuantConfig() if quantization == "w8a8" else None, bool(correct_cache),
                                   bool(correct_quant))
@@ -266,7 +252,3 @@ class CacheQuantModel:
         plan = calibrate_cachequant(model, config, run, schedule, objective)
         return (apply_cachequant(model, plan, stats_reporter(unique_id)),)
 
-
-def _check_steps(full_steps: int | None, steps: int | None) -> None:
-    if isinstance(full_steps, int) and isinstance(steps, int) and full_steps > steps:
-        raise ValueError(f"full_steps ({full_steps}) cannot exceed steps ({steps})")

@@ -27,31 +27,26 @@ def rows(seeds, make):
     return torch.cat([make(torch.Generator().manual_seed(s)) for s in seeds])
 
 def flux():
-    torch.manual_seed(0)
     m = D.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=3, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 16, 4, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
                     pooled_projections=rows(seeds, lambda g: torch.randn(1, 8, generator=g)),
-                    timestep=torch.full((len(seeds),), level), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3),
-                    return_dict=False)
+                    timestep=torch.full((len(seeds),), level), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
     return m, kw
 
 def flux2():
-    torch.manual_seed(0)
     m = D.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=3, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
         guidance_embeds=False)
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 16, 4, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
-                    timestep=torch.full((len(seeds),), level), img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(5, 4),
-                    return_dict=False)
+                    timestep=torch.full((len(seeds),), level), img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(5, 4))
     return m, kw
 
 def sd3():
-    torch.manual_seed(0)
     m = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         out_channels=4, pos_embed_max_size=16)
@@ -59,60 +54,54 @@ def sd3():
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 4, 8, 8, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
                     pooled_projections=rows(seeds, lambda g: torch.randn(1, 8, generator=g)),
-                    timestep=torch.full((len(seeds),), level * 1000), return_dict=False)
+                    timestep=torch.full((len(seeds),), level * 1000))
     return m, kw
 
 def wan():
-    torch.manual_seed(0)
     m = D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=4, rope_max_seq_len=32)
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 4, 2, 8, 8, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
-                    timestep=torch.full((len(seeds),), level * 1000), return_dict=False)
+                    timestep=torch.full((len(seeds),), level * 1000))
     return m, kw
 
 def qwen():
-    torch.manual_seed(0)
     m = D.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 16, 16, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
                     encoder_hidden_states_mask=torch.ones(len(seeds), 5, dtype=torch.long),
-                    timestep=torch.full((len(seeds),), level), img_shapes=[(1, 4, 4)] * len(seeds), return_dict=False)
+                    timestep=torch.full((len(seeds),), level), img_shapes=[(1, 4, 4)] * len(seeds))
     return m, kw
 
 def zimage():
-    torch.manual_seed(0)
     m = D.ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=4,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
     def kw(level, seeds):
         return dict(x=[torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds],
                     t=torch.full((len(seeds),), 1 - level),
-                    cap_feats=[torch.randn(5, 16, generator=torch.Generator().manual_seed(s + 100)) for s in seeds],
-                    return_dict=False)
+                    cap_feats=[torch.randn(5, 16, generator=torch.Generator().manual_seed(s + 100)) for s in seeds])
     return m, kw
 
 def dit():
-    torch.manual_seed(0)
     m = D.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
         num_layers=4, norm_num_groups=4, sample_size=8, patch_size=2)
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 4, 8, 8, generator=g)),
                     timestep=torch.full((len(seeds),), level * 1000),
-                    class_labels=torch.tensor([s % 10 for s in seeds]), return_dict=False)
+                    class_labels=torch.tensor([s % 10 for s in seeds]))
     return m, kw
 
 def pixart():
-    torch.manual_seed(0)
     m = D.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
         num_layers=4, norm_num_groups=4, cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16)
     def kw(level, seeds):
         return dict(hidden_states=rows(seeds, lambda g: torch.randn(1, 4, 8, 8, generator=g)),
                     encoder_hidden_states=rows(seeds, lambda g: torch.randn(1, 5, 16, generator=g) + 1),
                     timestep=torch.full((len(seeds),), level * 1000),
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     return m, kw
 
 
@@ -126,12 +115,14 @@ LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
 def build(name):
+    """The family's tiny model, its weights drawn from seed 0, in eval mode, and its inputs."""
+    torch.manual_seed(0)
     model, inputs = FAMILY_BUILDERS[name]()
     return model.eval(), inputs
 
 
 def output(model, kwargs) -> torch.Tensor:
-    out = model(**kwargs)[0]
+    out = model(**kwargs, return_dict=False)[0]
     return torch.stack(out) if isinstance(out, list) else out  # Z-Image answers a list, one tensor per sample
 
 

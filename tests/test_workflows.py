@@ -85,15 +85,22 @@ CASES = {
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_bad_workflows_fail_with_one_line_naming_the_problem(tmp_path, capsys, case):
     workflow, expected = CASES[case]
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(workflow))
+    path = run_refuses(tmp_path, capsys, workflow, expected)
     with pytest.raises(WorkflowError, match=None) as err:
         validate(load_workflow(path, NODE_CLASS_MAPPINGS), NODE_CLASS_MAPPINGS)
     assert expected in str(err.value)
+
+
+def run_refuses(tmp_path, capsys, workflow, expected):
+    """`livecache run` of `workflow` (saved to a file, whose path is returned) exits 2 with one line on stderr
+    holding `expected`, and nothing ran or was written."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(workflow))
     assert cli_main(["run", str(path), "--output", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0]
-    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    return path
 
 
 UI = json.loads((WORKFLOWS / "deepcache_default.json").read_text())
@@ -135,13 +142,7 @@ UI_CASES = {
 
 @pytest.mark.parametrize("case", UI_CASES, ids=list(UI_CASES))
 def test_malformed_ui_workflows_fail_with_one_line_naming_the_node(tmp_path, capsys, case):
-    workflow, expected = UI_CASES[case]
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(workflow))
-    assert cli_main(["run", str(path), "--output", str(tmp_path / "out")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
-    assert not (tmp_path / "out").exists()
+    run_refuses(tmp_path, capsys, *UI_CASES[case])
 
 
 def test_deep_json_and_long_chains_are_no_recursion_errors(tmp_path, capsys):
