@@ -1,9 +1,10 @@
-"""`livecache train digits|features|video|avatar`: rebuild the shipped models from scratch.
+"""`livecache train digits|features|video|video-features|avatar`: rebuild the shipped models from scratch.
 
 `digits` and `features` fit the embedded image models (`train/embedded.py`), `video` the causal video
-model (`train/video.py`), `avatar` the diffusion avatar (`train/avatar.py`) on frames its teacher — the
-procedural avatar animating espeak-ng speech (`train/distill.py`) — renders. Training is reproducible
-(seeded) and CPU-friendly. Only the standard library loads at import time.
+model and `video-features` the classifier its bench scores frames with (`train/video.py`), `avatar` the
+diffusion avatar (`train/avatar.py`) on frames its teacher — the procedural avatar animating espeak-ng
+speech (`train/distill.py`) — renders. Training is reproducible (seeded) and CPU-friendly. Only the
+standard library loads at import time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 from pathlib import Path
 
 MODELS = {"digits": "the embedded diffusion U-Net", "features": "the FID-style feature extractor",
-          "video": "the causal AR video model (`--steps` default 2400 for it)",
+          "video": "the causal AR video model (`--steps` default 1200 for it)",
+          "video-features": "the video content classifier for `bench video` (`--steps` default 250)",
           "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech"}
 
 
@@ -21,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=list(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps for `digits` (default 1500) or `video` (default 2400)")
+                        help="optimizer steps for `digits` (default 1500), `video` (default 1200) or "
+                             "`video-features` (default 250)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
     parser.add_argument("--sentences", type=int, default=14,
@@ -44,7 +47,12 @@ def main(args: argparse.Namespace) -> int:
         from ..models.video import VIDEO_DIR
         from .video import train_video
 
-        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 2400, seed=args.seed)
+        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 1200, seed=args.seed, checkpoint_every=100)
+    elif args.what == "video-features":
+        from ..models.video import VIDEO_FEATURES_FILE
+        from .video import train_video_features
+
+        out = train_video_features(args.out or VIDEO_FEATURES_FILE, steps=args.steps or 250, seed=args.seed)
     else:
         from ..models.embedded import FEATURES_FILE
         from .embedded import train_features
