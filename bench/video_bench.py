@@ -1,4 +1,5 @@
-"""`livecache bench video`: time per generated clip vs AR step, causal cache shared vs recompute.
+"""`livecache bench video`: time per generated clip vs AR step, causal cache shared vs recompute, and
+what the video shows (`bench/video_content.py`: class share per condition, after a change, motion).
 
 One process, one model, the same seeds and noise for both modes (`models.video.generate`). After a
 warm-up, the whole AR run (`--chunks` clips) is repeated `--repeats` times per mode, alternating which
@@ -28,9 +29,10 @@ import torch
 
 from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
 from ..files import text_writer, write_replacing
-from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model
+from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_classifier, load_video_model
 from ..procfs import status_kib
 from .metrics import psnr
+from .video_content import content_report, print_content
 
 MODES = ("cached", "recompute")
 REPORT_AT = (1, 2, 4, 8, 16, 32, 64)
@@ -52,6 +54,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default 1: this model's ops are small; more threads mostly add "
                              "synchronisation)")
     parser.add_argument("--weights", type=Path, default=None, help="model folder (default: the shipped model)")
+    parser.add_argument("--content-clips", type=int, default=12,
+                        help="clips per stream for the content rows (class share per condition, after a condition "
+                             "change, frame-to-frame change against the data's); 0 skips them (default 12)")
+    parser.add_argument("--content-steps", type=int, default=2,
+                        help="sampler steps for the content rows (default 2, as the live engine)")
+    parser.add_argument("--switch-at", type=int, default=4,
+                        help="content rows: the clip after which each stream changes condition (default 4)")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="content classifier file (default: the shipped video_features.safetensors)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--live", type=float, default=None, metavar="SECONDS",
                         help="instead: start `livecache serve --engine video`, stream SECONDS over the websocket API "
@@ -115,6 +126,10 @@ def run_bench(args: argparse.Namespace) -> dict:
                      record)
 
         memory[mode] = peak_memory_mib(run)
+    content = None
+    if args.content_clips:
+        content = content_report(model, load_video_classifier(args.classifier), args.content_clips,
+                                 args.chunk_length, args.content_steps, args.sampler, args.switch_at)
     cached, recompute = median["cached"], median["recompute"]
     steady = cached[1:]  # from clip 2 on
     flat = statistics.median(steady) if steady else cached[0]
@@ -133,6 +148,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "psnr_all_frames_db": psnr((videos["cached"] + 1) / 2, (videos["recompute"] + 1) / 2, peak=1.0),
         "peak_rss_growth_mib": memory,
         "state_bytes_at_end": state_bytes,
+        "content": content,
     }
 
 
@@ -154,6 +170,8 @@ def print_table(result: dict) -> None:
     print(f"peak RSS growth: cache shared {fmt(mem['cached'])}, recompute {fmt(mem['recompute'])}; "
           f"state held at the end: cache {state['cached'] / 2**20:.2f} MiB, "
           f"recompute context {state['recompute'] / 2**20:.2f} MiB")
+    if result["content"] is not None:
+        print_content(result["content"])
 
 
 def _child_pids() -> list[int]:
@@ -235,10 +253,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"server RSS (MiB) every 5 s: {[round(v, 1) for v in rss]}; growth after 10 s: "
                   f"{result['rss_growth_mib_after_10s']:.1f} MiB")
     else:
-        for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats", "threads"):
+        for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats", "threads", "content_steps"):
             if getattr(args, name) < 1:
                 print(f"--{name.replace('_', '-')} must be at least 1")
                 return 2
+        if args.content_clips and not 1 <= args.switch_at < args.content_clips:
+            print(f"--switch-at must be in 1..{args.content_clips - 1} (below --content-clips)")
+            return 2
         result = run_bench(args)
         print_table(result)
     if args.json:

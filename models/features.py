@@ -3,6 +3,10 @@
 Why our own: Inception features (real FID) need downloaded weights and mean little on 16×16 grey
 digits. The same Fréchet distance over features from a network trained on this very domain
 measures whether generated samples have the real data's statistics: lower is better, 0 is equal.
+
+The same network with 12 classes is the video content classifier (`video_features.safetensors`, trained
+by `livecache train video-features`): digits 0-9, shapes, texture, on a colour-blind view of a frame
+(`colour_blind`), so a frame counts as a 7 by its shape, not by the colour the data gives sevens.
 """
 
 from __future__ import annotations
@@ -16,20 +20,25 @@ from torch import nn
 class DigitFeatures(nn.Module):
     """Conv net for 16×16 digits in [-1, 1]; `features()` is the 64-d embedding used for the score."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 4 * 4, 64), nn.SiLU(),
         )  # fmt: skip
-        self.head = nn.Linear(64, 10)
+        self.head = nn.Linear(64, classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+def colour_blind(frames: torch.Tensor) -> torch.Tensor:
+    """`[N, 3, H, W]` RGB in [-1, 1] → `[N, 1, H, W]` brightest channel: drops hue, keeps shape and shading."""
+    return frames.amax(dim=1, keepdim=True)
 
 
 @torch.no_grad()

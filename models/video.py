@@ -1,8 +1,12 @@
 """The embedded causal video model: a small class-conditional video diffusion transformer (pixel space).
 
-Frames (32×32 RGB) are cut into 4×4 patches; every block runs spatial attention inside each frame, then
+Frames (16×16 RGB) are cut into 4×4 patches; every block runs spatial attention inside each frame, then
 temporal attention across frames at each patch position, then an MLP, all modulated per frame (adaLN)
-by that frame's conditioning. Two design rules make the causal cache exact (`accel/causal_cache.py`):
+by that frame's conditioning. Why this size: on 2 shared CPU cores the model must learn in minutes, and
+what a 16-token frame with a 96-wide model costs per step is what lets it see enough clips to draw a
+legible digit (a 64-token frame cost 4× per step and had seen too few clips in the same time).
+
+Two design rules make the causal cache exact (`accel/causal_cache.py`):
 
 * temporal attention is causal per frame and goes through `causal_temporal_attention`, with rotary
   positions on the frame index (scores depend on frame distance only, so cached keys stay valid as the
@@ -31,21 +35,24 @@ from ..accel.causal_cache import CacheAccess, CausalCacheConfig, CausalVideoStre
 from ..accel.progress import Progress
 from .digits import parse_digit_prompt
 from .embedded import WEIGHTS_ROOT
+from .features import DigitFeatures
 from .loading import WeightsError, load_state_into, read_config, save_component, weight_file
 
 VIDEO_DIR = WEIGHTS_ROOT / "video"
+VIDEO_FEATURES_FILE = WEIGHTS_ROOT / "video_features.safetensors"  # the content classifier (`models/features.py`)
 CLASS_NAMES = tuple(f"digit {d}" for d in range(10)) + ("shapes", "texture")
 SHAPES, TEXTURE = 10, 11
+REFINE = 32  # channels of the full-resolution conv head
 
 
 @dataclass(frozen=True)
 class VideoModelConfig:
     """Architecture of `CausalVideoDiT`; `chunk` and `context` are what training used (sampler defaults)."""
 
-    resolution: int = 32
+    resolution: int = 16
     channels: int = 3
     patch: int = 4
-    dim: int = 64
+    dim: int = 96
     depth: int = 4
     heads: int = 4
     num_classes: int = len(CLASS_NAMES)
@@ -149,7 +156,13 @@ class CausalVideoDiT(nn.Module):
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False)
         self.modulation_out = nn.Linear(d, 2 * d)
         self.patch_out = nn.Linear(d, c * p * p)
-        for layer in (self.modulation_out, self.patch_out):
+        # a per-frame conv head at full resolution over (patch prediction, noisy input): strokes finer than
+        # a patch are drawn here, where neighbouring pixels meet; it is frame-local and after the last
+        # temporal layer, so it never touches what the causal cache holds
+        self.refine = nn.Sequential(nn.Conv2d(2 * c, REFINE, 3, padding=1), nn.SiLU(),
+                                    nn.Conv2d(REFINE, REFINE, 3, padding=1), nn.SiLU(),
+                                    nn.Conv2d(REFINE, c, 3, padding=1))
+        for layer in (self.modulation_out, self.patch_out, self.refine[-1]):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -188,7 +201,9 @@ class CausalVideoDiT(nn.Module):
             x = block(x, frame_cond, rope, access)
         shift, scale = self.modulation_out(F.silu(frame_cond)).unsqueeze(2).chunk(2, dim=-1)
         out = self.patch_out(self.norm_out(x) * (1 + scale) + shift)
-        return out.reshape(b, f, g, g, c, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, f, c, hgt, wid)
+        out = out.reshape(b, f, g, g, c, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(b * f, c, hgt, wid)
+        out = out + self.refine(torch.cat([out, frames.reshape(b * f, c, hgt, wid)], dim=1))
+        return out.reshape(b, f, c, hgt, wid)
 
 
 def lcm_sampler(denoise, noise: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -225,7 +240,8 @@ SAMPLERS = {"lcm": lcm_sampler, "ddim": ddim_sampler}
 def generate(model: CausalVideoDiT, cache: CausalCacheConfig, labels: torch.Tensor, chunks: int,
              chunk_length: int | None = None, steps: int = 2, sampler: str = "lcm", seed: int = 0,
              on_chunk=None, progress: Progress | None = None) -> torch.Tensor:
-    """AR video `[B, chunks * chunk_length, C, H, W]` in [-1, 1] for class ids `labels` `[B]`.
+    """AR video `[B, chunks * chunk_length, C, H, W]` in [-1, 1] for class ids `labels` `[B]`, or
+    `[chunks, B]` for a class per clip (a condition change mid-stream).
 
     Noise is drawn chunk by chunk from one seeded generator, so cache-shared and recompute runs with
     the same seed see the same noise. `on_chunk(index, stream)` is called after each chunk (timing);
@@ -236,13 +252,17 @@ def generate(model: CausalVideoDiT, cache: CausalCacheConfig, labels: torch.Tens
         raise ValueError(f"chunks, chunk_length and steps must be >= 1, got {chunks}, {chunk_length}, {steps}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    if labels.ndim == 1:
+        labels = labels.expand(chunks, -1)
+    if labels.ndim != 2 or labels.shape[0] != chunks:
+        raise ValueError(f"labels must be [batch] or [chunks={chunks}, batch], got {tuple(labels.shape)}")
     stream = CausalVideoStream(model, cache)
     generator = torch.Generator().manual_seed(seed)
     clips = []
     for index in (progress or Progress(bar=False)).loop(range(chunks), "generating video", "chunk"):
-        noise = torch.randn(labels.shape[0], chunk_length, cfg.channels, cfg.resolution, cfg.resolution,
+        noise = torch.randn(labels.shape[1], chunk_length, cfg.channels, cfg.resolution, cfg.resolution,
                             generator=generator)
-        clips.append(stream.next_chunk(noise, labels, SAMPLERS[sampler], steps, generator))
+        clips.append(stream.next_chunk(noise, labels[index], SAMPLERS[sampler], steps, generator))
         if on_chunk is not None:
             on_chunk(index, stream)
     return torch.cat(clips, dim=1)
@@ -268,6 +288,14 @@ def parse_video_prompt(prompt: str | int) -> int:
     except ValueError:
         raise ValueError(f"the embedded video model draws a bouncing digit ('7', 'a seven'), 'shapes' or "
                          f"'texture'; cannot read {prompt!r}") from None
+
+
+def load_video_classifier(file: Path | None = None) -> DigitFeatures:
+    """The 12-class content classifier (digits, shapes, texture) on `colour_blind` frames, in eval mode."""
+    file = VIDEO_FEATURES_FILE if file is None else Path(file)
+    if not file.is_file():
+        raise WeightsError(f"{file}: no video classifier (train one with `livecache train video-features`)")
+    return load_state_into(DigitFeatures(len(CLASS_NAMES)), file).eval()
 
 
 def save_video_model(model: CausalVideoDiT, folder: Path) -> None:

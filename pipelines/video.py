@@ -4,7 +4,7 @@ Each session owns a `CausalVideoStream` with the causal cache on: when its frame
 next clip (the model's chunk of frames) is sampled with the LCM-style few-step sampler while attending
 to the cached keys/values of the last `window` frames, and the clip's frames are committed to the
 cache. Work per clip is therefore flat however long the stream runs, and memory is bounded by the
-window. Frames are small (32×32) and upscaled to the session size for display.
+window. Frames are small (16×16) and upscaled to the session size for display.
 
 The live engine (`livecache serve --engine video`, `realtime/engines/video.py`) is this renderer; the
 runtime still owns time: frames are requested on the session clock and rendered on the engine's

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from livecache.accel.causal_cache import CausalCacheConfig, CausalVideoStream, TemporalKVCache
+from livecache.bench.video_content import classify, content_report
 from livecache.cli import main as cli_main
+from livecache.models.features import DigitFeatures
 from livecache.models.loading import WeightsError
 from livecache.models.video import (
     CLASS_NAMES,
@@ -24,12 +26,14 @@ from livecache.models.video import (
     CausalVideoDiT,
     VideoModelConfig,
     generate,
+    load_video_classifier,
     load_video_model,
     parse_video_prompt,
     save_video_model,
 )
 from livecache.nodes.video_nodes import CausalCache, LoadVideoModel, VideoSampler
-from livecache.train.video import train_video
+from livecache.train.video import train_video, train_video_features
+from livecache.train.video_data import DIGIT_COLOURS, make_clips
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = VideoModelConfig(resolution=16, patch=4, dim=32, depth=2, heads=2, chunk=4, context=4)
@@ -163,6 +167,59 @@ def test_training_runs_a_few_steps_and_writes_a_loadable_model(tmp_path):
     assert load_video_model(out).config == TINY
 
 
+def test_per_clip_labels_change_the_condition_mid_stream(close_reassociated):
+    model = tiny_model()
+    fixed = generate(model, CausalCacheConfig(True, 16), torch.tensor([2, 7]), 3, steps=2, seed=4)
+    switched = generate(model, CausalCacheConfig(True, 16), torch.tensor([[2, 7], [2, 7], [11, 0]]), 3, steps=2,
+                        seed=4)
+    close_reassociated(fixed[:, :8], switched[:, :8])  # the same until the change ...
+    assert (fixed[:, 8:] - switched[:, 8:]).abs().max() > 1e-2  # ... then the new class steers the clip
+    with pytest.raises(ValueError, match=r"labels must be \[batch\] or \[chunks=3, batch\]"):
+        generate(model, CausalCacheConfig(True, 16), torch.zeros(2, 2, dtype=torch.long), 3)
+
+
+def test_shipped_classifier_reads_the_data_colour_blind():
+    classifier = load_video_classifier()
+    labels = torch.arange(12).repeat(4)
+    clips = make_clips(labels, 3, torch.Generator().manual_seed(123), VideoModelConfig().resolution)
+    assert (classify(classifier, clips) == labels[:, None]).float().mean() > 0.95
+    # a seven recoloured like a zero is still a seven: the colour is not what decides
+    seven = make_clips(torch.tensor([7]), 3, torch.Generator().manual_seed(5), VideoModelConfig().resolution)
+    zero_coloured = ((seven + 1) / 2 * DIGIT_COLOURS[0][:, None, None]) * 2 - 1
+    assert (classify(classifier, zero_coloured) == 7).all()
+
+
+def test_content_report_scores_every_condition_and_the_change():
+    torch.manual_seed(0)
+    classifier = DigitFeatures(len(CLASS_NAMES)).eval()
+    report = content_report(tiny_model(), classifier, clips=3, chunk_length=2, steps=1, sampler="lcm",
+                            switch_at=1)
+    assert list(report["per_class"]) == list(CLASS_NAMES)
+    assert all(0 <= row["share"] <= 1 and row["data_frame_change"] > 0 for row in report["per_class"].values())
+    assert len(report["after_change"]["share_per_clip"]) == 2 and report["after_change"]["pairs"][7] == \
+        "digit 7 -> digit 0"
+    with pytest.raises(ValueError, match="switch_at must be in 1..2"):
+        content_report(tiny_model(), classifier, clips=3, chunk_length=2, steps=1, sampler="lcm", switch_at=3)
+
+
+def test_video_features_training_writes_a_loadable_classifier(tmp_path):
+    out = train_video_features(tmp_path / "features.safetensors", steps=2, batch=4, resolution=16)
+    assert load_video_classifier(out).head.out_features == 12
+    with pytest.raises(WeightsError, match="no video classifier"):
+        load_video_classifier(tmp_path / "missing.safetensors")
+
+
+def _asked_class_share(labels: torch.Tensor) -> torch.Tensor:
+    """Per stream, the share of frames the shipped classifier reads as the asked class (live settings)."""
+    model, classifier = load_video_model(), load_video_classifier()
+    video = generate(model, CausalCacheConfig(True, model.config.context), labels, chunks=4, steps=2, seed=9)
+    return (classify(classifier, video) == labels[:, None]).float().mean(dim=1)
+
+
+def test_shipped_model_shows_shapes_and_texture():
+    assert _asked_class_share(torch.tensor([10, 11])).min() >= 0.75
+
+
 def test_shipped_model_loads_and_moves():
     model = load_video_model()
     assert model.config == VideoModelConfig() and (VIDEO_DIR / "model.safetensors").stat().st_size < 5_000_000
@@ -177,7 +234,7 @@ def test_nodes_do_not_mutate_and_sample_image_frames(close_reassociated):
     (cached,) = CausalCache().apply(loaded, True, 4)
     assert not loaded.cache.enabled and cached.cache.enabled and cached.model is loaded.model
     (frames,) = VideoSampler().sample(cached, "texture", 2, 4, 2, "lcm", 0)
-    assert frames.shape == (8, 32, 32, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
+    assert frames.shape == (8, 16, 16, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1
     (again,) = VideoSampler().sample(loaded, "texture", 2, 4, 2, "lcm", 0)  # recompute: the same frames
     close_reassociated(frames, again)
 
