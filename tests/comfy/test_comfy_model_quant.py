@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel import quant_gemm
+from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.quant import GEMM_LABELS, QuantConfig
 from livecache.accel.slicing import SlicingConfig
 from livecache.adapters.comfy_quant import LiveQuantization, apply_quantization, live_tensors
