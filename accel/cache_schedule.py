@@ -40,7 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,34 @@ SCHEDULE_FORMAT = "livecache.cache_schedule/1"
 LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
 
 
-def model_fingerprint(module: nn.Module) -> str:
+_REMEMBERED: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, str]] = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(module: nn.Module, weights_version: Hashable | None = None) -> str:
     """A short hash of parameter names, shapes and magnitudes: tells checkpoints apart, not fp32 from bf16.
 
     Why magnitudes of the bf16-rounded weights: the same checkpoint in fp32 and bf16 must match (a
     schedule calibrated in one precision serves the other), and rounding to bf16 first makes both
     sum exactly the same numbers; two different checkpoints do not.
+
+    Hashing reads every weight (about a second for an SD1.5 U-Net), so a host that can say when its
+    weights change passes `weights_version` (ComfyUI: which weight patches are merged into them,
+    `comfy_layers.weights_version`): the fingerprint is then remembered per module and recomputed
+    only when that version or the parameter objects change. Without one it is always recomputed, as a
+    bare module's weights may have been edited in place.
     """
+    if weights_version is None:
+        return _hash_parameters(module)
+    key = (weights_version, tuple(id(p) for p in module.parameters()))
+    remembered = _REMEMBERED.get(module)
+    if remembered is not None and remembered[0] == key:
+        return remembered[1]
+    fingerprint = _hash_parameters(module)
+    _REMEMBERED[module] = (key, fingerprint)
+    return fingerprint
+
+
+def _hash_parameters(module: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in module.named_parameters():

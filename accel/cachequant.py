@@ -135,7 +135,7 @@ class CacheQuant:
         quant = self.quantizer.stats if self.quantizer is not None else None
         schedule = dc.schedule or format_schedule(self.plan.schedule.full_steps)
         return CacheQuantStats(dc.full_calls, dc.cached_calls, schedule, self.plan.label(),
-                               "" if quant is None else quant.backend,
+                               "" if quant is None else quant.described(),
                                1.0 if quant is None else quant.size_ratio)
 
     def remove(self) -> None:

@@ -8,8 +8,12 @@ One core, two methods, one set of quantizers:
   `int8` backend this is *real* int8 arithmetic on CPU through torch's x86 quantized kernels:
   Linear layers use `quantized::linear_dynamic`, Conv2d layers oneDNN's `qconv_pointwise` (the
   kernel torch's x86 inductor quantization uses; AMX/VNNI int8) with float output, so no output
-  requantization adds error. The `simulated` backend computes the same quantization in floating
-  point (fake-quant), for dtypes or devices without those kernels; `stats.backend` says which ran.
+  requantization adds error. Off the x86 CPU path (CUDA, other CPUs, or `backend='fp8'`) W8A8 runs
+  as one scaled 8-bit GEMM per layer with per-token activation scales (`quant_gemm`: int8
+  `torch._int_mm`, or fp8 e4m3 `torch._scaled_mm` on CUDA devices of capability 8.9+), its kernel
+  chosen per call from the input's device. The `simulated` backend computes the per-tensor
+  quantization in floating point (fake-quant), for layers no kernel takes; `stats.backend` says how
+  each layer was built and `stats.kernels` which kernels ran.
 - **DGQ** (distribution-aware group quantization): weights at 8, 6 or 4 bits (per output channel,
   in groups of `weight_group` inputs below 8 bits); activations quantized per (pixel, group of
   `group_size` channels), while the outliers that break group scales stay in higher precision:
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,12 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant_gemm
 from .cache_schedule import affine_residual, fit_affine
 from .forward_override import Forward, ForwardOverrides, has_approximate_override
+from .quant_gemm import GemmWeights, fp8_available, int_mm_available, symmetric_scale
 from .site import remove_all
 
 QuantMethod = Literal["w8a8", "dgq"]
-Backend = Literal["auto", "int8", "simulated"]
+Backend = Literal["auto", "int8", "fp8", "simulated"]
 LevelReader = Callable[[tuple[Any, ...], dict[str, Any]], float]
 WEIGHT_BITS = (8, 6, 4)
 
@@ -77,10 +84,10 @@ class QuantConfig:
         if self.method == "w8a8" and (self.weight_bits, self.act_bits) != (8, 8):
             raise ValueError(f"W8A8 means 8-bit weights and activations, got weight_bits={self.weight_bits}, "
                              f"act_bits={self.act_bits}; use method='dgq' for fewer bits")
-        if self.backend not in ("auto", "int8", "simulated"):
-            raise ValueError(f"backend must be 'auto', 'int8' or 'simulated', got {self.backend!r}")
-        if self.method == "dgq" and self.backend == "int8":
-            raise ValueError("DGQ (group-wise activations with float outliers) has no int8 kernel on this backend; "
+        if self.backend not in ("auto", "int8", "fp8", "simulated"):
+            raise ValueError(f"backend must be 'auto', 'int8', 'fp8' or 'simulated', got {self.backend!r}")
+        if self.method == "dgq" and self.backend in ("int8", "fp8"):
+            raise ValueError(f"DGQ (group-wise activations with float outliers) has no {self.backend} kernel; "
                              "use backend='simulated' or 'auto'")
         if self.group_size < 1 or self.weight_group < 0:
             raise ValueError(f"group_size must be >= 1 and weight_group >= 0, "
@@ -113,7 +120,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group: int = 0) -> tuple[to
         grouped = rows.reshape(rows.shape[0], width // group, group)
     else:
         grouped = rows.reshape(rows.shape[0], 1, width)
-    scale = grouped.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / qmax
+    scale = symmetric_scale(grouped, qmax)
     ints = torch.clamp(torch.round(grouped / scale), -qmax, qmax)
     return ints, scale
 
@@ -146,7 +153,7 @@ def group_fake_quant(x: torch.Tensor, bits: int, group_size: int, keep_channels:
     pad = (-c) % group_size
     padded = F.pad(inliers, (0, pad)) if pad else inliers
     groups = padded.reshape(n, -1, group_size)
-    scale = groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / qmax
+    scale = symmetric_scale(groups, qmax)
     quant = (torch.clamp(torch.round(groups / scale), -qmax, qmax) * scale).reshape(n, -1)[:, :c]
     keep = torch.zeros_like(x, dtype=torch.bool)
     if keep_channels is not None:
@@ -198,9 +205,19 @@ class LayerCorrection:
         return int(torch.argmin((self.levels - level).abs()))
 
 
+X86_LABEL = "int8 (x86 kernels: oneDNN qconv, dynamic qlinear)"
+GEMM_LABELS = {"int8": "int8 GEMM (per-token activation scales; torch._int_mm where the device has it)",
+               "fp8": "fp8 e4m3 GEMM (per-token activation scales; torch._scaled_mm on CUDA capability 8.9+)"}
+
+
 @dataclass
 class QuantLayer:
-    """One Linear/Conv2d layer quantized by a plan: weights, ranges, correction; computes its output."""
+    """One Linear/Conv2d layer quantized by a plan: weights, ranges, correction; computes its output.
+
+    Three ways to compute, fixed when the layer is built: `int8` (x86 kernels, CPU), `gemm` (int8/fp8
+    GEMM, kernel per call from the input's device) or neither (simulated). `ran` names the kernel of
+    the last call, which is what the stats report.
+    """
 
     kind: Literal["linear", "conv"]
     config: QuantConfig
@@ -209,15 +226,32 @@ class QuantLayer:
     weight_bytes: int  # storage of the quantized weight (+ scales, + float bias)
     float_bytes: int  # the same in fp32
     fake_weight: torch.Tensor | None = None  # simulated backend
+    gemm: GemmWeights | None = None  # the int8/fp8 GEMM backend
     packed: Any = None  # int8 backend: prepacked weight
     weight_scale: torch.Tensor | None = None  # int8 conv: per-output-channel weight scales
     keep_channels: torch.Tensor | None = None  # DGQ channel outliers (input channels)
     correction: LayerCorrection | None = None
     bias: torch.Tensor | None = None  # the bias quantized with the weight (a host may patch it, as it does the weight)
-    _conv: dict[str, Any] = field(default_factory=dict)
+    ran: str = ""
+
+    @property
+    def path(self) -> str:
+        """How this layer was built to compute (the plan's backend label is made of these)."""
+        if self.int8:
+            return X86_LABEL
+        if self.gemm is not None:
+            return GEMM_LABELS[self.gemm.grid]
+        return f"simulated {self.config.weight_bits}-bit (fake-quant, float compute)"
 
     def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The quantized layer's output for input `x` (the module supplies bias, stride, padding...)."""
+        if self.gemm is not None:
+            if self.kind == "linear":
+                out, self.ran = quant_gemm.linear(x, self.gemm, self.bias)
+            else:
+                out, self.ran = quant_gemm.conv2d(module, x, self.gemm, self.bias)
+            return out
+        self.ran = self.path
         return self._int8(module, x) if self.int8 else self._simulated(module, x)
 
     def _simulated(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -271,13 +305,43 @@ def _layer_kind(module: nn.Module) -> Literal["linear", "conv"]:
     raise TypeError(f"only nn.Linear and nn.Conv2d layers can be quantized, got {type(module).__name__}")
 
 
+def _compute_path(config: QuantConfig, kind: str, module: nn.Module, weight: torch.Tensor,
+                  compute: torch.device) -> Literal["x86", "int8", "fp8", "simulated"]:
+    """Which way a layer computes: x86 int8 kernels (weights and compute on the CPU), an 8-bit GEMM, or simulated.
+
+    `auto` takes the x86 kernels where they apply, else the int8 GEMM where torch has `_int_mm`, else
+    simulates; `int8`/`fp8` insist on real 8-bit compute and fail, naming why, where none applies.
+    """
+    grouped_conv = kind == "conv" and (module.groups != 1 or module.padding_mode != "zeros"
+                                       or isinstance(module.padding, str))
+    if config.method != "w8a8" or config.backend == "simulated":
+        return "simulated"
+    if grouped_conv and config.backend in ("int8", "fp8"):
+        raise ValueError(f"backend={config.backend!r} was asked for but a layer is a grouped/padded-mode conv, "
+                         "which no 8-bit kernel here takes: use backend='auto' or 'simulated'")
+    if config.backend == "fp8":
+        if not fp8_available():
+            raise ValueError("backend='fp8' needs torch.float8_e4m3fn and torch._scaled_mm, which this torch "
+                             f"({torch.__version__}) lacks: use backend='auto'")
+        return "fp8"
+    if not grouped_conv and int8_available() and weight.device.type == "cpu" and compute.type == "cpu":
+        return "x86"
+    if not grouped_conv and int_mm_available():
+        return "int8"
+    if config.backend == "int8":
+        raise ValueError("backend='int8' was asked for but torch has neither its x86 quantized kernels (for "
+                         "weights and compute on the CPU) nor torch._int_mm: use backend='auto' or 'simulated'")
+    return "simulated"
+
+
 def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig, weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> QuantLayer:
-    """Quantize one layer's weights for `config`, choosing real int8 where the backend allows it.
+                bias: torch.Tensor | None = None, compute: torch.device | None = None) -> QuantLayer:
+    """Quantize one layer's weights for `config`, choosing real 8-bit compute where the backend allows it.
 
     `weight`/`bias` (default: the module's own) are what the layer computes with; a host that applies
-    weight patches (ComfyUI's LoRAs) passes the patched ones. The x86 int8 kernels run on the CPU only,
-    so weights on another device are quantized on the simulated backend.
+    weight patches (ComfyUI's LoRAs) passes the patched ones. `compute` is the device the host runs the
+    layer on (default: where its weights are); the x86 int8 kernels need both on the CPU, the GEMM
+    backend follows each call's input wherever its weights are kept.
     """
     kind = _layer_kind(module)
     weight = (module.weight if weight is None else weight).detach()
@@ -289,14 +353,8 @@ def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig, wei
     ints, scale = quantize_weight(weight, config.weight_bits, group)
     weight_bytes = math.ceil(weight.numel() * config.weight_bits / 8) + 4 * scale.numel() + bias_bytes
     float_bytes = 4 * weight.numel() + bias_bytes
-    grouped_conv = kind == "conv" and (module.groups != 1 or module.padding_mode != "zeros"
-                                       or isinstance(module.padding, str))
-    use_int8 = (config.method == "w8a8" and config.backend != "simulated" and int8_available() and not grouped_conv
-                and weight.device.type == "cpu")
-    if config.backend == "int8" and not use_int8:
-        raise ValueError("backend='int8' was asked for but torch's x86 quantized kernels are unavailable "
-                         f"(or a layer is a grouped/padded-mode conv, or its weights are on {weight.device.type}, "
-                         "not the CPU): use backend='auto' or 'simulated'")
+    path = _compute_path(config, kind, module, weight, weight.device if compute is None else compute)
+    use_int8 = path == "x86"
     layer = QuantLayer(kind, config, use_int8, ranges, weight_bytes, float_bytes, bias=bias)
     if use_int8:
         if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
@@ -315,6 +373,8 @@ def build_layer(module: nn.Module, ranges: LayerRanges, config: QuantConfig, wei
             layer.packed = torch.ops.onednn.qconv_prepack(ints.reshape(weight.shape).to(torch.int8), layer.weight_scale,
                                                           1.0, 0, list(module.stride), list(module.padding),
                                                           list(module.dilation), module.groups, None)
+    elif path in ("int8", "fp8"):
+        layer.gemm = GemmWeights.of(weight, path, ints, scale)
     else:
         layer.fake_weight = (ints * scale).reshape(weight.shape)
     if config.method == "dgq" and config.outlier_channels > 0 and ranges.channel_absmax is not None:
@@ -340,12 +400,11 @@ class QuantPlan:
 
     @property
     def backend(self) -> str:
-        real = sum(layer.int8 for layer in self.layers.values())
-        if real == len(self.layers):
-            return "int8 (x86 kernels: oneDNN qconv, dynamic qlinear)"
-        if real == 0:
-            return f"simulated {self.config.weight_bits}-bit (fake-quant, float compute)"
-        return f"int8 on {real}/{len(self.layers)} layers, simulated on the rest"
+        """How the layers were built to compute: one label, or each label with its share of the layers."""
+        paths = Counter(layer.path for layer in self.layers.values())
+        if len(paths) <= 1:
+            return next(iter(paths), f"simulated {self.config.weight_bits}-bit (fake-quant, float compute)")
+        return ", ".join(f"{path} on {count}/{len(self.layers)} layers" for path, count in paths.most_common())
 
     @property
     def size_ratio(self) -> float:
@@ -365,6 +424,12 @@ class QuantStats:
     quantized_layers: int = 0
     calls: int = 0
     corrected: bool = False
+    kernels: Counter[str] = field(default_factory=Counter)  # layer calls per kernel that ran
+
+    def described(self) -> str:
+        """The backend and, where the kernel was chosen per call (the GEMM backend), which kernels ran."""
+        ran = [label for label in self.kernels if label not in self.backend]
+        return self.backend if not ran else f"{self.backend}; ran {', '.join(ran)}"
 
 
 class _LevelTracker:
@@ -425,15 +490,16 @@ def calibrate_quant(config: QuantConfig, root: nn.Module, layers: dict[str, nn.M
 
 
 def plan_from(config: QuantConfig, root: nn.Module, layers: dict[str, nn.Module], ranges: dict[str, LayerRanges],
-              fingerprint: str = "", weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-              ) -> QuantPlan:
+              fingerprint: str = "", weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+              compute: torch.device | None = None) -> QuantPlan:
     """The plan quantizing `layers` of `root` with observed `ranges` (no corrections).
 
     `weights` (name -> (weight, bias)) replaces the modules' own tensors where a host computes with
-    patched ones (ComfyUI's LoRAs and other weight patches).
+    patched ones (ComfyUI's LoRAs and other weight patches); `compute` is where the host runs the layers
+    when that is not where their weights are (an offloading host).
     """
     weights = weights or {}
-    built = {name: build_layer(module, ranges[name], config, *weights.get(name, (None, None)))
+    built = {name: build_layer(module, ranges[name], config, *weights.get(name, (None, None)), compute=compute)
              for name, module in layers.items()}
     quantized_params = {id(p) for m in layers.values() for p in m.parameters(recurse=False)}
     other = sum(4 * p.numel() for p in root.parameters() if id(p) not in quantized_params)
@@ -521,6 +587,7 @@ class Quantizer:
     def _forward(self, layer: QuantLayer, module: nn.Module) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             y = layer.compute(module, x)
+            self.stats.kernels[layer.ran] += 1
             index = self._tracker.index
             if index is not None and layer.correction is not None:
                 view = (-1,) if layer.kind == "linear" else (-1, 1, 1)

@@ -21,7 +21,7 @@ Three ways a site announces what happens, each returning something to `remove()`
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -80,11 +80,12 @@ class CacheSite:
     deep_modules: tuple[nn.Module, ...]  # what a feature cache reuses, in execution order
     feature_module: nn.Module  # the deep output the shallow branch reads (recorded, corrected)
     quant_layers: Mapping[str, nn.Module]  # the Linear/Conv2d layers a quantizer replaces, by name
+    weights_version: Hashable | None = None  # the host's token for the state of root's weights (see `Site`)
 
     @cached_property
     def fingerprint(self) -> str:
         """Tells checkpoints apart (schedules and plans refuse another model); computed once, on use."""
-        return model_fingerprint(self.root)
+        return model_fingerprint(self.root, self.weights_version)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,9 @@ class Site:
     """One model of a family; subclasses implement what their family offers."""
 
     family = "model"
+    # a host that knows when root's weights change sets a token for their state (ComfyUI: the weight patches
+    # merged into them), so the fingerprint is hashed once per state instead of on every check
+    weights_version: Hashable | None = None
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
@@ -225,7 +229,13 @@ class Site:
 
     def cache_site(self, branch_id: int) -> CacheSite:
         deep = tuple(self.deep_modules(branch_id))
-        return CacheSite(self.root, self.read_level, deep, self.feature_module(branch_id), self.quant_layers())
+        return CacheSite(self.root, self.read_level, deep, self.feature_module(branch_id), self.quant_layers(),
+                         self.weights_version)
+
+    @property
+    def fingerprint(self) -> str:
+        """What schedules and calibrated plans are checked against (`cache_schedule.model_fingerprint`)."""
+        return model_fingerprint(self.root, self.weights_version)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         return hook_calls(self.root, self.read_level, begin, end)

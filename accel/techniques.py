@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .block_cache import BlockCache, BlockCacheConfig, BlockCacheStats
-from .cache_schedule import model_fingerprint
 from .cachequant import CacheQuant, CacheQuantPlan, CacheQuantStats
 from .deepcache import DeepCache, DeepCacheConfig, DeepCacheStats
 from .ilf import ILFConfig, ILFStats, build_ilf
@@ -51,7 +50,7 @@ def _report_slicing(stats: SlicingStats, seconds: float) -> tuple[str, dict[str,
 
 # -- quantization (W8A8, DGQ) -----------------------------------------------------------------
 def _apply_quantization(site: Site, plan: QuantPlan, handle: Handle, _stack: Sequence[Technique]) -> None:
-    if plan.fingerprint and plan.fingerprint != model_fingerprint(site.root):
+    if plan.fingerprint and plan.fingerprint != site.fingerprint:
         raise ValueError("this quantization was calibrated for another model: calibrate it for this one")
     handle.core = Quantizer(plan).apply(site.root, site.quant_layers(), site.read_level)
     handle.undo(handle.core.remove)
@@ -60,11 +59,11 @@ def _apply_quantization(site: Site, plan: QuantPlan, handle: Handle, _stack: Seq
 
 
 def _report_quantization(stats: QuantStats, seconds: float) -> tuple[str, dict[str, Any]]:
-    return (f"{stats.label}: {stats.quantized_layers} layers, {stats.backend}, weights {stats.size_ratio:.2f}× "
+    return (f"{stats.label}: {stats.quantized_layers} layers, {stats.described()}, weights {stats.size_ratio:.2f}× "
             f"smaller{', quantization error corrected' if stats.corrected else ''}; {stats.calls} U-Net calls "
             f"in {seconds:.2f} s",
             {"quantized_layers": stats.quantized_layers, "size_ratio": stats.size_ratio, "calls": stats.calls,
-             "seconds": seconds})
+             "kernels": dict(stats.kernels), "seconds": seconds})
 
 
 def _drive(site: Site, core: Any, handle: Handle) -> None:
@@ -126,7 +125,7 @@ def _ilf_refuses(_config: ILFConfig, other: Any) -> str | None:
 
 # -- CacheQuant -------------------------------------------------------------------------------
 def _apply_cachequant(site: Site, plan: CacheQuantPlan, handle: Handle, _stack: Sequence[Technique]) -> None:
-    plan.schedule.check(model_fingerprint(site.root))
+    plan.schedule.check(site.fingerprint)
     core = handle.core = CacheQuant(plan).apply(site.cache_site(plan.config.cache_branch_id))
     handle.undo(core.remove)
     handle.undo(site.watch_generations(core.reset))

@@ -30,6 +30,7 @@ from ..accel.cachequant import CacheQuantConfig, CacheQuantPlan, Calibration, re
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.schedules import Schedule
 from ..accel.site import CacheSite
+from .comfy_layers import weights_version
 from .comfy_unet import ComfyRunSite, apply_deepcache, apply_technique, deep_modules, without_techniques
 
 
@@ -115,11 +116,14 @@ def loaded_site(model: Any, steps: int, branch: int) -> CacheSite:
     comfy.model_management.load_models_gpu([model])
     unet = model.get_model_object("diffusion_model")
     deep_modules(unet, branch)  # a branch this U-Net lacks fails here, naming the range
-    return ComfyRunSite(unet, steps).cache_site(branch)
+    site = ComfyRunSite(unet, steps)
+    site.weights_version = weights_version(model)
+    return site.cache_site(branch)
 
 
 def fingerprint_of(model: Any) -> str:
-    """The fingerprint of the weights ComfyUI computes with for `model` (what a schedule is checked against)."""
+    """The fingerprint of the weights ComfyUI computes with for `model` (what a schedule is checked against);
+    hashed once per patch set (`comfy_layers.weights_version`), so loading schedules and sampling rehash nothing."""
     return loaded_site(without_techniques(model), 2, 0).fingerprint
 
 

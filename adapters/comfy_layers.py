@@ -16,6 +16,8 @@ Nothing here applies anything (that is `comfy_unet`, through the technique regis
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
+from typing import Any
 
 from torch import nn
 
@@ -42,3 +44,18 @@ def operator_groups(unet: nn.Module, axis: SliceAxis) -> list[OperatorGroup]:
                         "U-Net of the SD1.x/SD2.x/SDXL family (openaimodel.UNetModel)")
     return [OperatorGroup(layer, 0) for block in blocks for layer in block
             if not any(_MIXES_FRAMES.search(type(m).__name__) for m in layer.modules())]
+
+
+def weights_version(patcher: Any) -> Hashable | None:
+    """A token for the state of the weights ComfyUI loaded for `patcher` (what a fingerprint may be remembered by).
+
+    ComfyUI records on the model which patch set is merged into its weights (`current_weight_patches_uuid`:
+    a LoRA added, removed or re-weighted makes a new one; None while no patcher has loaded the model) and
+    how many layers it patches on the fly in low-VRAM mode (`lowvram_patch_counter`, which changes as
+    layers move between merged and on-the-fly patching). None: the state is unknown, hash every time.
+    """
+    model = patcher.model
+    merged = getattr(model, "current_weight_patches_uuid", None)
+    if merged is None:
+        return None
+    return merged, bool(getattr(model, "model_lowvram", False)), getattr(model, "lowvram_patch_counter", 0)

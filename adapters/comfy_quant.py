@@ -11,16 +11,18 @@ until the patches or the device layout change (`patches_uuid`, and per layer whe
 whether ComfyUI patches it on the fly). A LoRA chained before or after our node changes the sampled
 patcher's `patches_uuid`, so it is quantized in; a second run with the same patches reuses the plan.
 
-Where the weights live decides the kernels: on the CPU, W8A8 runs torch's x86 int8 kernels; weights
-that ComfyUI keeps on another device (or offloads while computing elsewhere) are quantized on the
-simulated backend, and their fake-quantized copies stay where ComfyUI keeps the weights, travelling to
-the compute device per call exactly as ComfyUI's own offloaded weights do. The plan's backend label
-says which ran. The float weights stay untouched (other clones of the MODEL share them).
+Where the weights live and where ComfyUI computes decide the kernels: with both on the CPU, W8A8 runs
+torch's x86 int8 kernels; otherwise (a CUDA load device, or weights offloaded while computing on the
+GPU) it runs the 8-bit GEMM backend (`accel.quant_gemm`: int8 `torch._int_mm`, or fp8 `torch._scaled_mm`
+for backend 'fp8' on capability 8.9+), whose quantized weights stay where ComfyUI keeps the weights and
+travel to the input's device per call exactly as ComfyUI's own offloaded weights do, the kernel chosen
+per call from that device. DGQ is simulated everywhere. The plan's backend label and the stats' kernels
+say which ran. The float weights stay untouched (other clones of the MODEL share them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,17 +80,11 @@ class LiveQuantization:
         return self._plan
 
     def _build(self, unet: nn.Module, layers: dict[str, nn.Module], compute: torch.device) -> QuantPlan:
-        config = self.config
-        if compute.type != "cpu":
-            if config.backend == "int8":
-                raise ValueError(f"backend 'int8' runs torch's x86 int8 kernels on the CPU; this model computes on "
-                                 f"{compute.type}: use backend 'auto' (simulated there, and labelled so)")
-            config = replace(config, backend="simulated")
         with torch.no_grad():
             weights = {name: live_tensors(module) for name, module in layers.items()}
         # W8A8 takes each call's own activation range and DGQ on a MODEL keeps pixel outliers per call,
         # so no calibration run is needed: the ranges stay empty
-        return plan_from(config, unet, layers, {name: LayerRanges() for name in layers}, "", weights)
+        return plan_from(self.config, unet, layers, {name: LayerRanges() for name in layers}, "", weights, compute)
 
 
 def apply_quantization(model: Any, config: QuantConfig, on_finish: Any = None) -> Any:

@@ -44,7 +44,7 @@ from ..accel.site import Around, BlockSpan, CallStart, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis, SlicingConfig
 from ..accel.techniques import REGISTRY
 from .comfy_dit import layout_of
-from .comfy_layers import operator_groups, quant_layers
+from .comfy_layers import operator_groups, quant_layers, weights_version
 
 Call = Callable[[], Any]
 
@@ -201,6 +201,7 @@ class RunSession:
         configs = [entry.config if entry.resolve is None else entry.resolve(patcher) for entry in self.entries]
         self._started = time.perf_counter()
         site = ComfyRunSite(patcher.model.diffusion_model, self.total_steps)
+        site.weights_version = weights_version(patcher)  # schedules' fingerprint checks hash once per patch set
         handles = REGISTRY.apply(site, configs)
         self._site = site
         for session, handle in zip(self.sessions, handles, strict=True):

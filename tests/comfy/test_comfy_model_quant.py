@@ -6,16 +6,23 @@ weights (bench/comfy_workloads.py), the LoRA a random low-rank patch loaded by C
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from livecache.accel import quant_gemm
 from livecache.accel.deepcache import DeepCacheConfig
-from livecache.accel.quant import QuantConfig
+from livecache.accel.quant import GEMM_LABELS, QuantConfig
 from livecache.accel.slicing import SlicingConfig
 from livecache.adapters.comfy_quant import LiveQuantization, apply_quantization, live_tensors
 from livecache.adapters.comfy_unet import apply_deepcache, apply_slicing, entries_of
 from livecache.bench.comfy_workloads import sample
 from livecache.nodes.comfy_model_nodes import QuantizeModel, SlicingModel
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests run in importlib mode: the helpers sit beside them
+from loras import with_lora  # noqa: E402
 
 STEPS = 6
 
@@ -27,22 +34,6 @@ def run(model, conds) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def with_lora(model, rank: int = 4, strength: float = 0.3, seed: int = 5):
-    """`model` with a random LoRA on every attention projection, applied by ComfyUI's own LoRA loader."""
-    import comfy.sd
-
-    generator = torch.Generator().manual_seed(seed)
-    lora = {}
-    for name, module in model.get_model_object("diffusion_model").named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v"):
-            key = "lora_unet_" + name.replace(".", "_")
-            lora[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-            lora[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
-    assert len(patched.patches) == len(lora) // 2  # every LoRA key found its layer
-    return patched
 
 
 def untouched(model) -> bool:
@@ -120,6 +111,28 @@ def test_low_vram_loading_patches_on_the_fly_and_the_plan_sees_the_patched_weigh
         lora.unpatch_model(device_to=cpu)
     full, low = full_plan.layers[layer_name].fake_weight, low_plan.layers[layer_name].fake_weight
     torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5 * float(full.abs().max()))
+
+
+def test_a_model_loaded_for_cuda_gets_the_8bit_gemm_and_fp8_runs_through_the_sampler(model, conds, monkeypatch):
+    """ComfyUI loading for a GPU (its load device; no GPU here, so only the plan is built for it) gets the
+    int8 GEMM on every layer; the fp8 GEMM samples here through `torch._scaled_mm` on the CPU, labelled."""
+    on_gpu = model.clone()
+    on_gpu.load_device = torch.device("cuda")
+    assert LiveQuantization(QuantConfig())(on_gpu).backend == GEMM_LABELS["int8"]
+    before = run(model, conds)
+    stats = []
+    quantized = run(apply_quantization(model, QuantConfig(backend="fp8"), stats.append), conds)
+    line, numbers = stats[0].report()
+    assert GEMM_LABELS["fp8"] in line and "ran cpu fp8 (torch._scaled_mm)" in line, line
+    assert sum(numbers["kernels"].values()) > 0
+    # e4m3 keeps 3 mantissa bits (a few % per value): through 6 steps of a random U-Net that is ~10 %
+    error = relative_error(quantized, before)
+    assert 0 < error < 0.25, error
+    # the kernel is only how the product is summed: the dequantized fallback gives the same samples
+    dequantized = quant_gemm.GemmKernel("fp8 dequantized", quant_gemm._dequantized)
+    monkeypatch.setattr(quant_gemm, "kernel_for", lambda _grid, _device: dequantized)
+    fallback = run(apply_quantization(model, QuantConfig(backend="fp8")), conds)
+    assert relative_error(fallback, quantized) < 0.01 * error, relative_error(fallback, quantized)
 
 
 def test_model_nodes_refuse_what_they_cannot_do(model):
