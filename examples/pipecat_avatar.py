@@ -1,6 +1,6 @@
 """A pipecat pipeline with a LiveCache avatar: TTS audio in, talking-head video frames (and voice) out.
 
-    livecache serve &
+    livecache serve                  # in one terminal
     python -m livecache.examples.pipecat_avatar --text "Hello there, I am your avatar." --interrupt-after 1.0
 
 The pipeline is `SpeechSource → LiveCacheVideoService → FrameCollector`: the source plays the part of a TTS
