@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -101,13 +101,17 @@ class RtcResult:
 
     offered: float = 0.0
     info: dict = field(default_factory=dict)
-    frames: list[tuple[float, float]] = field(default_factory=list)  # (received, mouth openness)
+    frames: list[tuple[float, float]] = field(default_factory=list)  # (received, measure(rgb, mouth box))
     audio_started: float | None = None
     stats: dict = field(default_factory=dict)
 
 
-async def rtc_session(base_url: str, audio: np.ndarray, seconds: float, options: dict | None = None) -> RtcResult:
-    """One WebRTC session: offer with `audio` as the microphone, receive video for `seconds`, stop."""
+async def rtc_session(base_url: str, audio: np.ndarray, seconds: float, options: dict | None = None,
+                      measure: Callable[[np.ndarray, list[int]], float] = mouth_openness) -> RtcResult:
+    """One WebRTC session: offer with `audio` as the microphone, receive video for `seconds`, stop.
+
+    Each decoded frame is reduced to `measure(rgb, mouth_box)` on arrival (by default the dark-pixel mouth
+    openness), so a long session keeps no pictures."""
     result = RtcResult(offered=time.monotonic())
     pc = RTCPeerConnection()
     mic = ArrayAudioTrack(audio)
@@ -135,7 +139,7 @@ async def rtc_session(base_url: str, audio: np.ndarray, seconds: float, options:
             while time.monotonic() < end:
                 frame = await asyncio.wait_for(track.recv(), 5)
                 rgb = frame.to_ndarray(format="rgb24")
-                result.frames.append((time.monotonic(), mouth_openness(rgb, answer["mouth_box"])))
+                result.frames.append((time.monotonic(), measure(rgb, answer["mouth_box"])))
             result.audio_started = mic.started
             async with http.get(f"{base_url}/api/sessions/{answer['session']}") as res:
                 result.stats = await res.json()

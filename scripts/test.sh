@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: the README's test command, and what .ci/run calls.
 # Creates .venv (unless a virtual environment is already active), installs the pack with its test,
-# peer, realtime and ray extras and Debian's chromium (the live-page browser test), then runs ruff, the layer
+# peer, realtime, ray and pipecat extras and Debian's chromium (the live-page browser test), then runs ruff, the layer
 # check and pytest; then the real-ComfyUI tests (tests/comfy) in ComfyUI's own environment, which
 # scripts/setup_comfy.sh builds once into .comfy/. Safe to re-run: every step is skipped when already done.
 # Arguments go to the main pytest run; LIVECACHE_COMFY_TESTS=0 leaves the ComfyUI suite out of a local run.
@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch: keep whatever the environment has (a GPU user's CUDA build); otherwise the CPU build.
 python -c "import torch" 2>/dev/null || quiet pip install -q "torch==2.13.0"
-quiet pip install -q -e ".[test,peers,realtime,ray]"
+quiet pip install -q -e ".[test,peers,realtime,ray,pipecat]"
 python -c "import torch, livecache; print('torch', torch.__version__)"
 
 # Debian's chromium (playwright drives it; never `playwright install`) and espeak-ng (the avatar's teacher speech).

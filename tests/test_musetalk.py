@@ -230,3 +230,21 @@ def test_serve_streams_musetalk_over_the_websocket_and_refuses_unconverted_folde
     refused = subprocess.run([sys.executable, "-m", "livecache.realtime.cli", "--port", "0", "--engine", "musetalk",
                               "--weights", str(src)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "livecache convert musetalk SRC DST" in refused.stderr
+
+
+def test_serve_streams_musetalk_over_webrtc(folder):
+    """The tiny model's frames reach a WebRTC peer at the session's size, and the speech sent as the microphone
+    reaches the renderer: `audio_to_mouth_ms` is set once a frame rendered from received audio has left the server.
+    (Whether the mouth follows the speech is judged on exact pixels in the tests above: a random model's
+    lower face changes by a few grey levels, below what the VP8 encoder keeps.)"""
+    from livecache.bench.loopback import RTC_RATE, rtc_session, spawn_server
+
+    t = np.arange(int(2.0 * RTC_RATE)) / RTC_RATE
+    voice = np.sign(np.sin(2 * np.pi * 150 * t)) * (0.3 + 0.2 * np.sin(2 * np.pi * 3 * t))
+    audio = np.concatenate([np.zeros(RTC_RATE // 2), voice, np.zeros(RTC_RATE)]).astype(np.float32)
+    with spawn_server("--engine", "musetalk", "--weights", str(folder), "--max-sessions", "1") as url:
+        result = asyncio.run(rtc_session(url, audio, 4.0, {"size": 256, "fps": 5},
+                                         measure=lambda rgb, box: float(rgb.shape[0] == rgb.shape[1] == 256)))
+    assert len(result.info["mouth_box"]) == 4 and result.info["size"] == 256
+    assert len(result.frames) >= 3 and all(ok for _, ok in result.frames)
+    assert result.stats["frames"] >= len(result.frames) and result.stats["audio_to_mouth_ms"] is not None
