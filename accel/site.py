@@ -93,15 +93,21 @@ class BlockIO:
     outputs: tuple[int, ...] | None
 
     @classmethod
-    def of(cls, block: nn.Module, inputs: Sequence[str], outputs: Sequence[int] | None) -> BlockIO:
-        """Read the positions of `inputs` from `block`'s forward signature."""
+    def of(cls, block: nn.Module, inputs: Sequence[str], outputs: Sequence[int] | None,
+           positions: Sequence[int] | None = None) -> BlockIO:
+        """Read the positions of `inputs` from `block`'s forward signature, or take them as given (`positions`:
+        for a block whose forward is `forward(*args, **kwargs)`, called with the streams positionally)."""
+        if outputs is not None and len(outputs) != len(inputs):
+            raise ValueError("a block's output must place every stream it takes")
+        if positions is not None:
+            if len(positions) != len(inputs):
+                raise ValueError("a block's stream positions must name one position per stream")
+            return cls(tuple(inputs), tuple(positions), None if outputs is None else tuple(outputs))
         params = list(inspect.signature(type(block).forward).parameters)[1:]  # without self
         missing = [name for name in inputs if name not in params]
         if missing:
             raise TypeError(f"{type(block).__name__}.forward has no parameter {missing[0]!r}: this version of the "
                             "model is not the one the adapter knows")
-        if outputs is not None and len(outputs) != len(inputs):
-            raise ValueError("a block's output must place every stream it takes")
         return cls(tuple(inputs), tuple(params.index(n) for n in inputs), None if outputs is None else tuple(outputs))
 
     def streams_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Streams:

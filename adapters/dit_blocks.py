@@ -32,6 +32,7 @@ class Stage:
     inputs: tuple[str, ...]
     outputs: tuple[int, ...] | None  # None: the block returns its one stream as a tensor
     joins_next: bool = False  # the next stage's blocks take this stage's output streams unchanged
+    positions: tuple[int, ...] | None = None  # the streams' argument positions, for a `forward(*args, **kwargs)`
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BlockLayout:
             if not isinstance(modules, nn.ModuleList):
                 raise TypeError(f"{type(root).__name__} has no block list `{stage.attribute}`: this version of "
                                 f"{name} is not the one the adapter knows")
-            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs), run) for m in modules]
+            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs, stage.positions), run) for m in modules]
             run += 0 if stage.joins_next else 1
 
     @property

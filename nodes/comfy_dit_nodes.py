@@ -1,4 +1,4 @@
-"""The block cache for ComfyUI's own `MODEL` whose diffusion model is a DiT (Flux, Wan, Qwen-Image, Lumina 2).
+"""The block cache for ComfyUI's own `MODEL` whose diffusion model is a DiT (Flux, SD3, Wan, Qwen-Image, Lumina 2).
 
 The same shape as `comfy_nodes`: the node returns a patched clone of its input, the block cache runs inside
 whatever sampler later samples the MODEL (applied through the registry with every other LiveCache technique
@@ -22,7 +22,7 @@ class BlockCacheModel:
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "apply"
-    DESCRIPTION = ("Block caching on a DiT MODEL (Flux, Flux 2, Wan, Qwen-Image, Lumina 2, Z-Image): every N steps "
+    DESCRIPTION = ("Block caching on a DiT MODEL (Flux, Flux 2, SD3, Wan, Qwen-Image, Lumina 2, Z-Image): every N steps "
                    "all transformer blocks run and what a span of middle blocks adds is kept; in between the span "
                    "adds that (reuse) or its extrapolation in the noise level (forecast) without running. "
                    "Connect the result to KSampler (or any sampler node).")
