@@ -14,8 +14,8 @@ EasyCache node does, all under one key holding every LiveCache technique of the 
   (quantization builds its plan from the live weights: `comfy_quant`);
 - `DIFFUSION_MODEL` (each U-Net call; for a DiT whose forward runs no such wrappers, SD3's MMDiT, the
   `APPLY_MODEL` call around it, one per model call: `comfy_dit.call_wrapper`): the run learns the call's
-  noise level (the sigma that ComfyUI puts in `transformer_options`) and its inputs, which is all the cores need — so every ComfyUI
-  sampler works, and CFG halves batched into one call (or split over several calls when memory is
+  noise level (the sigma that ComfyUI puts in `transformer_options`) and its inputs, which is all the
+  cores need — so every ComfyUI sampler works, and CFG halves batched into one call (or split over several calls when memory is
   short) are one call slot each, never mixed.
 
 Each run's `ComfyRunSite` says where things are in `UNetModel` (DeepCache's deep modules here, the

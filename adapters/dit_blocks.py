@@ -55,7 +55,8 @@ class BlockLayout:
             if not isinstance(modules, nn.ModuleList):
                 raise TypeError(f"{type(root).__name__} has no block list `{stage.attribute}`: this version of "
                                 f"{name} is not the one the adapter knows")
-            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs, stage.positions), run) for m in modules]
+            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs, stage.positions), run)
+                             for m in modules]
             run += 0 if stage.joins_next else 1
 
     @property
