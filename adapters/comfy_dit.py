@@ -34,20 +34,23 @@ class ComfyFamily:
 
 FAMILIES: dict[str, ComfyFamily] = {
     # double-stream blocks: block(img=, txt=, ...) -> (img, txt); then one stream, cat(txt, img): not joined
-    "Flux": ComfyFamily("Flux / Flux 2", (Stage("double_blocks", ("img", "txt"), (0, 1)),
+    "Flux": ComfyFamily("Flux / Flux 2", (Stage("double_blocks", ("img", "txt"), (0, 1),
+                                                feed_forwards=("img_mlp", "txt_mlp")),
                                           Stage("single_blocks", ("x",), None))),
     # SD3 / SD3.5: JointBlock.forward(*args, **kwargs), called as block(context, x, c=...) -> (context, x); the
     # last block's context half is pre-only (it returns None for the text), so it always runs anyway. By SD3's
     # class, not its base `MMDiT`: AuraFlow's unrelated model is called `MMDiT` too
     "OpenAISignatureMMDITWrapper": ComfyFamily(
-        "SD3 / SD3.5", (Stage("joint_blocks", ("context", "x"), (0, 1), positions=(0, 1)),),
+        "SD3 / SD3.5", (Stage("joint_blocks", ("context", "x"), (0, 1), positions=(0, 1),
+                                      feed_forwards=("x_block.mlp", "context_block.mlp")),),
         runs_diffusion_wrappers=False),
-    "WanModel": ComfyFamily("Wan", (Stage("blocks", ("x",), None),)),
+    "WanModel": ComfyFamily("Wan", (Stage("blocks", ("x",), None, feed_forwards=("ffn",)),)),
     # block(hidden_states=, encoder_hidden_states=, ...) -> (encoder_hidden_states, hidden_states)
     "QwenImageTransformer2DModel": ComfyFamily(
-        "Qwen-Image", (Stage("transformer_blocks", ("hidden_states", "encoder_hidden_states"), (1, 0)),)),
+        "Qwen-Image", (Stage("transformer_blocks", ("hidden_states", "encoder_hidden_states"), (1, 0),
+                             feed_forwards=("img_mlp", "txt_mlp")),)),
     # the main layers only: the noise and caption refiners before them carry other streams
-    "NextDiT": ComfyFamily("Lumina 2 / Z-Image", (Stage("layers", ("x",), None),)),
+    "NextDiT": ComfyFamily("Lumina 2 / Z-Image", (Stage("layers", ("x",), None, feed_forwards=("feed_forward",)),)),
 }
 
 

@@ -15,8 +15,8 @@ EasyCache node does, all under one key holding every LiveCache technique of the 
 - `DIFFUSION_MODEL` (each U-Net call; for a DiT whose forward runs no such wrappers, SD3's MMDiT, the
   `APPLY_MODEL` call around it, one per model call: `comfy_dit.call_wrapper`): the run learns the call's
   noise level (the sigma that ComfyUI puts in `transformer_options`) and its inputs, which is all the
-  cores need — so every ComfyUI sampler works, and CFG halves batched into one call (or split over several calls when memory is
-  short) are one call slot each, never mixed.
+  cores need — so every ComfyUI sampler works, and CFG halves batched into one call (or split over
+  several calls when memory is short) are one call slot each, never mixed.
 
 Each run's `ComfyRunSite` says where things are in `UNetModel` (DeepCache's deep modules here, the
 quantized layers and slicing groups in `comfy_layers`), the run's length, and the U-Net calls the
