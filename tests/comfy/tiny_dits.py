@@ -80,6 +80,11 @@ def tiny_dit(family: str, seed: int = 0) -> Any:
         return load_dit(path, family)
 
 
+def save_tiny_dit(family: str, path: Path, seed: int = 0) -> Path:
+    """Write `family`'s tiny diffusion-model file (what a user puts in `models/diffusion_models`)."""
+    return save_dit(_built(family, seed), path)
+
+
 def save_dit(model: Any, path: Path) -> Path:
     """Save a MODEL's diffusion model as a diffusion-model file (what `models/diffusion_models` holds), with
     ComfyUI's own writer."""
