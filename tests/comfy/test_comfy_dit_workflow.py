@@ -87,7 +87,6 @@ def test_the_api_workflow_runs_headless_on_a_tiny_sd3_through_comfyuis_loader(co
     result = python(RUN.format(tests=str(Path(__file__).parent), root=str(comfy_root), base=str(tmp_path),
                                model=str(folder / "tiny_sd3.safetensors"), argv=argv))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "model_type FLOW" in result.stderr  # ComfyUI's detection took it for SD3 (a flow model)
     # our node patched the MODEL KSampler sampled: cache interval 3 over 6 steps
     assert "Block cache: 2 full / 4 cached transformer calls" in result.stderr, result.stderr[-4000:]
     latents = sorted((tmp_path / "output").glob("livecache_dit_*.latent"))
