@@ -4,6 +4,7 @@ through ComfyUI's sampling code with the samplers users pick (Euler, DPM++ 2M, L
 Real ComfyUI 0.3.75; each model is a tiny random instance of ComfyUI's own class (`tiny_dits`).
 """
 
+# ruff: noqa: F811  (the tests take the shared fixtures imported from test_comfy_dit as arguments)
 from __future__ import annotations
 
 import sys
@@ -23,23 +24,8 @@ from livecache.nodes.comfy_model_nodes import QuantizeModel
 from livecache.nodes.comfy_nodes import StepRehashModel
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tests run in importlib mode: the helpers sit beside them
-from test_comfy_dit import STEPS, block_cache, run, untouched  # noqa: E402
-from tiny_dits import FAMILIES, conditioning, latent, tiny_dit  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return tiny_dit(family)
-
-
-@pytest.fixture(scope="module")
-def uncached(model, family):
-    return run(model, family)
+from test_comfy_dit import STEPS, block_cache, family, model, run, uncached, untouched  # noqa: E402, F401 (fixtures)
+from tiny_dits import conditioning, latent  # noqa: E402
 
 
 def relative_error(out: torch.Tensor, base: torch.Tensor) -> float:
