@@ -18,6 +18,7 @@ from livecache.accel.quant import QuantConfig, calibrate_quant, int8_available
 from livecache.accel.registry import applied_to
 from livecache.accel.rehash import StepRehashConfig
 from livecache.accel.schedules import format_schedule, nonuniform_schedule
+from livecache.accel.slicing import SlicingConfig
 from livecache.accel.techniques import REGISTRY
 from livecache.adapters.diffusers_dit import FAMILIES, DiTSite, apply_technique, site_of
 
@@ -374,3 +375,66 @@ def test_w8a8_on_the_blocks_linear_layers_stacks_with_the_block_cache(name):
     applied_to(model).remove_all()
     assert untouched(model)
     assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, LEVELS[:4]), plain, strict=True))
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_step_rehash_skips_whole_calls_and_removal_restores_the_model(name):
+    """Threshold 10 (any step after the first two may be skipped, never two in a row): a skipped call runs no
+    block at all and answers with the last output; removing it gives the uncached outputs bit for bit."""
+    model, inputs = build(name)
+    plain = run(model, inputs)
+    work = BlockWork(DiTSite(model).blocks)
+    run(model, inputs)
+    per_run = work.calls
+    handle = apply_technique(model, StepRehashConfig(threshold=10.0, max_skips=1))
+    rehashed = run(model, inputs)
+    calls = work.calls - per_run
+    work.remove()
+    assert handle.stats.pattern == "FF.F.F", handle.stats.pattern
+    assert (handle.stats.computed_calls, handle.stats.skipped_calls) == (4, 2)
+    assert calls * len(LEVELS) == per_run * 4  # the block work of 4 calls out of 6
+    assert [torch.equal(a, b) for a, b in zip(rehashed, plain, strict=True)] == [True, True, False, True, False, True]
+    for k in (2, 4):  # a skipped step answers with the step before it
+        assert torch.equal(rehashed[k], rehashed[k - 1])
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), plain, strict=True))
+
+
+def widest_feed_forward_output(site, model, inputs) -> tuple[int, list[torch.Tensor]]:
+    """The largest tensor any feed-forward's first Linear produced in one run (its hidden layer), and the run."""
+    widest = [0]
+    hooks = []
+    for group in site.operator_groups("spatial", cache_inside=False):
+        first = next(m for m in group.module.modules() if isinstance(m, nn.Linear))
+        hooks.append(first.register_forward_hook(lambda _m, _a, out: widest.append(max(widest.pop(), out.numel()))))
+    try:
+        outputs = run(model, inputs, LEVELS[:2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return widest[0], outputs
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_token_slicing_gives_the_same_output_and_cuts_the_feed_forward_peak(name):
+    model, inputs = build(name)
+    site = DiTSite(model)
+    whole, plain = widest_feed_forward_output(site, model, inputs)
+    handle = apply_technique(model, SlicingConfig("spatial", 4, vae=False))
+    cut, sliced = widest_feed_forward_output(site, model, inputs)
+    # every call cut in up to 4 slices (a text stream of 5 tokens runs as slices of 2, 2 and 1)
+    assert 0 < handle.stats.group_calls < handle.stats.slice_calls <= 4 * handle.stats.group_calls
+    assert cut * 3 <= whole, (cut, whole)  # a quarter of the tokens at a time (rounded up per slice)
+    for a, b in zip(sliced, plain, strict=True):  # the same sums, cut at other token boundaries
+        assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()), rtol=0), float((a - b).abs().max())
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, LEVELS[:2]), plain, strict=True))
+
+
+def test_the_batch_axis_is_refused_on_a_dit_naming_the_token_axis():
+    model, _ = build("WanTransformer3DModel")
+    with pytest.raises(ValueError, match="sliced over its tokens"):
+        apply_technique(model, SlicingConfig("batch", 2, vae=False))
+    assert untouched(model)

@@ -47,6 +47,30 @@ def test_step_rehash_skips_whole_calls(model, family, uncached):
     still_the_same(model, family, uncached)
 
 
+def test_clones_of_one_model_keep_their_own_techniques(model, family, uncached):
+    """Two differently-configured clones of one MODEL (one chained from the other), sampled alternately: each
+    run does what its own clone asks, whatever the run before it applied to the shared diffusion model."""
+    layout = layout_of(model.get_model_object("diffusion_model"))
+    first, stop = layout.default_span()
+    cached = block_cache(model, 2)
+    rehashed = StepRehashModel().apply(block_cache(cached, 4), 10.0, 1, "reuse")[0]  # interval 4 replaces 2
+    outputs: dict[str, list[torch.Tensor]] = {"cached": [], "rehashed": []}
+    for name in ("cached", "rehashed", "cached", "rehashed"):
+        out, counts = run(cached if name == "cached" else rehashed, family)
+        outputs[name].append(out)
+        in_span = [c for i, c in enumerate(counts) if first <= i < stop]
+        outside = [c for i, c in enumerate(counts) if not first <= i < stop]
+        if name == "cached":
+            assert in_span == [STEPS // 2] * len(in_span) and outside == [STEPS] * len(outside), counts
+        else:  # rehash skips whole calls (fewer than all steps everywhere); the span runs on 1 step in 4 of those
+            assert len(set(outside)) == 1 and STEPS // 2 <= outside[0] < STEPS, counts
+            assert set(in_span) == {-(-outside[0] // 4)}, counts
+    for runs in outputs.values():
+        assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(outputs["cached"][0], outputs["rehashed"][0])
+    still_the_same(model, family, uncached)
+
+
 @pytest.mark.parametrize("method", ["w8a8", "dgq"])
 def test_quantization_of_the_blocks_linears(model, family, uncached, method):
     layers = layout_of(model.get_model_object("diffusion_model")).linear_layers()
@@ -104,7 +128,7 @@ def test_cfg_halves_in_one_batch_never_mix(model, family):
 
     def conds_of(rows: list[int]) -> tuple[torch.Tensor, dict]:
         parts = [model.model.extra_conds(cross_attn=texts[r][0], noise=x[r:r + 1], **texts[r][1]) for r in rows]
-        merged = {k: torch.cat([p[k].cond for p in parts]) for k in parts[0]}
+        merged = {k: parts[0][k].concat([p[k] for p in parts[1:]]) for k in parts[0]}  # as ComfyUI batches them
         return merged.pop("c_crossattn"), merged
 
     def two_calls(rows: list[int]) -> torch.Tensor:

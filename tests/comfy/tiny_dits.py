@@ -118,7 +118,10 @@ def _built(family: str, seed: int) -> Any:
 
 
 def _fill(module: nn.Module, seed: int) -> None:
-    """Norm scales 1, other free parameters small and random, every Linear/Conv torch's default init."""
+    """Norm scales 1, other free parameters and saved buffers small and random, every Linear/Conv torch's
+    default init. The saved buffers too: ComfyUI allocates them empty as well (SD3's `pos_embed`, which its
+    checkpoints carry), and memory left uninitialised holds whatever the allocator last freed (NaNs after
+    another model's int8 weights were freed, so a test's outcome would hang on the tests that ran before)."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for layer in module.modules():
@@ -127,6 +130,10 @@ def _fill(module: nn.Module, seed: int) -> None:
                     parameter.fill_(1.0)
                 else:
                     parameter.normal_(0.0, 0.02)
+        saved = module.state_dict().keys()
+        for name, buffer in module.named_buffers():
+            if name in saved and buffer.is_floating_point():
+                buffer.normal_(0.0, 0.02)
     _init_weights(module, seed)
 
 
