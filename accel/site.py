@@ -72,6 +72,8 @@ class CacheSite:
     deep_modules: tuple[nn.Module, ...]  # what a feature cache reuses, in execution order
     feature_module: nn.Module  # the deep output the shallow branch reads (recorded, corrected)
     quant_layers: Mapping[str, nn.Module]  # the Linear/Conv2d layers a quantizer replaces, by name
+    # a DiT's cache: the block span whose residual is reused (deep_modules are then its blocks); None: a U-Net's
+    span: BlockSpan | None = None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -181,6 +183,11 @@ class Site:
     def cache_site(self, branch_id: int) -> CacheSite:
         deep = tuple(self.deep_modules(branch_id))
         return CacheSite(self.root, self.read_level, deep, self.feature_module(branch_id), self.quant_layers())
+
+    def span_cache_site(self, span: tuple[int, int] | None) -> CacheSite:
+        """A DiT as CacheQuant sees it: the block span `span` (None: the family's default) is what is cached."""
+        blocks = self.block_span(span)
+        return CacheSite(self.root, self.read_level, blocks.blocks, blocks.blocks[-1], self.quant_layers(), blocks)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         return hook_calls(self.root, self.read_level, begin, end)

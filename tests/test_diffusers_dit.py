@@ -6,6 +6,7 @@ from `seeds[i]` alone, so a batch of two conditions has, row by row, the inputs 
 """
 
 import types
+from dataclasses import replace
 
 import diffusers as D
 import pytest
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from livecache.accel.block_cache import BlockCacheConfig, forecast
+from livecache.accel.cachequant import CacheQuantConfig, Calibration, calibrate_cachequant
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.quant import QuantConfig, calibrate_quant, int8_available
 from livecache.accel.registry import applied_to
@@ -437,4 +439,64 @@ def test_the_batch_axis_is_refused_on_a_dit_naming_the_token_axis():
     model, _ = build("WanTransformer3DModel")
     with pytest.raises(ValueError, match="sliced over its tokens"):
         apply_technique(model, SlicingConfig("batch", 2, vae=False))
+    assert untouched(model)
+
+
+def cachequant_plan(name, model, inputs, **config):
+    """CacheQuant calibrated on one generation of `name` (its own seed) over the default block span."""
+    site = DiTSite(model)
+    span = site.default_span()
+    calibration = Calibration([lambda: run(model, inputs, seeds=(3,))], len(LEVELS), name, "test levels")
+    return calibrate_cachequant(CacheQuantConfig(full_steps=3, blocks=span, **config), site.span_cache_site(span),
+                                calibration)
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_cachequant_on_the_block_span_skips_it_on_cached_steps_and_quantizes_the_blocks(name):
+    model, inputs = build(name)
+    plain = run(model, inputs)
+    plan = cachequant_plan(name, model, inputs)
+    schedule = plan.schedule
+    assert schedule.k == 3 and schedule.full_steps[0] and schedule.cost <= schedule.uniform_cost
+    # the cache correction is a least-squares fit of the fresh residual on the reused one: it never adds error
+    assert plan.cache_correction.error_after < plan.cache_correction.error_before
+    site = DiTSite(model)
+    first, stop = site.default_span()
+    inside = BlockWork(site.blocks[first:stop])
+    handle = apply_technique(model, plan)
+    per_step = []
+    with torch.no_grad():
+        out = []
+        for level in LEVELS:
+            before = inside.calls
+            out.append(output(model, inputs(level, [1])))
+            per_step.append(inside.calls - before)
+    inside.remove()
+    assert [calls > 0 for calls in per_step] == list(schedule.full_steps)  # the span runs on full steps only
+    assert (handle.stats.full_calls, handle.stats.cached_calls) == (3, 3)
+    assert handle.core.quantizer.stats.quantized_layers == len(site.quant_layers())
+    k = schedule.full_steps.index(True, 1)  # the second full step: only quantization error, after a cached one
+    error = float((out[0] - plain[0]).abs().max() / plain[0].abs().max())
+    assert 0 < error < 0.1, error
+    assert all(torch.isfinite(o).all() for o in out) and not torch.equal(out[k], plain[k])
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), plain, strict=True))
+
+
+def test_cachequant_corrections_are_decoupled_switches_on_a_dit():
+    """Cache only (no quantization): the cache correction changes exactly the cached steps; a plan for a
+    U-Net's skip branch is refused on a DiT, naming what the DiT lacks."""
+    name = INSTALLED[0]
+    model, inputs = build(name)
+    plan = cachequant_plan(name, model, inputs, quant=None)
+    outputs = {}
+    for correct in (True, False):
+        handle = apply_technique(model, plan.variant(correct_cache=correct, correct_quant=False))
+        outputs[correct] = run(model, inputs)
+        handle.remove()
+    for k, full in enumerate(plan.schedule.full_steps):
+        assert torch.equal(outputs[True][k], outputs[False][k]) == full, k
+    with pytest.raises(TypeError, match="skip branches"):
+        apply_technique(model, replace(plan, config=replace(plan.config, blocks=None)))
     assert untouched(model)
