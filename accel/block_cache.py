@@ -27,7 +27,7 @@ the streams, where they sit in its output); this core knows nothing else about t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,6 +118,8 @@ class BlockCache(DeepCache):
         self._span: BlockSpan | None = None
         self._level = 0.0
         self._entry: Streams | None = None  # the span's input streams in the current full call
+        # a stacked correction of the residual a cached call adds, by step (CacheQuant's cache correction)
+        self.correction: Callable[[int, Streams], Streams] | None = None
 
     def attach_span(self, span: BlockSpan) -> BlockCache:
         """Override the span's blocks' forwards (the host announces calls through `begin_call`/`end_call`)."""
@@ -158,9 +160,13 @@ class BlockCache(DeepCache):
 
     def _residual(self, history: list[tuple[float, Streams]]) -> Streams:
         if self.block_config.mode == "reuse" or len(history) == 1:
-            return history[-1][1]
-        self.stats.forecast_calls += 1
-        return forecast(history, self._level, self.block_config.order)
+            residual = history[-1][1]
+        else:
+            self.stats.forecast_calls += 1
+            residual = forecast(history, self._level, self.block_config.order)
+        if self.correction is None or self.tick is None:
+            return residual
+        return self.correction(self.tick.step, residual)
 
     def _keep(self, slot: Any, residual: Streams) -> None:
         """Add this full step's residual to the slot's history (outputs[0]), keeping what the mode needs."""

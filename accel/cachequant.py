@@ -2,7 +2,9 @@
 
 The three parts compose in one core, each reusing its own module:
 - the cache: the DeepCache core with an explicit schedule chosen by dynamic programming
-  (`cache_schedule.dp_schedule`) from calibration runs;
+  (`cache_schedule.dp_schedule`) from calibration runs; on a DiT (`CacheQuantConfig.blocks`), the block
+  cache core on that span instead, and the feature the schedule and correction are fitted on is the
+  residual the span adds (every stream it changes, its tokens side by side, channels last);
 - the quantization: a `QuantPlan` (`quant.py`) applied to the Linear/Conv2d layers; on cached
   steps the deep layers do not run, so quantization and caching save different work and stack;
 - the *decoupled* correction: two independent sets of per-channel affine maps, each fitted by
@@ -25,11 +27,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
+from .block_cache import BlockCache, BlockCacheConfig
 from .cache_schedule import (
     CacheCorrection,
     CalibratedSchedule,
     FeatureRecorder,
+    LevelReader,
     PairStats,
     cache_correction,
     calibrated_schedule,
@@ -38,7 +43,7 @@ from .deepcache import DeepCache, DeepCacheConfig
 from .progress import Progress
 from .quant import QuantConfig, Quantizer, QuantPlan, calibrate_quant
 from .schedules import format_schedule
-from .site import CacheSite, remove_all
+from .site import BlockSpan, CacheSite, Removal, Streams, hook_calls, remove_all
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class CacheQuantConfig:
     quant: QuantConfig | None = QuantConfig()  # None: calibrated caching + cache correction only
     correct_cache: bool = True
     correct_quant: bool = True
+    # a DiT: the block span (first, stop) whose residual is cached (None: a U-Net, cached at `cache_branch_id`)
+    blocks: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.full_steps, int) or self.full_steps < 1:
@@ -58,6 +65,8 @@ class CacheQuantConfig:
             raise ValueError(f"cache_branch_id must be an integer >= 0, got {self.cache_branch_id!r}")
         if self.quant is not None and self.quant.method != "w8a8":
             raise ValueError(f"CacheQuant quantizes with W8A8, got method {self.quant.method!r} (DGQ runs on its own)")
+        if self.blocks is not None:
+            BlockCacheConfig(span=self.blocks)  # the span's own validation
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,11 @@ class CacheQuantPlan:
     quant: QuantPlan | None
 
     @property
-    def deepcache(self) -> DeepCacheConfig:
+    def deepcache(self) -> DeepCacheConfig | BlockCacheConfig:
+        """The cache this plan runs: DeepCache at its branch, or on a DiT the block cache on its span."""
+        if self.config.blocks is not None:
+            return BlockCacheConfig(span=self.config.blocks, schedule="calibrated",
+                                    full_steps_override=self.schedule.full_steps)
         return DeepCacheConfig(cache_branch_id=self.config.cache_branch_id, schedule="calibrated",
                                full_steps_override=self.schedule.full_steps)
 
@@ -104,19 +117,31 @@ class CacheQuant:
 
     def __init__(self, plan: CacheQuantPlan) -> None:
         self.plan = plan
-        self.deepcache = DeepCache(plan.deepcache)
+        cache = plan.deepcache
+        self.deepcache = BlockCache(cache) if isinstance(cache, BlockCacheConfig) else DeepCache(cache)
         self.quantizer = None if plan.quant is None else Quantizer(plan.quant, correct=plan.config.correct_quant)
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle | Removal] = []
 
     def apply(self, site: CacheSite) -> CacheQuant:
-        self.deepcache.apply(site.root, site.deep_modules, site.read_level)
+        correct = self.plan.config.correct_cache and self.plan.cache_correction is not None
+        if isinstance(self.deepcache, BlockCache):
+            if site.span is None:
+                raise TypeError("this CacheQuant was calibrated on a DiT's block span; the model offers none")
+            self.deepcache.attach_span(site.span)
+            self._hooks.append(hook_calls(site.root, site.read_level, self.deepcache.begin_call,
+                                          self.deepcache.end_call))
+            if correct:
+                self.deepcache.correction = lambda step, residual: correct_streams(
+                    self.plan.cache_correction, step, residual)
+        else:
+            self.deepcache.apply(site.root, site.deep_modules, site.read_level)
         try:
             if self.quantizer is not None:
                 self.quantizer.apply(site.root, dict(site.quant_layers), site.read_level)
         except Exception:
-            self.deepcache.remove()
+            self.remove()
             raise
-        if self.plan.config.correct_cache and self.plan.cache_correction is not None:
+        if correct and not isinstance(self.deepcache, BlockCache):
             self._hooks.append(site.feature_module.register_forward_hook(lambda _m, _a, out: self._correct(out)))
         return self
 
@@ -145,6 +170,35 @@ class CacheQuant:
         self.deepcache.remove()
 
 
+def span_feature(residual: Streams) -> torch.Tensor:
+    """A block span's residual as one feature [B, C, tokens]: its streams' tokens side by side, channels
+    first (the layout the schedule statistics and the per-channel correction read)."""
+    return torch.cat(residual, dim=1).transpose(1, 2)
+
+
+def correct_streams(correction: CacheCorrection, step: int, residual: Streams) -> Streams:
+    """The reused residual with `correction`'s per-channel map for `step` applied to every stream."""
+    return tuple(correction.apply(step, stream.transpose(1, 2)).transpose(1, 2) for stream in residual)
+
+
+class SpanRecorder(FeatureRecorder):
+    """Records a block span's residual per denoising step (`span_feature`), as `FeatureRecorder` does a
+    module's output: what a DiT's CacheQuant schedules and corrects."""
+
+    def __init__(self, root: nn.Module, span: BlockSpan, read_level: LevelReader) -> None:
+        super().__init__(root, span.blocks[-1], read_level)
+        self._span = span
+        self._entry: Streams = ()
+        # a copy: blocks may add to their inputs in place (ComfyUI's do)
+        self._handles.append(span.blocks[0].register_forward_pre_hook(
+            lambda _m, a, k: setattr(self, "_entry", tuple(s.clone() for s in span.io[0].streams_in(a, k))),
+            with_kwargs=True))
+
+    def _record(self, out: Any) -> None:
+        streams = self._span.io[-1].streams_out(out)
+        super()._record(span_feature(tuple(o - e for o, e in zip(streams, self._entry, strict=True))))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The calibration generations (one callable each) and what a schedule file records about them."""
@@ -162,7 +216,8 @@ def record_features(site: CacheSite, calibration: Calibration, desc: str = "cali
                     stats: PairStats | None = None) -> PairStats:
     """Run the calibration generations uncached and sum their per-step feature statistics (into `stats`)."""
     stats = PairStats(calibration.steps) if stats is None else stats
-    recorder = FeatureRecorder(site.root, site.feature_module, site.read_level)
+    recorder = (FeatureRecorder(site.root, site.feature_module, site.read_level) if site.span is None
+                else SpanRecorder(site.root, site.span, site.read_level))
     try:
         for run in calibration.progress.loop(calibration.runs, desc, "run"):
             run()

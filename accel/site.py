@@ -81,6 +81,8 @@ class CacheSite:
     feature_module: nn.Module  # the deep output the shallow branch reads (recorded, corrected)
     quant_layers: Mapping[str, nn.Module]  # the Linear/Conv2d layers a quantizer replaces, by name
     weights_version: Hashable | None = None  # the host's token for the state of root's weights (see `Site`)
+    # a DiT's cache: the block span whose residual is reused (deep_modules are then its blocks); None: a U-Net's
+    span: BlockSpan | None = None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -102,15 +104,21 @@ class BlockIO:
     outputs: tuple[int, ...] | None
 
     @classmethod
-    def of(cls, block: nn.Module, inputs: Sequence[str], outputs: Sequence[int] | None) -> BlockIO:
-        """Read the positions of `inputs` from `block`'s forward signature."""
+    def of(cls, block: nn.Module, inputs: Sequence[str], outputs: Sequence[int] | None,
+           positions: Sequence[int] | None = None) -> BlockIO:
+        """Read the positions of `inputs` from `block`'s forward signature, or take them as given (`positions`:
+        for a block whose forward is `forward(*args, **kwargs)`, called with the streams positionally)."""
+        if outputs is not None and len(outputs) != len(inputs):
+            raise ValueError("a block's output must place every stream it takes")
+        if positions is not None:
+            if len(positions) != len(inputs):
+                raise ValueError("a block's stream positions must name one position per stream")
+            return cls(tuple(inputs), tuple(positions), None if outputs is None else tuple(outputs))
         params = list(inspect.signature(type(block).forward).parameters)[1:]  # without self
         missing = [name for name in inputs if name not in params]
         if missing:
             raise TypeError(f"{type(block).__name__}.forward has no parameter {missing[0]!r}: this version of the "
                             "model is not the one the adapter knows")
-        if outputs is not None and len(outputs) != len(inputs):
-            raise ValueError("a block's output must place every stream it takes")
         return cls(tuple(inputs), tuple(params.index(n) for n in inputs), None if outputs is None else tuple(outputs))
 
     def streams_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Streams:
@@ -236,6 +244,11 @@ class Site:
     def fingerprint(self) -> str:
         """What schedules and calibrated plans are checked against (`cache_schedule.model_fingerprint`)."""
         return model_fingerprint(self.root, self.weights_version)
+
+    def span_cache_site(self, span: tuple[int, int] | None) -> CacheSite:
+        """A DiT as CacheQuant sees it: the block span `span` (None: the family's default) is what is cached."""
+        blocks = self.block_span(span)
+        return CacheSite(self.root, self.read_level, blocks.blocks, blocks.blocks[-1], self.quant_layers(), blocks)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         return hook_calls(self.root, self.read_level, begin, end)

@@ -126,7 +126,9 @@ def _ilf_refuses(_config: ILFConfig, other: Any) -> str | None:
 # -- CacheQuant -------------------------------------------------------------------------------
 def _apply_cachequant(site: Site, plan: CacheQuantPlan, handle: Handle, _stack: Sequence[Technique]) -> None:
     plan.schedule.check(site.fingerprint)
-    core = handle.core = CacheQuant(plan).apply(site.cache_site(plan.config.cache_branch_id))
+    blocks = plan.config.blocks  # a DiT's block span, else a U-Net's skip branch
+    cache_site = site.cache_site(plan.config.cache_branch_id) if blocks is None else site.span_cache_site(blocks)
+    core = handle.core = CacheQuant(plan).apply(cache_site)
     handle.undo(core.remove)
     handle.undo(site.watch_generations(core.reset))
 

@@ -27,18 +27,30 @@ class ComfyFamily:
 
     name: str
     stages: tuple[Stage, ...]
+    # whether the class runs ComfyUI's DIFFUSION_MODEL wrappers around its forward (most comfy.ldm DiTs do);
+    # for one that does not, the MODEL lane wraps each call one level out, at APPLY_MODEL (`call_wrapper`)
+    runs_diffusion_wrappers: bool = True
 
 
 FAMILIES: dict[str, ComfyFamily] = {
     # double-stream blocks: block(img=, txt=, ...) -> (img, txt); then one stream, cat(txt, img): not joined
-    "Flux": ComfyFamily("Flux / Flux 2", (Stage("double_blocks", ("img", "txt"), (0, 1)),
+    "Flux": ComfyFamily("Flux / Flux 2", (Stage("double_blocks", ("img", "txt"), (0, 1),
+                                                feed_forwards=("img_mlp", "txt_mlp")),
                                           Stage("single_blocks", ("x",), None))),
-    "WanModel": ComfyFamily("Wan", (Stage("blocks", ("x",), None),)),
+    # SD3 / SD3.5: JointBlock.forward(*args, **kwargs), called as block(context, x, c=...) -> (context, x); the
+    # last block's context half is pre-only (it returns None for the text), so it always runs anyway. By SD3's
+    # class, not its base `MMDiT`: AuraFlow's unrelated model is called `MMDiT` too
+    "OpenAISignatureMMDITWrapper": ComfyFamily(
+        "SD3 / SD3.5", (Stage("joint_blocks", ("context", "x"), (0, 1), positions=(0, 1),
+                                      feed_forwards=("x_block.mlp", "context_block.mlp")),),
+        runs_diffusion_wrappers=False),
+    "WanModel": ComfyFamily("Wan", (Stage("blocks", ("x",), None, feed_forwards=("ffn",)),)),
     # block(hidden_states=, encoder_hidden_states=, ...) -> (encoder_hidden_states, hidden_states)
     "QwenImageTransformer2DModel": ComfyFamily(
-        "Qwen-Image", (Stage("transformer_blocks", ("hidden_states", "encoder_hidden_states"), (1, 0)),)),
+        "Qwen-Image", (Stage("transformer_blocks", ("hidden_states", "encoder_hidden_states"), (1, 0),
+                             feed_forwards=("img_mlp", "txt_mlp")),)),
     # the main layers only: the noise and caption refiners before them carry other streams
-    "NextDiT": ComfyFamily("Lumina 2 / Z-Image", (Stage("layers", ("x",), None),)),
+    "NextDiT": ComfyFamily("Lumina 2 / Z-Image", (Stage("layers", ("x",), None, feed_forwards=("feed_forward",)),)),
 }
 
 
@@ -59,6 +71,14 @@ def layout_of(diffusion_model: nn.Module) -> BlockLayout | None:
     """The block layout of a supported DiT; None for any other model (a U-Net, which the U-Net site describes)."""
     family = _lookup(diffusion_model)
     return None if family is None else BlockLayout(diffusion_model, family.name, family.stages)
+
+
+def call_wrapper(diffusion_model: nn.Module) -> str:
+    """Which `comfy.patcher_extension.WrappersMP` kind sees every call of this diffusion model: DIFFUSION_MODEL
+    (its own forward runs it: U-Nets and most DiTs), else APPLY_MODEL (the model's `apply_model`, which every
+    ComfyUI model runs; its calls take the sigma and return the denoised latent, one call per model call)."""
+    family = _lookup(diffusion_model)
+    return "apply_model" if family is not None and not family.runs_diffusion_wrappers else "diffusion_model"
 
 
 def check_span(diffusion_model: nn.Module, span: tuple[int, int] | None) -> tuple[int, int]:

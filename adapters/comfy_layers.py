@@ -1,4 +1,5 @@
-"""Where the quantizer's layers and the slicer's operator groups are in ComfyUI's `openaimodel.UNetModel`.
+"""Where the quantizer's layers and the slicer's operator groups are in ComfyUI's `openaimodel.UNetModel` (and,
+for a `comfy.ldm` DiT, in its blocks: the Linears of its blocks, its feed-forwards over tokens, `dit_blocks`).
 
 Nothing here applies anything (that is `comfy_unet`, through the technique registry).
 
@@ -22,19 +23,27 @@ from typing import Any
 from torch import nn
 
 from ..accel.slicing import OperatorGroup, SliceAxis
+from .comfy_dit import layout_of
+from .dit_blocks import token_groups
 
 SKIPPED_PREFIXES = ("input_blocks.0.0", "out.", "time_embed.", "label_emb.")
 _MIXES_FRAMES = re.compile(r"Video|Temporal|3D")
 
 
 def quant_layers(unet: nn.Module) -> dict[str, nn.Module]:
-    """The U-Net's Linear/Conv2d layers a quantizer replaces, by qualified name."""
+    """The Linear/Conv2d layers a quantizer replaces, by qualified name (a DiT's: the Linears of its blocks)."""
+    layout = layout_of(unet)
+    if layout is not None:
+        return layout.linear_layers()
     return {name: module for name, module in unet.named_modules()
             if isinstance(module, nn.Linear | nn.Conv2d) and not name.startswith(SKIPPED_PREFIXES)}
 
 
 def operator_groups(unet: nn.Module, axis: SliceAxis) -> list[OperatorGroup]:
-    """The batch-axis operator groups of a ComfyUI U-Net (its blocks' layers)."""
+    """The batch-axis operator groups of a ComfyUI U-Net (its blocks' layers); a DiT's feed-forwards over tokens."""
+    layout = layout_of(unet)
+    if layout is not None:
+        return token_groups(layout, axis)
     if axis != "batch":
         raise ValueError(f"a ComfyUI MODEL is sliced along the batch axis only, got axis {axis!r}")
     blocks = [*getattr(unet, "input_blocks", ()), getattr(unet, "middle_block", None),

@@ -12,10 +12,11 @@ EasyCache node does, all under one key holding every LiveCache technique of the 
   applies the entries through the technique registry, together, checked and in rank order, whatever
   order the nodes were chained in; an entry may first `resolve` its config against the loaded model
   (quantization builds its plan from the live weights: `comfy_quant`);
-- `DIFFUSION_MODEL` (each U-Net call): the run learns the call's noise level (the sigma that ComfyUI
-  puts in `transformer_options`) and its inputs, which is all the cores need — so every ComfyUI
-  sampler works, and CFG halves batched into one call (or split over several calls when memory is
-  short) are one call slot each, never mixed.
+- `DIFFUSION_MODEL` (each U-Net call; for a DiT whose forward runs no such wrappers, SD3's MMDiT, the
+  `APPLY_MODEL` call around it, one per model call: `comfy_dit.call_wrapper`): the run learns the call's
+  noise level (the sigma that ComfyUI puts in `transformer_options`) and its inputs, which is all the
+  cores need — so every ComfyUI sampler works, and CFG halves batched into one call (or split over
+  several calls when memory is short) are one call slot each, never mixed.
 
 Each run's `ComfyRunSite` says where things are in `UNetModel` (DeepCache's deep modules here, the
 quantized layers and slicing groups in `comfy_layers`), the run's length, and the U-Net calls the
@@ -43,7 +44,7 @@ from ..accel.rehash import StepRehashConfig
 from ..accel.site import Around, BlockSpan, CallStart, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis, SlicingConfig
 from ..accel.techniques import REGISTRY
-from .comfy_dit import layout_of
+from .comfy_dit import call_wrapper, layout_of
 from .comfy_layers import operator_groups, quant_layers, weights_version
 
 Call = Callable[[], Any]
@@ -248,7 +249,8 @@ def entries_of(model: Any) -> tuple[Entry, ...]:
     """The LiveCache techniques already on ComfyUI `model` (a ModelPatcher), in the order they were added."""
     from comfy.patcher_extension import WrappersMP  # ComfyUI, imported only when a MODEL is patched
 
-    wrappers = model.wrappers.get(WrappersMP.DIFFUSION_MODEL, {}).get(_KEY, [])
+    wrappers = [w for kind in (WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL)
+                for w in model.wrappers.get(kind, {}).get(_KEY, [])]
     return tuple(entry for wrapper in wrappers for entry in getattr(wrapper, "livecache_entries", ()))
 
 
@@ -293,11 +295,11 @@ def apply_technique(model: Any, config: Any, on_finish: Callable[[TechniqueSessi
 
     diffusion_model.livecache_entries = entries  # type: ignore[attr-defined]  # read by a later apply_technique
 
-    patched = model.clone()
-    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (WrappersMP.DIFFUSION_MODEL, diffusion_model)):
-        patched.remove_wrappers_with_key(kind, _KEY)
+    patched = without_techniques(model)
+    # each model call: at the diffusion model's forward, or at apply_model for a DiT whose forward runs no wrappers
+    calls = getattr(WrappersMP, call_wrapper(model.get_model_object("diffusion_model")).upper())
+    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, outer_sample), (calls, diffusion_model)):
         patched.add_wrapper_with_key(kind, _KEY, wrapper)
-    patched.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, _KEY)
     patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, _KEY, pre_run)
     return patched
 
@@ -308,7 +310,7 @@ def without_techniques(model: Any) -> Any:
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     bare = model.clone()
-    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.DIFFUSION_MODEL):
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.DIFFUSION_MODEL, WrappersMP.APPLY_MODEL):
         bare.remove_wrappers_with_key(kind, _KEY)
     bare.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, _KEY)
     return bare

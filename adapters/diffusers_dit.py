@@ -20,13 +20,16 @@ import torch
 from torch import nn
 
 from ..accel.registry import Handle
-from ..accel.site import BlockSpan, FeedbackPoint
+from ..accel.site import Around, BlockSpan, FeedbackPoint, Removable
+from ..accel.slicing import OperatorGroup, SliceAxis
 from ..accel.techniques import REGISTRY
+from .diffusers_rehash import wrap_model_calls
 from .diffusers_site import ScheduledSite
-from .dit_blocks import BlockLayout, Stage, span_feedback
+from .dit_blocks import BlockLayout, Stage, span_feedback, token_groups
 
 PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...
 PAIR_OUT = (1, 0)  # ... and out as (encoder_hidden_states, hidden_states)
+FF = ("ff", "ff_context")  # a joint block's image and text feed-forwards
 
 
 @dataclass(frozen=True)
@@ -39,22 +42,30 @@ class Family:
     # the level argument counts up along sampling (Z-Image passes 1 - sigma): read 1 - value so that,
     # as for every other family, the level falls from step to step
     rising_level: bool = False
+    sample_argument: str = "hidden_states"  # the forward parameter carrying the noisy latent
 
 
 FAMILIES: dict[str, Family] = {
     "FluxTransformer2DModel": Family("Flux", "timestep", (
-        Stage("transformer_blocks", PAIR, PAIR_OUT, joins_next=True),
+        Stage("transformer_blocks", PAIR, PAIR_OUT, joins_next=True, feed_forwards=FF),
         Stage("single_transformer_blocks", PAIR, PAIR_OUT))),
     "Flux2Transformer2DModel": Family("Flux 2", "timestep", (
-        Stage("transformer_blocks", PAIR, PAIR_OUT),
+        Stage("transformer_blocks", PAIR, PAIR_OUT, feed_forwards=FF),
         Stage("single_transformer_blocks", ("hidden_states",), None))),
-    "SD3Transformer2DModel": Family("SD3", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT),)),
-    "WanTransformer3DModel": Family("Wan", "timestep", (Stage("blocks", ("hidden_states",), None),)),
-    "QwenImageTransformer2DModel": Family("Qwen-Image", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT),)),
-    "ZImageTransformer2DModel": Family("Z-Image", "t", (Stage("layers", ("x",), None),), rising_level=True),
-    "DiTTransformer2DModel": Family("DiT", "timestep", (Stage("transformer_blocks", ("hidden_states",), None),)),
+    "SD3Transformer2DModel": Family("SD3", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT,
+                                                              feed_forwards=FF),)),
+    "WanTransformer3DModel": Family("Wan", "timestep", (Stage("blocks", ("hidden_states",), None,
+                                                              feed_forwards=("ffn",)),)),
+    "QwenImageTransformer2DModel": Family("Qwen-Image", "timestep", (Stage("transformer_blocks", PAIR, PAIR_OUT,
+                                                                           feed_forwards=("img_mlp", "txt_mlp")),)),
+    "ZImageTransformer2DModel": Family("Z-Image", "t", (Stage("layers", ("x",), None,
+                                                              feed_forwards=("feed_forward",)),),
+                                       rising_level=True, sample_argument="x"),
+    "DiTTransformer2DModel": Family("DiT", "timestep", (Stage("transformer_blocks", ("hidden_states",), None,
+                                                              feed_forwards=("ff",)),)),
     "PixArtTransformer2DModel": Family("PixArt", "timestep",
-                                       (Stage("transformer_blocks", ("hidden_states",), None),)),
+                                       (Stage("transformer_blocks", ("hidden_states",), None,
+                                              feed_forwards=("ff",)),)),
 }
 
 
@@ -110,15 +121,20 @@ class DiTSite(ScheduledSite):
         return span_feedback(self.layout, where)
 
     def quant_layers(self) -> dict[str, nn.Module]:
-        """The Linear layers inside the transformer blocks, by qualified name: where the arithmetic is.
+        return self.layout.linear_layers()
 
-        The patch and text embedders, the timestep and modulation projections outside the blocks and the
-        output projection stay float: tiny, run once per call, and carrying the signal the rest depends
-        on (the usual post-training quantization practice, as on the U-Net).
-        """
-        prefixes = tuple(f"{name}." for name in self.layout.block_names())
-        return {name: module for name, module in self.root.named_modules()
-                if isinstance(module, nn.Linear) and name.startswith(prefixes)}
+    def operator_groups(self, axis: SliceAxis, cache_inside: bool) -> list[OperatorGroup]:
+        """The blocks' feed-forwards, over the tokens (inside the blocks, so a block cache always sits outside)."""
+        return token_groups(self.layout, axis)
+
+    def wrap_calls(self, around: Around) -> Removable:
+        return wrap_model_calls(self.root, around, self.dit.sample_argument, self.read_level, _transformer_output)
+
+
+def _transformer_output(sample: torch.Tensor) -> Any:
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
 
 
 def site_of(target: Any) -> DiTSite:

@@ -23,6 +23,9 @@ from typing import Any
 from torch import nn
 
 from ..accel.site import BlockIO, BlockSpan, FeedbackPoint
+from ..accel.slicing import OperatorGroup
+
+TOKENS = 1  # the token dimension of a transformer block's activations [B, tokens, width]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class Stage:
     inputs: tuple[str, ...]
     outputs: tuple[int, ...] | None  # None: the block returns its one stream as a tensor
     joins_next: bool = False  # the next stage's blocks take this stage's output streams unchanged
+    positions: tuple[int, ...] | None = None  # the streams' argument positions, for a `forward(*args, **kwargs)`
+    # each block's token-wise feed-forwards (dotted paths): [B, tokens, width] in and out, every token on its
+    # own, so they run slice by slice over the tokens (single-stream blocks that fuse the MLP into the
+    # attention's projections have none)
+    feed_forwards: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class BlockLayout:
     """The blocks of one model of family `name`, read from its `stages`."""
 
     def __init__(self, root: nn.Module, name: str, stages: tuple[Stage, ...]) -> None:
+        self.root = root
         self.name = name
         self.stages = stages
         self._blocks: list[Block] = []
@@ -55,7 +64,8 @@ class BlockLayout:
             if not isinstance(modules, nn.ModuleList):
                 raise TypeError(f"{type(root).__name__} has no block list `{stage.attribute}`: this version of "
                                 f"{name} is not the one the adapter knows")
-            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs), run) for m in modules]
+            self._blocks += [Block(m, BlockIO.of(m, stage.inputs, stage.outputs, stage.positions), run)
+                             for m in modules]
             run += 0 if stage.joins_next else 1
 
     @property
@@ -97,6 +107,52 @@ class BlockLayout:
     def block_names(self) -> tuple[str, ...]:
         """The attributes holding the blocks (the prefixes of their layers' qualified names)."""
         return tuple(stage.attribute for stage in self.stages)
+
+    def linear_layers(self) -> dict[str, nn.Module]:
+        """The Linear layers inside the transformer blocks, by qualified name: where a DiT's arithmetic is.
+
+        The patch and text embedders, the timestep and modulation projections outside the blocks and the
+        output projection stay float: tiny, run once per call, and carrying the signal the rest depends
+        on (the usual post-training quantization practice, as on the U-Net).
+        """
+        prefixes = tuple(f"{name}." for name in self.block_names())
+        return {name: module for name, module in self.root.named_modules()
+                if isinstance(module, nn.Linear) and name.startswith(prefixes)}
+
+    def token_groups(self) -> list[OperatorGroup]:
+        """Every block's feed-forwards, sliced over the tokens: their wide hidden layer (2-4x the width) is
+        what they add to the peak, and only one slice of it is alive at a time. A path each stage names must
+        exist in its first block (else the model is not the version the table knows); a later block may lack
+        it (SD3's last block has no text feed-forward)."""
+        groups = []
+        for stage in self.stages:
+            for index, block in enumerate(getattr(self.root, stage.attribute)):
+                for path in stage.feed_forwards:
+                    module = _submodule(block, path)
+                    if module is None and index == 0:
+                        raise TypeError(f"{type(block).__name__} has no feed-forward `{path}`: this version of "
+                                        f"{self.name} is not the one the adapter knows")
+                    if module is not None:
+                        groups.append(OperatorGroup(module, TOKENS))
+        if not groups:
+            raise TypeError(f"this {self.name} model has no token-wise feed-forwards to slice")
+        return groups
+
+
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    module: nn.Module | None = block
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
+
+
+def token_groups(layout: BlockLayout, axis: str) -> list[OperatorGroup]:
+    """A DiT's slicing groups for `axis`: its feed-forwards over the tokens ("spatial"). The batch axis is not
+    offered: a DiT block's extra inputs (modulation, rotary tables) are batched or broadcast by family, so
+    slicing whole blocks by sample could cut a broadcast table whose length happens to match."""
+    if axis != "spatial":
+        raise ValueError(f"a {layout.name} transformer is sliced over its tokens (axis 'spatial'), got axis {axis!r}")
+    return layout.token_groups()
 
 
 def span_feedback(layout: BlockLayout, where: dict[str, Any] | None) -> FeedbackPoint:

@@ -2,7 +2,7 @@
 
 from .avatar_nodes import AvatarDiffusion, DefaultPortrait, LoadAudioFile
 from .cachequant_nodes import ApplyCacheQuant, CalibrateSchedule, LoadSchedule, Quantize
-from .comfy_dit_nodes import BlockCacheModel
+from .comfy_dit_nodes import BlockCacheModel, TokenSlicingModel
 from .comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadScheduleModel, QuantizeModel, SlicingModel
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
@@ -30,6 +30,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheQuantizeModel": QuantizeModel,
     "LiveCacheSlicingModel": SlicingModel,
     "LiveCacheBlockCacheModel": BlockCacheModel,
+    "LiveCacheTokenSlicingModel": TokenSlicingModel,
     "LiveCacheCacheQuantModel": CacheQuantModel,
     "LiveCacheCalibrateScheduleModel": CalibrateScheduleModel,
     "LiveCacheLoadScheduleModel": LoadScheduleModel,
@@ -60,6 +61,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheQuantizeModel": "Quantize MODEL W8A8 / DGQ (LiveCache)",
     "LiveCacheSlicingModel": "Slicing for MODEL (LiveCache)",
     "LiveCacheBlockCacheModel": "Block Cache for MODEL (LiveCache)",
+    "LiveCacheTokenSlicingModel": "Token Slicing for DiT MODEL (LiveCache)",
     "LiveCacheCacheQuantModel": "CacheQuant for MODEL (LiveCache)",
     "LiveCacheCalibrateScheduleModel": "Calibrate Cache Schedule for MODEL (LiveCache)",
     "LiveCacheLoadScheduleModel": "Load Cache Schedule for MODEL (LiveCache)",

@@ -6,6 +6,7 @@ from `seeds[i]` alone, so a batch of two conditions has, row by row, the inputs 
 """
 
 import types
+from dataclasses import replace
 
 import diffusers as D
 import pytest
@@ -13,11 +14,13 @@ import torch
 from torch import nn
 
 from livecache.accel.block_cache import BlockCacheConfig, forecast
+from livecache.accel.cachequant import CacheQuantConfig, Calibration, calibrate_cachequant
 from livecache.accel.deepcache import DeepCacheConfig
 from livecache.accel.quant import QuantConfig, calibrate_quant, int8_available
 from livecache.accel.registry import applied_to
 from livecache.accel.rehash import StepRehashConfig
 from livecache.accel.schedules import format_schedule, nonuniform_schedule
+from livecache.accel.slicing import SlicingConfig
 from livecache.accel.techniques import REGISTRY
 from livecache.adapters.diffusers_dit import FAMILIES, DiTSite, apply_technique, site_of
 
@@ -365,3 +368,126 @@ def test_w8a8_on_the_blocks_linear_layers_stacks_with_the_block_cache(name):
     applied_to(model).remove_all()
     assert untouched(model)
     assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, LEVELS[:4]), plain, strict=True))
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_step_rehash_skips_whole_calls_and_removal_restores_the_model(name):
+    """Threshold 10 (any step after the first two may be skipped, never two in a row): a skipped call runs no
+    block at all and answers with the last output; removing it gives the uncached outputs bit for bit."""
+    model, inputs = build(name)
+    plain = run(model, inputs)
+    work = BlockWork(DiTSite(model).blocks)
+    run(model, inputs)
+    per_run = work.calls
+    handle = apply_technique(model, StepRehashConfig(threshold=10.0, max_skips=1))
+    rehashed = run(model, inputs)
+    calls = work.calls - per_run
+    work.remove()
+    assert handle.stats.pattern == "FF.F.F", handle.stats.pattern
+    assert (handle.stats.computed_calls, handle.stats.skipped_calls) == (4, 2)
+    assert calls * len(LEVELS) == per_run * 4  # the block work of 4 calls out of 6
+    assert [torch.equal(a, b) for a, b in zip(rehashed, plain, strict=True)] == [True, True, False, True, False, True]
+    for k in (2, 4):  # a skipped step answers with the step before it
+        assert torch.equal(rehashed[k], rehashed[k - 1])
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), plain, strict=True))
+
+
+def widest_feed_forward_output(site, model, inputs) -> tuple[int, list[torch.Tensor]]:
+    """The largest tensor any feed-forward's first Linear produced in one run (its hidden layer), and the run."""
+    widest = [0]
+    hooks = []
+    for group in site.operator_groups("spatial", cache_inside=False):
+        first = next(m for m in group.module.modules() if isinstance(m, nn.Linear))
+        hooks.append(first.register_forward_hook(lambda _m, _a, out: widest.append(max(widest.pop(), out.numel()))))
+    try:
+        outputs = run(model, inputs, LEVELS[:2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return widest[0], outputs
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_token_slicing_gives_the_same_output_and_cuts_the_feed_forward_peak(name):
+    model, inputs = build(name)
+    site = DiTSite(model)
+    whole, plain = widest_feed_forward_output(site, model, inputs)
+    handle = apply_technique(model, SlicingConfig("spatial", 4, vae=False))
+    cut, sliced = widest_feed_forward_output(site, model, inputs)
+    # every call cut in up to 4 slices (a text stream of 5 tokens runs as slices of 2, 2 and 1)
+    assert 0 < handle.stats.group_calls < handle.stats.slice_calls <= 4 * handle.stats.group_calls
+    assert cut * 3 <= whole, (cut, whole)  # a quarter of the tokens at a time (rounded up per slice)
+    for a, b in zip(sliced, plain, strict=True):  # the same sums, cut at other token boundaries
+        assert torch.allclose(a, b, atol=1e-5 * float(b.abs().max()), rtol=0), float((a - b).abs().max())
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs, LEVELS[:2]), plain, strict=True))
+
+
+def test_the_batch_axis_is_refused_on_a_dit_naming_the_token_axis():
+    model, _ = build("WanTransformer3DModel")
+    with pytest.raises(ValueError, match="sliced over its tokens"):
+        apply_technique(model, SlicingConfig("batch", 2, vae=False))
+    assert untouched(model)
+
+
+def cachequant_plan(name, model, inputs, **config):
+    """CacheQuant calibrated on one generation of `name` (its own seed) over the default block span."""
+    site = DiTSite(model)
+    span = site.default_span()
+    calibration = Calibration([lambda: run(model, inputs, seeds=(3,))], len(LEVELS), name, "test levels")
+    return calibrate_cachequant(CacheQuantConfig(full_steps=3, blocks=span, **config), site.span_cache_site(span),
+                                calibration)
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_cachequant_on_the_block_span_skips_it_on_cached_steps_and_quantizes_the_blocks(name):
+    model, inputs = build(name)
+    plain = run(model, inputs)
+    plan = cachequant_plan(name, model, inputs)
+    schedule = plan.schedule
+    assert schedule.k == 3 and schedule.full_steps[0] and schedule.cost <= schedule.uniform_cost
+    # the cache correction is a least-squares fit of the fresh residual on the reused one: it never adds error
+    assert plan.cache_correction.error_after < plan.cache_correction.error_before
+    site = DiTSite(model)
+    first, stop = site.default_span()
+    inside = BlockWork(site.blocks[first:stop])
+    handle = apply_technique(model, plan)
+    per_step = []
+    with torch.no_grad():
+        out = []
+        for level in LEVELS:
+            before = inside.calls
+            out.append(output(model, inputs(level, [1])))
+            per_step.append(inside.calls - before)
+    inside.remove()
+    assert [calls > 0 for calls in per_step] == list(schedule.full_steps)  # the span runs on full steps only
+    assert (handle.stats.full_calls, handle.stats.cached_calls) == (3, 3)
+    assert handle.core.quantizer.stats.quantized_layers == len(site.quant_layers())
+    k = schedule.full_steps.index(True, 1)  # the second full step: only quantization error, after a cached one
+    error = float((out[0] - plain[0]).abs().max() / plain[0].abs().max())
+    assert 0 < error < 0.1, error
+    assert all(torch.isfinite(o).all() for o in out) and not torch.equal(out[k], plain[k])
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), plain, strict=True))
+
+
+def test_cachequant_corrections_are_decoupled_switches_on_a_dit():
+    """Cache only (no quantization): the cache correction changes exactly the cached steps; a plan for a
+    U-Net's skip branch is refused on a DiT, naming what the DiT lacks."""
+    name = INSTALLED[0]
+    model, inputs = build(name)
+    plan = cachequant_plan(name, model, inputs, quant=None)
+    outputs = {}
+    for correct in (True, False):
+        handle = apply_technique(model, plan.variant(correct_cache=correct, correct_quant=False))
+        outputs[correct] = run(model, inputs)
+        handle.remove()
+    for k, full in enumerate(plan.schedule.full_steps):
+        assert torch.equal(outputs[True][k], outputs[False][k]) == full, k
+    with pytest.raises(TypeError, match="skip branches"):
+        apply_technique(model, replace(plan, config=replace(plan.config, blocks=None)))
+    assert untouched(model)

@@ -77,7 +77,20 @@ def model(family):
 
 @pytest.fixture(scope="module")
 def uncached(model, family):
-    return run(model, family)
+    out, counts = run(model, family)
+    assert torch.isfinite(out).all(), f"the tiny {family} MODEL samples non-finite values uncached"
+    return out, counts
+
+
+def test_the_tiny_model_is_all_seeded(model, family):
+    """Every saved tensor of the tiny MODEL comes from the seed, none from uninitialised memory (which made
+    later tests' outcomes hang on what earlier ones freed): a second build, with memory churned first, equals it."""
+    churn = [torch.full((1 << 16,), float("nan")) for _ in range(64)]
+    del churn
+    again = tiny_dit(family).model.diffusion_model.state_dict()
+    first = model.model.diffusion_model.state_dict()
+    assert again.keys() == first.keys()
+    assert [k for k in first if not torch.equal(first[k], again[k])] == []
 
 
 def test_interval_one_equals_uncached_exactly(model, family, uncached):

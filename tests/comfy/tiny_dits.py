@@ -1,14 +1,21 @@
 """Tiny random instances of ComfyUI's own DiT classes (`comfy.ldm`), each in a ModelPatcher, as a checkpoint loads them.
 
 Each family is built through its `comfy.supported_models` entry (the config ComfyUI's model detection would
-produce, shrunk to a 64-wide model with a few blocks), so the MODEL is ComfyUI's model class around ComfyUI's
+produce, shrunk to a narrow model with a few blocks), so the MODEL is ComfyUI's model class around ComfyUI's
 diffusion model class, sampled by ComfyUI's own sampling code. ComfyUI leaves layers uninitialised
 (checkpoints fill them): every parameter is drawn from a private seeded generator.
+
+Families whose model detection reads every size from the weights (SD3: width 64 per block; Wan: 128 per
+head) are then saved with ComfyUI's own code and loaded back through its diffusion-model loader (what
+UNETLoader runs), so ComfyUI's detection picks the family, exactly as for a user's file. The others' detection
+fixes sizes that only full-sized models have (Flux: 24 heads; Qwen-Image: width 3072), so they stay as built.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +34,7 @@ class TinyDiT:
     context_dim: int
     cond_extras: dict[str, Any] = field(default_factory=dict)  # per-cond entries (pooled output, guidance)
     latent_frames: int = 0  # > 0: a video latent [B, C, T, H, W]
+    detectable: bool = False  # ComfyUI's model detection finds this config in the saved weights
 
 
 FAMILIES: dict[str, TinyDiT] = {
@@ -35,11 +43,20 @@ FAMILIES: dict[str, TinyDiT] = {
         "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 3,
         "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True},
         latent_channels=16, context_dim=32, cond_extras={"pooled_output": (1, 32), "guidance": 3.5}),
+    # what detection reads from SD3's weights: width 64 x depth, one head per block, 16x16 position table
+    "sd3": TinyDiT("SD3", {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 4, "input_size": None,
+        "adm_in_channels": 32, "context_embedder_config": {"target": "torch.nn.Linear",
+                                                           "params": {"in_features": 32, "out_features": 256}},
+        "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "qk_norm": "rms",
+        "x_block_self_attn_layers": []},
+        latent_channels=16, context_dim=32, cond_extras={"pooled_output": (1, 32)}, detectable=True),
+    # Wan's detection: one head per 128 channels; the text width is fixed at 4096 by the model class
     "wan": TinyDiT("WAN21_T2V", {
-        "image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 4,
-        "in_dim": 16, "out_dim": 16, "text_dim": 32, "patch_size": (1, 2, 2), "freq_dim": 256,
+        "image_model": "wan2.1", "model_type": "t2v", "dim": 128, "ffn_dim": 128, "num_heads": 1, "num_layers": 4,
+        "in_dim": 16, "out_dim": 16, "text_dim": 4096, "patch_size": (1, 2, 2), "freq_dim": 256,
         "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6},
-        latent_channels=16, context_dim=32, latent_frames=2),
+        latent_channels=16, context_dim=4096, latent_frames=2, detectable=True),
     "qwen_image": TinyDiT("QwenImage", {
         "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 4, "attention_head_dim": 32,
         "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 12, 12)},
@@ -53,7 +70,42 @@ FAMILIES: dict[str, TinyDiT] = {
 
 
 def tiny_dit(family: str, seed: int = 0) -> Any:
-    """ComfyUI's MODEL of `family` with seeded random weights, on the CPU."""
+    """ComfyUI's MODEL of `family` with seeded random weights, on the CPU (through ComfyUI's loader where its
+    detection can find the family)."""
+    built = _built(family, seed)
+    if not FAMILIES[family].detectable:
+        return built
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_dit(built, Path(folder) / f"{family}.safetensors")
+        return load_dit(path, family)
+
+
+def save_tiny_dit(family: str, path: Path, seed: int = 0) -> Path:
+    """Write `family`'s tiny diffusion-model file (what a user puts in `models/diffusion_models`)."""
+    return save_dit(_built(family, seed), path)
+
+
+def save_dit(model: Any, path: Path) -> Path:
+    """Save a MODEL's diffusion model as a diffusion-model file (what `models/diffusion_models` holds), with
+    ComfyUI's own writer."""
+    import comfy.utils
+
+    comfy.utils.save_torch_file(model.model.diffusion_model.state_dict(), str(path))
+    return path
+
+
+def load_dit(path: Path, family: str) -> Any:
+    """Load a diffusion-model file through ComfyUI's loader; its model detection must pick `family`."""
+    import comfy.sd
+
+    model = comfy.sd.load_diffusion_model(str(path))
+    found = type(model.model.model_config).__name__
+    if found != FAMILIES[family].supported_model:
+        raise AssertionError(f"ComfyUI detected {found} in {path.name}, not {FAMILIES[family].supported_model}")
+    return model
+
+
+def _built(family: str, seed: int) -> Any:
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -66,7 +118,10 @@ def tiny_dit(family: str, seed: int = 0) -> Any:
 
 
 def _fill(module: nn.Module, seed: int) -> None:
-    """Norm scales 1, other free parameters small and random, every Linear/Conv torch's default init."""
+    """Norm scales 1, other free parameters and saved buffers small and random, every Linear/Conv torch's
+    default init. The saved buffers too: ComfyUI allocates them empty as well (SD3's `pos_embed`, which its
+    checkpoints carry), and memory left uninitialised holds whatever the allocator last freed (NaNs after
+    another model's int8 weights were freed, so a test's outcome would hang on the tests that ran before)."""
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for layer in module.modules():
@@ -75,6 +130,10 @@ def _fill(module: nn.Module, seed: int) -> None:
                     parameter.fill_(1.0)
                 else:
                     parameter.normal_(0.0, 0.02)
+        saved = module.state_dict().keys()
+        for name, buffer in module.named_buffers():
+            if name in saved and buffer.is_floating_point():
+                buffer.normal_(0.0, 0.02)
     _init_weights(module, seed)
 
 
