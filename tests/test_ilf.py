@@ -19,7 +19,7 @@ from livecache.adapters.diffusers_site import UNetSite
 from livecache.models.dit import DIT_CONFIG, DigitDiT, DitPromptEncoder
 from livecache.models.embedded import SCHEDULER_CONFIG
 from livecache.models.pipeline import DiffusionModel
-from livecache.train.ilf import ILFTraining, model_teacher, train_ilf
+from livecache.train.ilf import ILFTraining, Teacher, model_teacher, pair_loss, record, train_ilf
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -94,6 +94,38 @@ def test_an_untrained_module_changes_nothing(family):
     assert not torch.equal(acted[1], reuse[1]) and torch.equal(acted[0], reuse[0])
     handle.remove()
     assert all(torch.equal(a, b) for a, b in zip(calls(model), backbone, strict=True))
+
+
+def twin_calls(family: str, model: nn.Module) -> None:
+    """Two calls on the same inputs a hair of noise level apart: the second a cached step that reuses all but
+    exactly what the first computed."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for t in (900.0, 900.0 - 1e-4):
+            if family == "dit":
+                model(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+                      timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+            else:
+                model(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(t),
+                      encoder_hidden_states=torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_teacher_feature_is_the_one_a_cached_step_stands_for(family):
+    """The trainer's feature target is what the corrected feature stands for (a DiT span's output, not its first
+    block's): a cached step right after a full one on the same inputs reuses the right feature, so with the
+    module at scale 0 the feature loss against the teacher's record is ~0 (the output loss too)."""
+    build, site_type, _, _ = FAMILIES[family]
+    model = build()
+    site = site_type(model)
+    runs = record(Teacher(site, family, lambda _seed: twin_calls(family, model)), [0], None)
+    handle = REGISTRY.apply(site, [ILFConfig(cache_interval=1 << 30)])[0]
+    try:
+        first, later = runs[0]
+        assert float(pair_loss(handle.core, model, first, later, ILFTraining(output_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, first, later, ILFTraining(feature_weight=0))) < 1e-6
+    finally:
+        handle.remove()
 
 
 SETTINGS = ILFTraining(steps=40, interval=2, generations=2, held_out=1, lr=3e-3, checkpoint_every=5)
@@ -183,6 +215,24 @@ def test_a_module_loads_only_for_its_backbone_and_only_from_safetensors(tmp_path
     disguised.write_bytes(pickle.dumps(weights.state))
     with pytest.raises(ValueError, match="not a safetensors file"):
         FeedbackWeights.load(disguised)
+
+
+def test_a_fingerprint_does_not_depend_on_the_thread_count():
+    """Modules are trained single-threaded and applied under any thread count: the digits U-Net's float sums
+    differed between 1 and 2 threads, which refused the shipped module."""
+    from livecache.accel.cache_schedule import model_fingerprint
+    from livecache.models.pipeline import load_model
+
+    unet = load_model().unet
+    threads = torch.get_num_threads()
+    try:
+        prints = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            prints.add(model_fingerprint(unet))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(prints) == 1
 
 
 def test_ilf_is_a_feature_cache_and_refuses_quantization():

@@ -2,7 +2,8 @@
 
 The teacher is the backbone itself, sampling uncached from seeds and class labels (or prompts) only.
 Every model call of those generations is recorded — its inputs, its output, and the feature the
-module will correct (`FeedbackPoint.corrected`'s output). A training example is a pair of calls of
+module's corrected one stands for (`FeedbackPoint.teacher_feature`: a U-Net's last deep module's
+output, a DiT span's last block's output). A training example is a pair of calls of
 one generation, `gap` steps apart (1 ≤ gap < the cache interval the module is trained for): the
 model with ILF applied runs the earlier call fully, then the later one as a cached step, where the
 module corrects the reused feature. Two losses, each relative to the teacher's magnitude:
@@ -104,7 +105,7 @@ def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
            progress: Progress | bool = False) -> list[list[Call]]:
     """The teacher's model calls for each seed's generation (uncached), with the feature ILF corrects."""
     point = teacher.site.feedback_point(where)
-    corrected = point.skipped[point.corrected]
+    target, target_stream = point.teacher_feature()
     runs: list[list[Call]] = []
     pending: list[tuple[Any, Any]] = []
     features: list[torch.Tensor] = []
@@ -113,7 +114,7 @@ def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
              teacher.site.root.register_forward_hook(
                  lambda _m, _a, out: runs[-1].append(Call(*pending.pop(), output_tensor(out).detach().clone(),
                                                           features.pop()))),
-             corrected.register_forward_hook(lambda _m, _a, out: features.append(point.stream_of(out).detach()))]
+             target.register_forward_hook(lambda _m, _a, out: features.append(target_stream(out).detach()))]
     try:
         for seed in as_progress(progress).loop(seeds, "teacher generations", "generation"):
             runs.append([])
