@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
 from ..accel.cache_schedule import model_fingerprint
-from ..accel.ilf import ILF, FeedbackWeights, ILFConfig
+from ..accel.ilf import ILF, FeedbackWeights, ILFConfig, read_tensors
 from ..accel.progress import Progress, as_progress
 from ..accel.site import Site
 from ..accel.techniques import REGISTRY
@@ -246,12 +245,7 @@ def _resume(path: Path | None, tag: str, module: nn.Module, optimizer: torch.opt
     """Load the checkpoint at `path` when it is this run's; the number of steps it had done (0: start over)."""
     if path is None or not path.is_file():
         return 0
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises several types for files it cannot parse
-        raise ValueError(f"{path}: not an ILF checkpoint ({err}); delete it or choose another --checkpoint") from None
+    meta, tensors = read_tensors(path, "; delete it or choose another --checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an ILF checkpoint; delete it or choose another --checkpoint")
     if meta.get("run") != tag:
