@@ -101,7 +101,8 @@ class BlockLayout:
 
 def span_feedback(layout: BlockLayout, where: dict[str, Any] | None) -> FeedbackPoint:
     """ILF on a DiT: feedback steps skip the block `span` (default: the block cache's) and its first block's
-    reused output (the span's output, as the block cache adds the reused residual there) is corrected by a copy of the span's last block (`block`, in the model's numbering), called
+    reused output (the span's output: the block cache adds the reused residual there; `target` says so) is
+    corrected by a copy of the span's last block (`block`, in the model's numbering), called
     with that step's own arguments (timestep, class labels, text), every stream but the image's as they were."""
     where = dict(where or {})
     span = where.setdefault("span", list(layout.default_span()))
