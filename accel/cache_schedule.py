@@ -66,9 +66,11 @@ def model_fingerprint(module: nn.Module, weights_version: Hashable | None = None
 
     Why magnitudes of the bf16-rounded weights: the same checkpoint in fp32 and bf16 must match (a
     schedule calibrated in one precision serves the other), and rounding to bf16 first makes both
-    sum exactly the same numbers; two different checkpoints do not.
+    hold exactly the same numbers; two different checkpoints do not. They are summed as integers
+    (the bf16 bit patterns without the sign): a float sum depends on how many threads reduce it, and
+    a fingerprint must not change with `torch.set_num_threads`.
 
-    Hashing reads every weight (about a second for an SD1.5 U-Net), so a host that can say when its
+    Hashing reads every weight (seconds for an SD1.5 U-Net), so a host that can say when its
     weights change passes `weights_version` (ComfyUI: which weight patches are merged into them,
     `comfy_layers.weights_version`): the fingerprint is then remembered per module and recomputed
     only when that version or the parameter objects change. Without one it is always recomputed, as a
@@ -89,8 +91,8 @@ def _hash_parameters(module: nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in module.named_parameters():
-            magnitude = float(param.detach().to(torch.bfloat16).float().abs().sum())
-            digest.update(f"{name}:{tuple(param.shape)}:{magnitude!r};".encode())
+            bits = param.detach().to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0x7FFF
+            digest.update(f"{name}:{tuple(param.shape)}:{int(bits.sum(dtype=torch.int64))};".encode())
     return digest.hexdigest()[:16]
 
 

@@ -72,6 +72,16 @@ def clean_copy(block: nn.Module) -> nn.Module:
     return out
 
 
+def read_tensors(path: Path, hint: str = "") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file (a module, a training checkpoint); a file safetensors
+    cannot parse — a pickle renamed, a truncated write — raises a ValueError naming it, then `hint`."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises several types for files it cannot parse
+        raise ValueError(f"{path}: not a safetensors file ({err}){hint}") from None
+
+
 @dataclass(frozen=True, eq=False)
 class FeedbackWeights:
     """A trained module as loaded: its tensors and what it was trained for (compared by identity)."""
@@ -112,12 +122,7 @@ class FeedbackWeights:
         if path.stat().st_size > MAX_MODULE_BYTES:
             raise ValueError(f"{path}: {path.stat().st_size} bytes is too large for an ILF module "
                              f"(at most {MAX_MODULE_BYTES})")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as err:  # safetensors raises several types for files it cannot parse
-            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+        meta, state = read_tensors(path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a LiveCache ILF module (expected format {FORMAT!r} in its metadata)")
         try:

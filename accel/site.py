@@ -178,7 +178,11 @@ class FeedbackPoint:
     `block`: the backbone block the module is a copy of; `where`: how the family numbers this point
     (saved with a trained module, so it is loaded where it was trained); `run`: how the copy is called;
     `stream_of`/`with_stream`: the feature tensor in the corrected module's output, and that output
-    carrying another feature.
+    carrying another feature. `target`: the index in `skipped` whose output in a *full* pass is what the
+    corrected feature stands for on a feedback step — the teacher's feature a trainer distils towards
+    (`train.ilf`); None: `corrected` itself (a U-Net's last deep module). On a DiT the reused residual is
+    added at the span's first block, so its output there stands for the span's last block's output
+    (`target_stream_of` reads the feature from that block's output; None: `stream_of`).
     """
 
     skipped: tuple[nn.Module, ...]
@@ -189,6 +193,13 @@ class FeedbackPoint:
     span: BlockSpan | None = None
     stream_of: Callable[[Any], torch.Tensor] = lambda out: out
     with_stream: Callable[[Any, torch.Tensor], Any] = lambda _out, feature: feature
+    target: int | None = None
+    target_stream_of: Callable[[Any], torch.Tensor] | None = None
+
+    def teacher_feature(self) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+        """The module whose output in a full pass holds the feature the corrected one stands for, and its reader."""
+        index = self.corrected if self.target is None else self.target
+        return self.skipped[index], self.target_stream_of or self.stream_of
 
 
 class Site:

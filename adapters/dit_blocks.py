@@ -157,7 +157,8 @@ def token_groups(layout: BlockLayout, axis: str) -> list[OperatorGroup]:
 
 def span_feedback(layout: BlockLayout, where: dict[str, Any] | None) -> FeedbackPoint:
     """ILF on a DiT: feedback steps skip the block `span` (default: the block cache's) and its first block's
-    reused output is corrected by a copy of the span's last block (`block`, in the model's numbering), called
+    reused output (the span's output: the block cache adds the reused residual there; `target` says so) is
+    corrected by a copy of the span's last block (`block`, in the model's numbering), called
     with that step's own arguments (timestep, class labels, text), every stream but the image's as they were."""
     where = dict(where or {})
     span = where.setdefault("span", list(layout.default_span()))
@@ -177,6 +178,8 @@ def span_feedback(layout: BlockLayout, where: dict[str, Any] | None) -> Feedback
     def run(block: nn.Module, feature: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return copied.call_with(block, (feature,), args, kwargs)[0]
 
+    last = chosen.io[-1]
     return FeedbackPoint(chosen.blocks, 0, layout.blocks[index], where, run, span=chosen,
                          stream_of=lambda out: first.streams_out(out)[0],
-                         with_stream=lambda _out, feature: first.pack((feature,)))
+                         with_stream=lambda _out, feature: first.pack((feature,)),
+                         target=len(chosen.blocks) - 1, target_stream_of=lambda out: last.streams_out(out)[0])

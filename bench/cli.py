@@ -7,7 +7,8 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "deepcache": (".deepcache_bench", "uncached vs our DeepCache vs the authors' helper, ToMe and T-GATE"),
-    "ilf": (".ilf_bench", "uncached vs ILF vs DeepCache at the same full passes: speed, PSNR, SSIM, FID*, training"),
+    "ilf": (".ilf_bench", "both embedded models: uncached vs ILF vs DeepCache/block cache vs forecasting at the "
+                         "same full passes: speed, PSNR, SSIM, FID*, training cost"),
     "video": (".video_bench", "causal AR video: time per clip vs AR step, cache shared vs recompute, memory"),
     "comfy": (".comfy_bench", "inside a real ComfyUI: every technique on one MODEL vs ComfyUI's EasyCache, LazyCache"),
     "avatar": (".avatar_bench", "diffusion avatar: stage costs, FPS, first frame, lip sync; each speed-up on/off"),

@@ -19,7 +19,8 @@ WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 DIGITS_DIR = WEIGHTS_ROOT / "digits"
 FEATURES_FILE = WEIGHTS_ROOT / "digit_features.safetensors"
 # the trained ILF feedback modules that ship, by model name (`livecache train ilf`)
-ILF_FILES = {"embedded:digits": WEIGHTS_ROOT / "ilf" / "digits.safetensors"}
+ILF_FILES = {"embedded:digits": WEIGHTS_ROOT / "ilf" / "digits.safetensors",
+             "embedded:dit": WEIGHTS_ROOT / "ilf" / "dit.safetensors"}
 EMBED_DIM = 64
 
 UNET_CONFIG: dict = {

@@ -37,13 +37,14 @@ class LoadILFModule:
     RETURN_TYPES = ("LC_ILF",)
     RETURN_NAMES = ("ilf_module",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads an Inner Loop Feedback module: the one shipped for the embedded model, or your own file."
+    DESCRIPTION = "Loads an Inner Loop Feedback module: one shipped for an embedded model, or your own file."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"source": ("STRING", {
             "default": EMBEDDED,
-            "tooltip": "'embedded:digits' for the module that ships for the embedded model, or a .safetensors file "
+            "tooltip": "'embedded:digits' or 'embedded:dit' for the module that ships for that embedded model, or a "
+                       ".safetensors file "
                        "inside your model folders (from `livecache train ilf --model FOLDER`).",
         })}}
 

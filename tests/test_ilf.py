@@ -16,7 +16,10 @@ from livecache.accel.quant import QuantConfig, QuantPlan
 from livecache.accel.techniques import REGISTRY
 from livecache.adapters.diffusers_dit import DiTSite
 from livecache.adapters.diffusers_site import UNetSite
-from livecache.train.ilf import ILFTraining, class_dit_teacher, train_ilf
+from livecache.models.dit import DIT_CONFIG, DigitDiT, DitPromptEncoder
+from livecache.models.embedded import SCHEDULER_CONFIG
+from livecache.models.pipeline import DiffusionModel
+from livecache.train.ilf import ILFTraining, Teacher, model_teacher, pair_loss, record, train_ilf
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -36,7 +39,10 @@ def tiny_unet() -> nn.Module:
 
 
 def dit_calls(model: nn.Module) -> list[torch.Tensor]:
-    x, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2])
+    config = model.config
+    x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size,
+                    generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2])
     with torch.no_grad():
         return [model(x * t / 1000, timestep=torch.full((2,), t), class_labels=labels, return_dict=False)[0]
                 for t in (900.0, 800.0, 700.0, 600.0, 500.0)]
@@ -90,15 +96,56 @@ def test_an_untrained_module_changes_nothing(family):
     assert all(torch.equal(a, b) for a, b in zip(calls(model), backbone, strict=True))
 
 
+def twin_calls(family: str, model: nn.Module) -> None:
+    """Two calls on the same inputs a hair of noise level apart: the second a cached step that reuses all but
+    exactly what the first computed."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for t in (900.0, 900.0 - 1e-4):
+            if family == "dit":
+                model(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+                      timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+            else:
+                model(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(t),
+                      encoder_hidden_states=torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_teacher_feature_is_the_one_a_cached_step_stands_for(family):
+    """The trainer's feature target is what the corrected feature stands for (a DiT span's output, not its first
+    block's): a cached step right after a full one on the same inputs reuses the right feature, so with the
+    module at scale 0 the feature loss against the teacher's record is ~0 (the output loss too)."""
+    build, site_type, _, _ = FAMILIES[family]
+    model = build()
+    site = site_type(model)
+    runs = record(Teacher(site, family, lambda _seed: twin_calls(family, model)), [0], None)
+    handle = REGISTRY.apply(site, [ILFConfig(cache_interval=1 << 30)])[0]
+    try:
+        first, later = runs[0]
+        assert float(pair_loss(handle.core, model, first, later, ILFTraining(output_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, first, later, ILFTraining(feature_weight=0))) < 1e-6
+    finally:
+        handle.remove()
+
+
 SETTINGS = ILFTraining(steps=40, interval=2, generations=2, held_out=1, lr=3e-3, checkpoint_every=5)
 
 
-def teacher(model: nn.Module):
-    return class_dit_teacher(model, "tiny-dit", steps=6, batch=2)
+def tiny_digit_dit(seed: int = 0) -> DigitDiT:
+    """The embedded DiT's layout (one-hot class states, the digits scheduler), 4 blocks of width 32."""
+    torch.manual_seed(seed)
+    return DigitDiT(**dict(DIT_CONFIG, num_layers=4, num_attention_heads=2, attention_head_dim=16)).eval()
+
+
+def teacher(model: DigitDiT):
+    """The teacher the CLI uses for embedded:dit, on a tiny model: DDIM with CFG 3 from digit prompts."""
+    encode = DitPromptEncoder().encode
+    return model_teacher(DiffusionModel("tiny-dit", model, SCHEDULER_CONFIG, encode, default_guidance=3.0),
+                         steps=6, batch=2)
 
 
 def test_training_beats_plain_reuse_on_held_out_seeds_and_ships_as_safetensors(tmp_path):
-    model = tiny_dit()
+    model = tiny_digit_dit()
     out = tmp_path / "ilf.safetensors"
     weights = train_ilf(teacher(model), out, SETTINGS, progress=False)
     losses = weights.training["held_out_loss"]
@@ -125,28 +172,28 @@ class Stop(Exception):
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_module(tmp_path):
     settings = ILFTraining(steps=10, interval=2, generations=1, held_out=1, checkpoint_every=5)
-    straight = train_ilf(teacher(tiny_dit()), None, settings, progress=False)
+    straight = train_ilf(teacher(tiny_digit_dit()), None, settings, progress=False)
     checkpoint = tmp_path / "run.safetensors"
     done = []
 
-    def stop_after_six() -> None:
-        if len(done) == 6:
+    def stop_after_seven_steps() -> None:  # 3 checks while the teacher records 2 generations, then one a step
+        if len(done) == 10:
             raise Stop
         done.append(1)
 
     with pytest.raises(Stop):
-        train_ilf(teacher(tiny_dit()), None, settings, checkpoint=checkpoint,
-                  progress=Progress(check=stop_after_six, bar=False))
+        train_ilf(teacher(tiny_digit_dit()), None, settings, checkpoint=checkpoint,
+                  progress=Progress(check=stop_after_seven_steps, bar=False))
     assert checkpoint.is_file()
     steps_run = []
-    resumed = train_ilf(teacher(tiny_dit()), None, settings, checkpoint=checkpoint,
+    resumed = train_ilf(teacher(tiny_digit_dit()), None, settings, checkpoint=checkpoint,
                         progress=Progress(update=lambda done_, total: steps_run.append(done_), bar=False))
     assert max(steps_run) - min(steps_run) == 5  # steps 5..9 only: the first five came from the checkpoint
     for key, value in straight.state.items():
         assert torch.allclose(resumed.state[key], value, rtol=0, atol=1e-5 * (1 + float(value.abs().max())))
     other = ILFTraining(steps=12, interval=2, generations=1, held_out=1, checkpoint_every=5)
     with pytest.raises(ValueError, match="another run"):
-        train_ilf(teacher(tiny_dit()), None, other, checkpoint=checkpoint, progress=False)
+        train_ilf(teacher(tiny_digit_dit()), None, other, checkpoint=checkpoint, progress=False)
 
 
 def test_a_module_loads_only_for_its_backbone_and_only_from_safetensors(tmp_path):
@@ -168,6 +215,24 @@ def test_a_module_loads_only_for_its_backbone_and_only_from_safetensors(tmp_path
     disguised.write_bytes(pickle.dumps(weights.state))
     with pytest.raises(ValueError, match="not a safetensors file"):
         FeedbackWeights.load(disguised)
+
+
+def test_a_fingerprint_does_not_depend_on_the_thread_count():
+    """Modules are trained single-threaded and applied under any thread count: the digits U-Net's float sums
+    differed between 1 and 2 threads, which refused the shipped module."""
+    from livecache.accel.cache_schedule import model_fingerprint
+    from livecache.models.pipeline import load_model
+
+    unet = load_model().unet
+    threads = torch.get_num_threads()
+    try:
+        prints = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            prints.add(model_fingerprint(unet))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(prints) == 1
 
 
 def test_ilf_is_a_feature_cache_and_refuses_quantization():

@@ -42,6 +42,13 @@ def test_shipped_workflow_runs_and_writes_images(tmp_path, capsys, name):
     assert "saved" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["ilf_dit_api.json", "ilf_digits_api.json"])
+def test_ilf_workflows_run_headless_with_the_shipped_modules(tmp_path, capsys, name):
+    assert cli_main(["run", str(WORKFLOWS / name), "--output", str(tmp_path)]) == 0
+    assert len(sorted(tmp_path.glob(f"{Path(name).stem.removesuffix('_api')}_*.png"))) == 4
+    assert "saved" in capsys.readouterr().out
+
+
 def broken(mutate):
     api = json.loads(json.dumps(API))
     mutate(api)

@@ -36,8 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="`avatar`: espeak-ng sentences rendered by the teacher (default 14)")
     parser.add_argument("--vae-steps", type=int, default=300, help="`avatar`: VAE optimizer steps (default 300)")
     parser.add_argument("--model", default="embedded:digits",
-                        help="`ilf`: the backbone, embedded:digits or a diffusers folder of a digits-prompt U-Net "
-                             "(default embedded:digits)")
+                        help="`ilf`: the backbone, embedded:digits, embedded:dit or a diffusers folder of a "
+                             "digits-prompt U-Net (default embedded:digits)")
     parser.add_argument("--interval", type=int, default=2,
                         help="`ilf`: the cache interval the module is trained for (default 2: every other step)")
     parser.add_argument("--generations", type=int, default=6,
@@ -103,16 +103,17 @@ def _avatar(args: argparse.Namespace, start: float) -> int:
 
 
 def _ilf(args: argparse.Namespace, start: float) -> int:
+    from ..models.dit import EMBEDDED_DIT, load_dit
     from ..models.embedded import ILF_FILES
     from ..models.loading import WeightsError
     from ..models.pipeline import load_model
-    from .ilf import ILFTraining, digits_teacher, train_ilf
+    from .ilf import ILFTraining, model_teacher, train_ilf
 
-    if args.model == "embedded:dit":
-        print("embedded:dit is not in this build yet; train for embedded:digits or a folder")
-        return 2
     try:
-        model = load_model(None if args.model == "embedded:digits" else Path(args.model))
+        if args.model == EMBEDDED_DIT:
+            model = load_dit()
+        else:
+            model = load_model(None if args.model == "embedded:digits" else Path(args.model))
         settings = ILFTraining(steps=args.steps or 300, interval=args.interval, generations=args.generations,
                                seed=args.seed)
     except (WeightsError, ValueError) as err:
@@ -122,7 +123,7 @@ def _ilf(args: argparse.Namespace, start: float) -> int:
     out = ILF_FILES[args.model] if shipped else args.out or Path(f"ilf_{model.name}.safetensors")
     checkpoint = args.checkpoint or out.with_name(f".{out.stem}.checkpoint.safetensors")
     try:
-        weights = train_ilf(digits_teacher(model, batch=args.batch), out, settings, checkpoint=checkpoint,
+        weights = train_ilf(model_teacher(model, batch=args.batch), out, settings, checkpoint=checkpoint,
                             replace=shipped)
     except (FileExistsError, ValueError) as err:
         print(err)

@@ -2,7 +2,8 @@
 
 The teacher is the backbone itself, sampling uncached from seeds and class labels (or prompts) only.
 Every model call of those generations is recorded — its inputs, its output, and the feature the
-module will correct (`FeedbackPoint.corrected`'s output). A training example is a pair of calls of
+module's corrected one stands for (`FeedbackPoint.teacher_feature`: a U-Net's last deep module's
+output, a DiT span's last block's output). A training example is a pair of calls of
 one generation, `gap` steps apart (1 ≤ gap < the cache interval the module is trained for): the
 model with ILF applied runs the earlier call fully, then the later one as a cached step, where the
 module corrects the reused feature. Two losses, each relative to the teacher's magnitude:
@@ -27,16 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
 from ..accel.cache_schedule import model_fingerprint
-from ..accel.ilf import ILF, FeedbackWeights, ILFConfig
+from ..accel.ilf import ILF, FeedbackWeights, ILFConfig, read_tensors
 from ..accel.progress import Progress, as_progress
 from ..accel.site import Site
 from ..accel.techniques import REGISTRY
 from ..files import write_replacing
+from .threads import torch_threads
 
 CHECKPOINT_FORMAT = "livecache.ilf_checkpoint/1"
 
@@ -103,7 +104,7 @@ def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
            progress: Progress | bool = False) -> list[list[Call]]:
     """The teacher's model calls for each seed's generation (uncached), with the feature ILF corrects."""
     point = teacher.site.feedback_point(where)
-    corrected = point.skipped[point.corrected]
+    target, target_stream = point.teacher_feature()
     runs: list[list[Call]] = []
     pending: list[tuple[Any, Any]] = []
     features: list[torch.Tensor] = []
@@ -112,7 +113,7 @@ def record(teacher: Teacher, seeds: list[int], where: dict[str, Any] | None,
              teacher.site.root.register_forward_hook(
                  lambda _m, _a, out: runs[-1].append(Call(*pending.pop(), output_tensor(out).detach().clone(),
                                                           features.pop()))),
-             corrected.register_forward_hook(lambda _m, _a, out: features.append(point.stream_of(out).detach()))]
+             target.register_forward_hook(lambda _m, _a, out: features.append(target_stream(out).detach()))]
     try:
         for seed in as_progress(progress).loop(seeds, "teacher generations", "generation"):
             runs.append([])
@@ -170,6 +171,15 @@ def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTra
     """
     if out is not None and out.exists() and not replace:
         raise FileExistsError(f"{out} exists; choose another --out (a trained module is never written over)")
+    with torch_threads(1):  # the teacher's sampling and the module's steps are small ops: ~10× faster here
+        result = _train(teacher, settings, where, checkpoint, progress)
+    if out is not None:
+        result.save(out, replace=replace)
+    return result
+
+
+def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None, checkpoint: Path | None,
+           progress: Progress | bool) -> FeedbackWeights:
     start = time.perf_counter()
     root = teacher.site.root
     fingerprint = model_fingerprint(root)
@@ -193,8 +203,6 @@ def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTra
         handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
-    if out is not None:
-        result.save(out, replace=replace)
     return result
 
 
@@ -237,12 +245,7 @@ def _resume(path: Path | None, tag: str, module: nn.Module, optimizer: torch.opt
     """Load the checkpoint at `path` when it is this run's; the number of steps it had done (0: start over)."""
     if path is None or not path.is_file():
         return 0
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:  # safetensors raises several types for files it cannot parse
-        raise ValueError(f"{path}: not an ILF checkpoint ({err}); delete it or choose another --checkpoint") from None
+    meta, tensors = read_tensors(path, "; delete it or choose another --checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an ILF checkpoint; delete it or choose another --checkpoint")
     if meta.get("run") != tag:
@@ -259,10 +262,12 @@ def _resume(path: Path | None, tag: str, module: nn.Module, optimizer: torch.opt
     return int(meta["step"])
 
 
-def digits_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
-    """The embedded digits U-Net (or a folder model with digit prompts) sampling with DDIM and its own CFG:
-    seed `s` draws `batch` noises and digit labels from `s` alone."""
-    from ..adapters.diffusers_site import UNetSite
+def model_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
+    """A `DiffusionModel` of ours (the embedded digits U-Net or DiT, or a folder model with digit prompts)
+    sampling with DDIM and its own CFG, as the nodes and benches sample it: seed `s` draws `batch` noises
+    and digit labels from `s` alone. Both CFG halves go through one batched call, so each model call
+    records `2 × batch` samples. The site is the denoiser's family's (U-Net or DiT)."""
+    from ..adapters.diffusers_site import model_site
     from ..models.sampling import initial_noise, make_scheduler, sample
 
     def generate(seed: int) -> None:
@@ -272,28 +277,4 @@ def digits_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
         sample(model, make_scheduler("ddim", model.scheduler_config), cond, uncond,
                initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
 
-    return Teacher(UNetSite(model.unet), model.name, generate)
-
-
-def class_dit_teacher(transformer: nn.Module, name: str, steps: int = 20, batch: int = 8,
-                      classes: int = 10) -> Teacher:
-    """A class-conditional diffusers DiT (`DiTTransformer2DModel`) sampling with DDIM, no guidance: seed `s`
-    draws the noise and class labels. The learned-variance half of its output, where it has one, is dropped."""
-    from diffusers import DDIMScheduler
-
-    from ..adapters.diffusers_dit import DiTSite
-
-    config = transformer.config
-    channels, size = config.in_channels, config.sample_size
-
-    def generate(seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        labels = torch.randint(classes, (batch,), generator=generator)
-        x = torch.randn((batch, channels, size, size), generator=generator)
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-        scheduler.set_timesteps(steps)
-        for t in scheduler.timesteps:
-            out = output_tensor(transformer(x, timestep=t.expand(batch), class_labels=labels, return_dict=False))
-            x = scheduler.step(out[:, :channels], t, x).prev_sample
-
-    return Teacher(DiTSite(transformer), name, generate)
+    return Teacher(model_site(model.unet), model.name, generate)
