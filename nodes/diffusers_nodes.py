@@ -78,9 +78,9 @@ class ApplyDeepCache(PipeTechnique):
         "cache_interval": int_field(3, 1, 50, "A full U-Net pass every this many steps (1 = no caching)."),
         "cache_branch_id": int_field(0, 0, 15, "Which skip branch stays live: 0 is the shallowest and fastest; "
                                                "higher keeps more layers live and is closer to uncached."),
-        "schedule": choice_field(["uniform", "non-uniform"], "uniform",
-                                 "uniform: a full step every N; non-uniform: the same number of full steps, "
-                                 "denser early (closer to uncached on SD-shaped U-Nets)."),
+        "schedule": choice_field(["uniform", "non-uniform"], "uniform", "uniform: a full step every N; non-uniform: "
+                                 "the same number of full steps, denser early (closer to uncached on SD-shaped "
+                                 "U-Nets)."),
         "start": float_field(0.0, 0.0, 1.0, "Fraction of the steps before which every step is full."),
         "end": float_field(1.0, 0.0, 1.0, "Fraction of the steps after which every step is full."),
     }, unique_id=True)
