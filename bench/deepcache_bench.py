@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +25,28 @@ import torch
 from ..accel.deepcache import DeepCacheConfig
 from ..adapters.diffusers_site import accelerated
 from ..files import text_writer, write_replacing
-from ..models.sampling import decode, make_scheduler, sample
-from .metrics import psnr, ssim
+from ..models.sampling import make_scheduler, sample
 from .peers import PeerUnavailable, run_deepcache_authors, run_tgate, run_tome
-from .table import cell
+from .scoring import Measured, image_fidelity
+from .table import FID, IMAGE_PSNR, LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
 from .workloads import Workload, embedded_workload, sd15_workload
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class Row:
+class Row(Measured):
     work: str
     dtype: str
     method: str
     family: str
-    seconds: float | None = None
-    speed: float | None = None
     speed_vs_fp32: float | None = None
-    latent_psnr: float | None = None
     image_psnr: float | None = None
     image_ssim: float | None = None
     deep_calls: int | None = None
     unet_calls: int | None = None
     fid: float | None = None
     note: str = ""
-    times: list[float] = field(default_factory=list)
 
 
 Runner = Callable[[Workload], torch.Tensor]
@@ -137,15 +133,11 @@ def bench_workload(work: Workload, dtype_name: str, runs: int, intervals: list[i
     for name, row in rows.items():
         if not row.times:
             continue
-        row.seconds = statistics.median(row.times)
-        row.speed = base / row.seconds
-        out = outputs[name]
-        row.latent_psnr = psnr(out, reference)
+        row.score(base, outputs[name], reference)
         if work.is_image:
-            image, ref_image = decode(work.model, out), decode(work.model, reference)
-            row.image_psnr, row.image_ssim = psnr(image, ref_image, peak=1.0), ssim(image, ref_image)
+            row.image_psnr, row.image_ssim = image_fidelity(work.model, outputs[name], reference)
             if fid_reference is not None:
-                row.fid = fid_reference(out)
+                row.fid = fid_reference(outputs[name])
     return list(rows.values())
 
 
@@ -164,16 +156,14 @@ def _fid_scorer():
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'work':9} {'dtype':5} {'method':27} {'s/gen':>7} {'speed':>7} {'vs fp32':>7} {'lat PSNR':>8} "
-            f"{'img PSNR':>8} {'SSIM':>6} {'deep/calls':>10} {'FID*':>7}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        calls = "—" if r.unet_calls is None else f"{r.deep_calls}/{r.unet_calls}"
-        lines.append(f"{r.work:9} {r.dtype:5} {r.method:27} {cell(r.seconds, '.2f', 7)} {cell(r.speed, '.2f', 7, '×')} "
-                     f"{cell(r.speed_vs_fp32, '.2f', 7, '×')} {cell(r.latent_psnr, '.2f', 8)} "
-                     f"{cell(r.image_psnr, '.2f', 8)} "
-                     f"{cell(r.image_ssim, '.3f', 6)} {calls:>10} {cell(r.fid, '.2f', 7)}  {r.note}")
-    return "\n".join(lines)
+    return table(rows, [WORK, Column("dtype", 5, "dtype"), method_column(27), SECONDS, SPEED,
+                        Column("vs fp32", 7, "speed_vs_fp32", ".2f", "×"), LATENT_PSNR, IMAGE_PSNR,
+                        ssim_of("image_ssim"), Column("deep/calls", 10, _calls, "s"), FID])
+
+
+def _calls(row: Row) -> str | None:
+    """Deep-branch calls out of U-Net calls (the work DeepCache saved, free of timing noise)."""
+    return None if row.unet_calls is None else f"{row.deep_calls}/{row.unet_calls}"
 
 
 def plot(rows: list[Row], path: Path) -> None:

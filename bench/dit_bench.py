@@ -30,7 +30,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +42,21 @@ from ..accel.quant import QuantConfig, calibrate_quant
 from ..accel.schedules import Schedule, count_full, format_schedule, nonuniform_schedule, uniform_schedule
 from ..adapters.diffusers_dit import DiTSite
 from ..adapters.diffusers_site import accelerated
-from ..models.sampling import decode
 from .deepcache_bench import _fid_scorer, write_outputs
 from .dit_workloads import DitWork, dit_work, flux_work
 from .hook_peers import remove_diffusers_hooks
-from .metrics import psnr, ssim
 from .peers import PeerUnavailable
-from .table import cell
+from .scoring import MethodRow, fidelity_ssim
+from .table import FID, LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
 
 
 @dataclass
-class Row:
-    work: str
-    method: str
-    family: str  # baseline / ours / peer (plot markers)
+class Row(MethodRow):
     dtype: str = "dit"
-    seconds: float | None = None
-    speed: float | None = None
-    latent_psnr: float | None = None
     ssim: float | None = None
     block_calls: int | None = None
     fid: float | None = None
     right_digit: float | None = None
-    note: str = ""
-    times: list[float] = field(default_factory=list)
 
 
 Peer = Callable[[DitWork], None]  # applies diffusers hooks to the work's transformer
@@ -294,18 +285,10 @@ def bench_work(work: DitWork, methods: list[Method], runs: int, scorers: Any, lo
     base_time = statistics.median(rows["uncached fp32"].times)
     for method in live:
         row, out = rows[method.name], outputs[method.name]
-        row.seconds = statistics.median(row.times)
-        row.speed = base_time / row.seconds
-        row.latent_psnr = psnr(out, reference)
-        if work.is_image:
-            model = work.model
-            row.ssim = ssim(decode(model, out), decode(model, reference))
-            if scorers is not None:
-                row.fid, row.right_digit = scorers(out)
-        else:
-            low, high = reference.min(), reference.max()
-            scaled = [((t - low) / (high - low)).clamp(0, 1) for t in (out, reference)]
-            row.ssim = ssim(*(work.as_image(t) for t in scaled))
+        row.score(base_time, out, reference)
+        row.ssim = fidelity_ssim(out, reference, work.model if work.is_image else None, work.as_image)
+        if work.is_image and scorers is not None:
+            row.fid, row.right_digit = scorers(out)
     return list(rows.values())
 
 
@@ -330,15 +313,13 @@ def digit_scorers(per_class: int) -> Callable[[torch.Tensor], tuple[float, float
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'work':9} {'method':38} {'s/gen':>7} {'speed':>7} {'lat PSNR':>8} {'SSIM':>6} {'blocks':>6} "
-            f"{'FID*':>7} {'digit':>6}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.work:9} {r.method:38} {cell(r.seconds, '.2f', 7)} {cell(r.speed, '.2f', 7, '×')} "
-                     f"{cell(r.latent_psnr, '.2f', 8)} {cell(r.ssim, '.3f', 6)} "
-                     f"{cell(r.block_calls, 'd', 6)} {cell(r.fid, '.2f', 7)} "
-                     f"{cell(None if r.right_digit is None else 100 * r.right_digit, '.0f', 5, '%')}  {r.note}")
-    return "\n".join(lines)
+    return table(rows, [WORK, method_column(38), SECONDS, SPEED, LATENT_PSNR, ssim_of("ssim"),
+                        Column("blocks", 6, "block_calls", "d"), FID,
+                        Column("digit", 6, _right_digit_percent, ".0f", "%")])
+
+
+def _right_digit_percent(row: Row) -> float | None:
+    return None if row.right_digit is None else 100 * row.right_digit
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,28 +25,24 @@ import torch
 from ..accel.rehash import StepRehashConfig
 from ..adapters.diffusers_site import accelerated
 from ..files import text_writer, write_replacing
-from ..models.sampling import decode, make_scheduler, sample
-from .metrics import psnr, ssim
-from .table import cell
+from ..models.sampling import make_scheduler, sample
+from .scoring import Measured, fidelity_ssim
+from .table import LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
 from .workloads import Workload, embedded_workload, sd15_workload
 
 PLANS: dict[str, int] = {"lcm": 4, "ddim": 20}  # scheduler -> steps
 
 
 @dataclass
-class RehashRow:
+class RehashRow(Measured):
     work: str
     scheduler: str
     steps: int
     method: str
-    seconds: float | None = None
-    speed: float | None = None
     skipped_steps: int | None = None
     call_ratio: float | None = None  # steps / steps that ran the U-Net: the work saved, free of timing noise
     pattern: str = ""
-    latent_psnr: float | None = None
     ssim: float | None = None
-    times: list[float] = field(default_factory=list)
 
 
 def _run(work: Workload, scheduler_name: str, steps: int, config: StepRehashConfig | None):
@@ -77,33 +73,17 @@ def rehash_rows(work: Workload, scheduler_name: str, steps: int, configs: list[S
     reference = outputs["unaccelerated"]
     base = statistics.median(rows["unaccelerated"].times)
     for name, row in rows.items():
-        row.seconds = statistics.median(row.times)
-        row.speed = base / row.seconds
+        row.score(base, outputs[name], reference)
         row.skipped_steps = row.skipped_steps or 0
         row.call_ratio = steps / (steps - row.skipped_steps)
-        row.latent_psnr = psnr(outputs[name], reference)
-        row.ssim = _ssim(work, outputs[name], reference)
+        row.ssim = fidelity_ssim(outputs[name], reference, work.model if work.is_image else None)
     return list(rows.values())
 
 
-def _ssim(work: Workload, out: torch.Tensor, reference: torch.Tensor) -> float:
-    if work.is_image:
-        return ssim(decode(work.model, out), decode(work.model, reference))
-    low, span = reference.min(), (reference.max() - reference.min()).clamp_min(1e-12)
-    as_image = lambda t: ((t - low) / span).clamp(0, 1).permute(0, 2, 3, 1)  # noqa: E731
-    return ssim(as_image(out), as_image(reference))
-
-
 def format_table(rows: list[RehashRow]) -> str:
-    head = (f"{'work':9} {'sched':5} {'steps':>5} {'method':30} {'s/gen':>7} {'speed':>7} {'skipped':>8} "
-            f"{'calls':>6} {'lat PSNR':>8} {'SSIM':>6}  pattern")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.work:9} {r.scheduler:5} {r.steps:5d} {r.method:30} {cell(r.seconds, '.2f', 7)} "
-                     f"{cell(r.speed, '.2f', 7, '×')} {f'{r.skipped_steps}/{r.steps}':>8} "
-                     f"{cell(r.call_ratio, '.2f', 5, '×')} {cell(r.latent_psnr, '.2f', 8)} {cell(r.ssim, '.3f', 6)}  "
-                     f"{r.pattern}")
-    return "\n".join(lines)
+    return table(rows, [WORK, Column("sched", 5, "scheduler"), Column("steps", 5, "steps", "d"), method_column(30),
+                        SECONDS, SPEED, Column("skipped", 8, lambda r: f"{r.skipped_steps}/{r.steps}", "s"),
+                        Column("calls", 6, "call_ratio", ".2f", "×"), LATENT_PSNR, ssim_of("ssim")], last="pattern")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +44,25 @@ from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quan
 from ..adapters.diffusers_site import accelerated
 from ..models.calibration import calibration_runs
 from ..models.loading import cast
-from ..models.sampling import decode, make_scheduler, sample
+from ..models.sampling import make_scheduler, sample
 from .deepcache_bench import _fid_scorer, write_outputs
 from .hook_peers import HOOK_PEERS, Loop
-from .metrics import psnr, ssim
 from .peers import PeerUnavailable
+from .scoring import MethodRow, image_fidelity
 from .slicing_bench import peak_memory
-from .table import cell
+from .table import FID, IMAGE_PSNR, LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
 from .workloads import Workload, embedded_workload, sd15_workload
 
 
 @dataclass
-class Row:
-    work: str
-    method: str
-    family: str  # baseline / ours / peer (plot markers)
+class Row(MethodRow):
     dtype: str = "suite"
-    seconds: float | None = None
-    speed: float | None = None
     peak_mb: float | None = None
     memory_ratio: float | None = None
     size_ratio: float = 1.0
-    latent_psnr: float | None = None
     image_psnr: float | None = None
     image_ssim: float | None = None
     fid: float | None = None
-    note: str = ""
-    times: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -219,30 +211,20 @@ def bench_work(work: Workload, methods: list[Method], runs: int, fid: Callable[[
     for method in live:
         row = rows[method.name]
         row.note = method.note
-        row.seconds = statistics.median(row.times)
-        row.speed = base_time / row.seconds
+        row.score(base_time, outputs[method.name], reference)
         row.peak_mb = peaks[method.name] / 2**20
         row.memory_ratio = peaks[method.name] / base_peak if base_peak else None
-        row.latent_psnr = psnr(outputs[method.name], reference)
         if work.is_image:
-            image, ref_image = decode(work.model, outputs[method.name]), decode(work.model, reference)
-            row.image_psnr, row.image_ssim = psnr(image, ref_image, peak=1.0), ssim(image, ref_image)
+            row.image_psnr, row.image_ssim = image_fidelity(work.model, outputs[method.name], reference)
             if fid is not None:
                 row.fid = fid(outputs[method.name])
     return list(rows.values())
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'work':9} {'method':46} {'s/gen':>7} {'speed':>7} {'peak MB':>8} {'mem':>6} {'size':>6} "
-            f"{'lat PSNR':>8} {'img PSNR':>8} {'SSIM':>6} {'FID*':>7}  note")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.work:9} {r.method:46} {cell(r.seconds, '.2f', 7)} {cell(r.speed, '.2f', 7, '×')} "
-                     f"{cell(r.peak_mb, '.1f', 8)} {cell(r.memory_ratio, '.2f', 6, '×')} "
-                     f"{cell(r.size_ratio, '.2f', 6, '×')} "
-                     f"{cell(r.latent_psnr, '.2f', 8)} {cell(r.image_psnr, '.2f', 8)} {cell(r.image_ssim, '.3f', 6)} "
-                     f"{cell(r.fid, '.2f', 7)}  {r.note}")
-    return "\n".join(lines)
+    return table(rows, [WORK, method_column(46), SECONDS, SPEED, Column("peak MB", 8, "peak_mb", ".1f"),
+                        Column("mem", 6, "memory_ratio", ".2f", "×"), Column("size", 6, "size_ratio", ".2f", "×"),
+                        LATENT_PSNR, IMAGE_PSNR, ssim_of("image_ssim"), FID])
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

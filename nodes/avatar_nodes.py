@@ -16,6 +16,8 @@ import torch
 from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import host_progress, input_roots, model_roots
+from .fields import bool_field, choice_field, declare, int_field, link, text_field
+from .kinds import Node
 from .memory import check_fits
 from .validation import verdict
 
@@ -48,21 +50,13 @@ def _engine(weights: str, steps: int, temporal_cache: bool, max_batch: int, w8a8
                            max_batch=max_batch, w8a8=w8a8)
 
 
-class LoadAudioFile:
+class LoadAudioFile(Node, category="io", returns=("AUDIO",), function="load"):
     """Load a WAV/FLAC/OGG file as AUDIO (soundfile), from the input folder or the shipped examples."""
 
-    CATEGORY = "LiveCache/io"
-    RETURN_TYPES = ("AUDIO",)
-    FUNCTION = "load"
     DESCRIPTION = "Reads an audio file into ComfyUI's AUDIO type ({'waveform': [1, C, T], 'sample_rate'})."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"file": ("STRING", {
-            "default": "hello_avatar.wav",
-            "tooltip": "A file name inside ComfyUI's input folder (headless: --input / LIVECACHE_INPUT), or one "
-                       "of the examples shipped in the pack's workflows/ folder (hello_avatar.wav).",
-        })}}
+    INPUT_TYPES = declare({"file": text_field(
+        "hello_avatar.wav", "A file name inside ComfyUI's input folder (headless: --input / LIVECACHE_INPUT), or one "
+                            "of the examples shipped in the pack's workflows/ folder (hello_avatar.wav).")})
 
     @classmethod
     def VALIDATE_INPUTS(cls, file: str | None = None) -> bool | str:
@@ -84,18 +78,11 @@ def _audio_path(file: str) -> Path:
                           "the input folders or the pack's example clips")
 
 
-class DefaultPortrait:
+class DefaultPortrait(Node, category="avatar", returns=("IMAGE",), function="paint"):
     """The pack's painted default face (no image assets ship), as an IMAGE."""
 
-    CATEGORY = "LiveCache/avatar"
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "paint"
     DESCRIPTION = "The default portrait the live server uses, painted in code."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"size": ("INT", {"default": 512, "min": 128, "max": 1024, "step": 64,
-                                              "tooltip": "Side of the square portrait in pixels."})}}
+    INPUT_TYPES = declare({"size": int_field(512, 128, 1024, "Side of the square portrait in pixels.", step=64)})
 
     def paint(self, size: int) -> tuple[torch.Tensor]:
         from ..pipelines.portrait import default_portrait
@@ -107,35 +94,23 @@ def _avatar_folder(weights: str) -> Path:
     return AVATAR_DIR if weights.strip() in ("", EMBEDDED_AVATAR) else resolve_inside(weights.strip(), model_roots())
 
 
-class AvatarDiffusion:
+class AvatarDiffusion(Node, category="avatar", returns={"frames": "IMAGE"}, function="render"):
     """Talking-head frames from a portrait and speech with the diffusion avatar model."""
 
-    CATEGORY = "LiveCache/avatar"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "render"
     DESCRIPTION = ("Latent inpainting of the lower face from audio in 1-4 LCM steps per frame, batched, "
                    "with DeepCache along time; one IMAGE per video frame.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "portrait": ("IMAGE", {"tooltip": "A frontal face; the first image of the batch is used."}),
-            "audio": ("AUDIO", {"tooltip": "Speech to lip-sync; the first clip, mixed to mono."}),
-            "weights": ("STRING", {"default": EMBEDDED_AVATAR,
-                                   "tooltip": "'embedded:avatar' (the small model shipped with the pack) or an "
-                                              "avatar weights folder inside your diffusers model folders."}),
-            "size": (list(map(str, SIZES)), {"default": "256", "tooltip": "Output frame side in pixels."}),
-            "fps": ("INT", {"default": 25, "min": 1, "max": 60, "step": 1, "tooltip": "Frames per second."}),
-            "steps": ("INT", {"default": 2, "min": 1, "max": 4, "step": 1,
-                              "tooltip": "LCM steps per frame (1 is fastest)."}),
-            "temporal_cache": ("BOOLEAN", {"default": True,
-                                           "tooltip": "Reuse deep U-Net features while the audio barely changes."}),
-            "max_batch": ("INT", {"default": 8, "min": 1, "max": 64, "step": 1,
-                                  "tooltip": "Frames per U-Net call (the first call renders one frame)."}),
-            "w8a8": ("BOOLEAN", {"default": False,
-                                 "tooltip": "Int8 U-Net (W8A8, calibrated when the model loads)."}),
-        }}
+    INPUT_TYPES = declare({
+        "portrait": link("IMAGE", "A frontal face; the first image of the batch is used."),
+        "audio": link("AUDIO", "Speech to lip-sync; the first clip, mixed to mono."),
+        "weights": text_field(EMBEDDED_AVATAR, "'embedded:avatar' (the small model shipped with the pack) or an "
+                                               "avatar weights folder inside your diffusers model folders."),
+        "size": choice_field(map(str, SIZES), "256", "Output frame side in pixels."),
+        "fps": int_field(25, 1, 60, "Frames per second."),
+        "steps": int_field(2, 1, 4, "LCM steps per frame (1 is fastest)."),
+        "temporal_cache": bool_field(True, "Reuse deep U-Net features while the audio barely changes."),
+        "max_batch": int_field(8, 1, 64, "Frames per U-Net call (the first call renders one frame)."),
+        "w8a8": bool_field(False, "Int8 U-Net (W8A8, calibrated when the model loads)."),
+    })
 
     @classmethod
     def VALIDATE_INPUTS(cls, weights: str | None = None) -> bool | str:

@@ -4,8 +4,8 @@ Each node validates its inputs, runs one calibration through the adapter, and re
 value: an `LC_SCHEDULE` (a `CalibratedSchedule`) or an `LC_PIPE` carrying one more acceleration
 (a `CacheQuantPlan` or `QuantPlan`). Calibration runs the model as loaded (no acceleration), so
 the input model is never changed; schedules are saved and loaded inside the output folder only.
-Stacking rules (the technique registry's `check_stack`) refuse combinations that cannot work, e.g. CacheQuant
-on a model that already has DeepCache (two feature caches on one U-Net).
+Stacking rules (the technique registry's `check_stack`, through `PipeTechnique.stacked`) refuse combinations
+that cannot work, e.g. CacheQuant on a model that already has DeepCache (two feature caches on one U-Net).
 """
 
 from __future__ import annotations
@@ -18,34 +18,30 @@ from ..accel.cache_schedule import CalibratedSchedule, model_fingerprint
 from ..accel.cachequant import CacheQuantConfig, Calibration
 from ..accel.progress import Progress
 from ..accel.quant import QuantConfig
-from ..accel.techniques import check_stack
 from ..adapters.diffusers_quant import calibrate_cachequant_unet, calibrate_quantization, calibrate_schedule
 from ..adapters.diffusers_unet import deep_modules
 from ..models.calibration import calibration_runs
 from ..models.pipeline import DiffusionModel
 from ..models.sampling import SCHEDULERS
 from .context import host_progress, output_dir
+from .fields import PIPE_MODEL, bool_field, choice_field, declare, float_field, int_field, link, text_field
+from .kinds import Node, PipeTechnique
 from .validation import verdict
 
 LOG = logging.getLogger("livecache")
 CALIBRATION_INPUTS = {
-    "calibration_prompts": ("STRING", {"default": "0, 3, 7", "multiline": False,
-                                       "tooltip": "Comma-separated prompts the calibration generations draw "
-                                                  "(a few that resemble your real prompts)."}),
-    "calibration_seeds": ("INT", {"default": 2, "min": 1, "max": 16, "step": 1,
-                                  "tooltip": "Seeds per prompt (seeds 0..N-1); more runs, steadier statistics."}),
-    "steps": ("INT", {"default": 20, "min": 2, "max": 200, "step": 1,
-                      "tooltip": "Steps of the generations this serves: the sampler must use the same count."}),
-    "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": "Sampler family the calibration runs with."}),
-    "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                           "tooltip": "Classifier-free guidance of the calibration generations."}),
+    "calibration_prompts": text_field("0, 3, 7", "Comma-separated prompts the calibration generations draw "
+                                                 "(a few that resemble your real prompts).", multiline=False),
+    "calibration_seeds": int_field(2, 1, 16, "Seeds per prompt (seeds 0..N-1); more runs, steadier statistics."),
+    "steps": int_field(20, 2, 200, "Steps of the generations this serves: the sampler must use the same count."),
+    "scheduler": choice_field(SCHEDULERS, "ddim", "Sampler family the calibration runs with."),
+    "guidance": float_field(2.0, 0.0, 30.0, "Classifier-free guidance of the calibration generations.", step=0.1),
 }
 # inputs that the LC_PIPE nodes here and the MODEL nodes (`comfy_model_nodes`) declare alike
-CACHE_BRANCH = ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
-                        "tooltip": "The DeepCache skip branch whose deep features are reused."})
+CACHE_BRANCH = int_field(0, 0, 15, "The DeepCache skip branch whose deep features are reused.")
 SERVED_MODEL = "The model the schedule will serve (checked by fingerprint)."
-WEIGHT_BITS = ("INT", {"default": 8, "min": 4, "max": 8, "step": 2, "tooltip": "8, 6 or 4 (DGQ); W8A8 needs 8."})
-ACT_BITS = ("INT", {"default": 8, "min": 4, "max": 8, "step": 1, "tooltip": "Activation bits (W8A8 needs 8)."})
+WEIGHT_BITS = int_field(8, 4, 8, "8, 6 or 4 (DGQ); W8A8 needs 8.", step=2)
+ACT_BITS = int_field(8, 4, 8, "Activation bits (W8A8 needs 8).")
 
 
 def _runs(model: DiffusionModel, calibration_prompts: str, calibration_seeds: int, steps: int, scheduler: str,
@@ -88,10 +84,9 @@ def cachequant_inputs(quantization: str, correct_quant: str) -> dict[str, tuple]
     """CacheQuant's own inputs, the same on both lanes but for two tooltips (the int8 kernels and the
     corrections run per lane)."""
     return {
-        "quantization": (["w8a8", "none"], {"default": "w8a8", "tooltip": quantization}),
-        "correct_cache": ("BOOLEAN", {"default": True,
-                                      "tooltip": "Correct the reused deep features per channel (calibrated)."}),
-        "correct_quant": ("BOOLEAN", {"default": True, "tooltip": correct_quant}),
+        "quantization": choice_field(["w8a8", "none"], "w8a8", quantization),
+        "correct_cache": bool_field(True, "Correct the reused deep features per channel (calibrated)."),
+        "correct_quant": bool_field(True, correct_quant),
     }
 
 
@@ -104,32 +99,24 @@ def save_schedule(schedule: CalibratedSchedule, save_as: str) -> None:
         LOG.warning("%s holds another schedule and was kept; this one is saved as %s", wanted, saved)
 
 
-class CalibrateSchedule:
+class CalibrateSchedule(Node, category="calibrate", returns={"schedule": "LC_SCHEDULE"}, function="calibrate"):
     """Choose the K full-compute steps of a cache schedule by dynamic programming on calibration runs."""
 
-    CATEGORY = "LiveCache/calibrate"
-    RETURN_TYPES = ("LC_SCHEDULE",)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "calibrate"
     DESCRIPTION = ("Runs a few calibration generations, measures what reusing each step's deep features at later "
                    "steps costs, and picks the full steps that minimise it (CacheQuant's DP).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model to calibrate for (the schedule only fits this model)."}),
-            "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
-                                   "tooltip": "K: how many steps run the whole U-Net; the rest reuse deep features."}),
-            "cache_branch_id": CACHE_BRANCH,
-            **CALIBRATION_INPUTS,
-            "objective": (["output", "feature"], {
-                "default": "output",
-                "tooltip": "What the DP minimises: output = the measured change of the final latent when a run "
-                           "of steps reuses features (one extra generation per segment; best quality); feature = "
-                           "the deep features' reuse error (one uncached pass; faster, a rougher proxy)."}),
-            "save_as": ("STRING", {"default": "", "tooltip": "Optional file name inside the output folder "
-                                                             "(e.g. schedules/my_model.json); empty: not saved."}),
-        }}
+    INPUT_TYPES = declare({
+        "model": link("LC_PIPE", "The model to calibrate for (the schedule only fits this model)."),
+        "full_steps": int_field(7, 1, 200, "K: how many steps run the whole U-Net; the rest reuse deep features."),
+        "cache_branch_id": CACHE_BRANCH,
+        **CALIBRATION_INPUTS,
+        "objective": choice_field(["output", "feature"], "output",
+                                  "What the DP minimises: output = the measured change of the final latent when a "
+                                  "run of steps reuses features (one extra generation per segment; best quality); "
+                                  "feature = the deep features' reuse error (one uncached pass; faster, a rougher "
+                                  "proxy)."),
+        "save_as": text_field("", "Optional file name inside the output folder (e.g. schedules/my_model.json); "
+                                  "empty: not saved."),
+    })
 
     @classmethod
     def VALIDATE_INPUTS(cls, full_steps: int | None = None, steps: int | None = None,
@@ -153,25 +140,18 @@ class CalibrateSchedule:
         return (schedule,)
 
 
-class LoadSchedule:
+class LoadSchedule(Node, category="calibrate", returns={"schedule": "LC_SCHEDULE"}, function="load"):
     """Load a saved cache schedule and check that it was calibrated for this model.
 
     `comfy_model_nodes.LoadScheduleModel` is this node for a ComfyUI MODEL: other inputs, another fingerprint.
     """
 
-    CATEGORY = "LiveCache/calibrate"
-    RETURN_TYPES = ("LC_SCHEDULE",)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "load"
     DESCRIPTION = "Loads a cache schedule JSON from the output folder; refuses one calibrated for another model."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": SERVED_MODEL}),
-            "path": ("STRING", {"default": "schedules/digits.json",
-                                "tooltip": "File inside the output folder, as written by Calibrate Cache Schedule."}),
-        }}
+    INPUT_TYPES = declare({
+        "model": link("LC_PIPE", SERVED_MODEL),
+        "path": text_field("schedules/digits.json",
+                           "File inside the output folder, as written by Calibrate Cache Schedule."),
+    })
 
     @classmethod
     def VALIDATE_INPUTS(cls, path: str | None = None) -> bool | str:
@@ -190,29 +170,20 @@ class LoadSchedule:
         return model_fingerprint(model.unet)
 
 
-class ApplyCacheQuant:
+class ApplyCacheQuant(PipeTechnique):
     """CacheQuant: calibrated DP cache schedule + W8A8 + decoupled per-channel error correction."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Caching and quantization optimised together: a DP cache schedule (given, or calibrated here), "
                    "W8A8 layers, and least-squares corrections of the cache and quantization errors.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
-            **cachequant_inputs("w8a8: int8 weights and activations (real int8 kernels on x86 CPUs); none: "
-                                "calibrated caching only.", "Correct each quantized layer's output per channel."),
-            "full_steps": ("INT", {"default": 7, "min": 1, "max": 200, "step": 1,
-                                   "tooltip": "K full-compute steps, when no schedule is connected."}),
-            "cache_branch_id": CACHE_BRANCH,
-            **CALIBRATION_INPUTS,
-        }, "optional": {
-            "schedule": ("LC_SCHEDULE", {"tooltip": "A calibrated/loaded schedule; its step count wins over 'steps'."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": PIPE_MODEL,
+        **cachequant_inputs("w8a8: int8 weights and activations (real int8 kernels on x86 CPUs); none: "
+                            "calibrated caching only.", "Correct each quantized layer's output per channel."),
+        "full_steps": int_field(7, 1, 200, "K full-compute steps, when no schedule is connected."),
+        "cache_branch_id": CACHE_BRANCH,
+        **CALIBRATION_INPUTS,
+    }, {"schedule": link("LC_SCHEDULE", "A calibrated/loaded schedule; its step count wins over 'steps'.")},
+        unique_id=True)
 
     @classmethod
     def VALIDATE_INPUTS(cls, calibration_prompts: str | None = None,
@@ -233,37 +204,25 @@ class ApplyCacheQuant:
         config = CacheQuantConfig(full_steps, cache_branch_id, QuantConfig() if quantization == "w8a8" else None,
                                   correct_cache, correct_quant)
         calibration = _calibration(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance)
-        plan = calibrate_cachequant_unet(model.unet, config, calibration, schedule)
-        check_stack(model.accelerations + (plan,))  # refuse a combination that cannot work, naming it
-        return (model.with_acceleration(plan, unique_id),)
+        return self.stacked(model, calibrate_cachequant_unet(model.unet, config, calibration, schedule), unique_id)
 
 
-class Quantize:
+class Quantize(PipeTechnique):
     """W8A8 or DGQ (distribution-aware group quantization) of the U-Net's Linear/Conv2d layers."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Post-training quantization calibrated on a few generations: W8A8 (real int8 on x86 CPUs) or DGQ "
                    "(8/6/4-bit weights, group-wise activations with float outliers, log2 cross-attention scores).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model to quantize; it is not modified, a copy is returned."}),
-            "method": (["w8a8", "dgq"], {"default": "w8a8",
-                                         "tooltip": "w8a8: per-tensor int8 activations, int8 weights; dgq: group-wise "
-                                                    "activations keeping outliers in float (simulated)."}),
-            "weight_bits": WEIGHT_BITS,
-            "act_bits": ACT_BITS,
-            "attention_bits": ("INT", {"default": 0, "min": 0, "max": 8, "step": 1,
-                                       "tooltip": "DGQ: log2-quantize cross-attention scores to this many bits "
-                                                  "(0 = off)."}),
-            "correct": ("BOOLEAN", {"default": False,
-                                    "tooltip": "Calibrate per-channel corrections of each layer's quant error."}),
-            **CALIBRATION_INPUTS,
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": link("LC_PIPE", "The model to quantize; it is not modified, a copy is returned."),
+        "method": choice_field(["w8a8", "dgq"], "w8a8", "w8a8: per-tensor int8 activations, int8 weights; dgq: "
+                                                        "group-wise activations keeping outliers in float "
+                                                        "(simulated)."),
+        "weight_bits": WEIGHT_BITS,
+        "act_bits": ACT_BITS,
+        "attention_bits": int_field(0, 0, 8, "DGQ: log2-quantize cross-attention scores to this many bits (0 = off)."),
+        "correct": bool_field(False, "Calibrate per-channel corrections of each layer's quant error."),
+        **CALIBRATION_INPUTS,
+    }, unique_id=True)
 
     @classmethod
     def VALIDATE_INPUTS(cls, method: str | None = None, weight_bits: int | None = None, act_bits: int | None = None,
@@ -282,6 +241,4 @@ class Quantize:
         config = QuantConfig(method, weight_bits, act_bits, attention_bits=attention_bits, correct=correct)
         progress = host_progress()
         runs = _runs(model, calibration_prompts, calibration_seeds, steps, scheduler, guidance, progress)
-        plan = calibrate_quantization(model.unet, config, runs, progress)
-        check_stack(model.accelerations + (plan,))
-        return (model.with_acceleration(plan, unique_id),)
+        return self.stacked(model, calibrate_quantization(model.unet, config, runs, progress), unique_id)

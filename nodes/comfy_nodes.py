@@ -16,10 +16,10 @@ from ..accel.deepcache import DeepCacheConfig
 from ..accel.rehash import StepRehashConfig
 from ..adapters.comfy_unet import TechniqueSession, apply_deepcache, apply_step_rehash
 from .diffusers_nodes import ApplyDeepCache
+from .fields import MODEL_INPUT, declare, link
+from .kinds import ModelTechnique
 from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
-
-MODEL_INPUT = ("MODEL", {"tooltip": "The model to accelerate; it is not modified, a patched copy is returned."})
 
 
 def _on_model(diffusers_node: type) -> dict[str, Any]:
@@ -40,23 +40,14 @@ def stats_reporter(unique_id: str | None):
     return report
 
 
-class DeepCacheModel:
+class DeepCacheModel(ModelTechnique):
     """DeepCache for a ComfyUI MODEL (SD1.x, SD2.x, SDXL U-Nets), any ComfyUI sampler and scheduler."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Feature caching (DeepCache) on a ComfyUI MODEL: the full U-Net every N steps, only the "
                    "shallow branch in between. Connect the result to KSampler (or any sampler node).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        required = _on_model(ApplyDeepCache)
-        optional = {"calibrated_schedule": ("LC_SCHEDULE", {
-            "tooltip": "A CacheQuant schedule (Load/Calibrate Cache Schedule): its full steps replace cache_interval, "
-                       "schedule, start and end; the sampler must run exactly its number of steps."})}
-        return {"required": required, "optional": optional, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare(_on_model(ApplyDeepCache), {"calibrated_schedule": link("LC_SCHEDULE", (
+        "A CacheQuant schedule (Load/Calibrate Cache Schedule): its full steps replace cache_interval, schedule, "
+        "start and end; the sampler must run exactly its number of steps."))}, unique_id=True)
 
     def apply(self, model: Any, cache_interval: int, cache_branch_id: int, schedule: str, start: float, end: float,
               calibrated_schedule: CalibratedSchedule | None = None, unique_id: str | None = None) -> tuple[Any]:
@@ -68,20 +59,12 @@ class DeepCacheModel:
         return (apply_deepcache(model, config, stats_reporter(unique_id)),)
 
 
-class StepRehashModel:
+class StepRehashModel(ModelTechnique):
     """Step rehash for a ComfyUI MODEL: skips whole U-Net calls whose output would nearly repeat the last one."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Step rehash (Streamlined Inference) on a ComfyUI MODEL: reuses the last U-Net output on steps "
                    "whose predicted output change is below the threshold. Connect the result to any sampler node.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        required = _on_model(ApplyStepRehash)
-        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare(_on_model(ApplyStepRehash), unique_id=True)
 
     def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
               unique_id: str | None = None) -> tuple[Any]:

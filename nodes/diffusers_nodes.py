@@ -25,12 +25,13 @@ from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel, load_model
 from ..models.sampling import SCHEDULERS, decode, initial_noise, make_scheduler, sample
 from .context import host_progress, model_roots, output_dir
+from .fields import PIPE_MODEL, choice_field, declare, float_field, int_field, link, seed_field, text_field
+from .kinds import Node, PipeTechnique
 from .ui_messages import send_stats
 from .validation import verdict
 
 LOG = logging.getLogger("livecache")
 EMBEDDED = "embedded:digits"
-MAX_SEED = 2**63 - 1
 
 
 @lru_cache(maxsize=4)
@@ -42,24 +43,15 @@ def _load_cached(source: str) -> DiffusionModel:
     return load_model(None if source == EMBEDDED else Path(source))
 
 
-class LoadDiffusersModel:
+class LoadDiffusersModel(Node, category="loaders", returns={"model": "LC_PIPE"}, function="load"):
     """Load the embedded digits model, or a diffusers folder (safetensors only) from the model folders."""
 
-    CATEGORY = "LiveCache/loaders"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
     DESCRIPTION = ("Loads a diffusers-format model: an embedded model (the digits U-Net or the digits DiT; no "
                    "download) or a local folder.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"source": ("STRING", {
-            "default": EMBEDDED,
-            "tooltip": "'embedded:digits' (U-Net) or 'embedded:dit' (transformer) for the models that ship with "
-                       "LiveCache, or a folder name inside "
-                       "your diffusers model folders (unet/, scheduler/, optional vae/, text encoder).",
-        })}}
+    INPUT_TYPES = declare({"source": text_field(
+        EMBEDDED, "'embedded:digits' (U-Net) or 'embedded:dit' (transformer) for the models that ship with "
+                  "LiveCache, or a folder name inside your diffusers model folders (unet/, scheduler/, optional "
+                  "vae/, text encoder).")})
 
     @classmethod
     def VALIDATE_INPUTS(cls, source: str | None = None) -> bool | str:
@@ -77,33 +69,21 @@ def _model_folder(source: str) -> Path | str:
     return resolve_inside(source, model_roots())
 
 
-class ApplyDeepCache:
+class ApplyDeepCache(PipeTechnique):
     """DeepCache: reuse the U-Net's deep features across steps and recompute only the shallow branch."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = "Feature caching (DeepCache): full U-Net every N steps, only the shallow branch in between."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
-            "cache_interval": ("INT", {"default": 3, "min": 1, "max": 50, "step": 1,
-                                       "tooltip": "A full U-Net pass every this many steps (1 = no caching)."}),
-            "cache_branch_id": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1,
-                                        "tooltip": "Which skip branch stays live: 0 is the shallowest and fastest; "
-                                                   "higher keeps more layers live and is closer to uncached."}),
-            "schedule": (["uniform", "non-uniform"], {
-                "default": "uniform",
-                "tooltip": "uniform: a full step every N; non-uniform: the same number of full steps, "
-                           "denser early (closer to uncached on SD-shaped U-Nets)."}),
-            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "Fraction of the steps before which every step is full."}),
-            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                              "tooltip": "Fraction of the steps after which every step is full."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": PIPE_MODEL,
+        "cache_interval": int_field(3, 1, 50, "A full U-Net pass every this many steps (1 = no caching)."),
+        "cache_branch_id": int_field(0, 0, 15, "Which skip branch stays live: 0 is the shallowest and fastest; "
+                                               "higher keeps more layers live and is closer to uncached."),
+        "schedule": choice_field(["uniform", "non-uniform"], "uniform", "uniform: a full step every N; non-uniform: "
+                                 "the same number of full steps, denser early (closer to uncached on SD-shaped "
+                                 "U-Nets)."),
+        "start": float_field(0.0, 0.0, 1.0, "Fraction of the steps before which every step is full."),
+        "end": float_field(1.0, 0.0, 1.0, "Fraction of the steps after which every step is full."),
+    }, unique_id=True)
 
     def apply(self, model: DiffusionModel, cache_interval: int, cache_branch_id: int, schedule: str,
               start: float, end: float, unique_id: str | None = None) -> tuple[DiffusionModel]:
@@ -112,31 +92,22 @@ class ApplyDeepCache:
         return (model.with_acceleration(config, unique_id),)
 
 
-class DiffusersSampler:
+class DiffusersSampler(Node, category="sampling", returns=("LATENT",), function="sample"):
     """Sample latents with the model's U-Net and any of the supported schedulers."""
 
-    CATEGORY = "LiveCache/sampling"
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "sample"
     DESCRIPTION = "Denoises seeded noise; DDIM, Euler, DPM-Solver++ 2M or LCM; classifier-free guidance."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {}),
-            "prompt": ("STRING", {"default": "7", "multiline": True,
-                                  "tooltip": "What to draw. The embedded model draws a digit: '7' or 'a seven'."}),
-            "negative_prompt": ("STRING", {"default": "", "multiline": True,
-                                           "tooltip": "What to steer away from (empty: unconditional)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
-                             "tooltip": "Noise seed; the same seed and settings give the same image."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "step": 1, "tooltip": "Denoising steps."}),
-            "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                   "tooltip": "Classifier-free guidance scale (1 = off, one U-Net half per step). "
-                                              "2 suits the embedded digits model; SD checkpoints like 5-8."}),
-            "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": "Sampler family."}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "step": 1, "tooltip": "Images per run."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": link("LC_PIPE"),
+        "prompt": text_field("7", "What to draw. The embedded model draws a digit: '7' or 'a seven'.", multiline=True),
+        "negative_prompt": text_field("", "What to steer away from (empty: unconditional).", multiline=True),
+        "seed": seed_field("Noise seed; the same seed and settings give the same image."),
+        "steps": int_field(20, 1, 200, "Denoising steps."),
+        "guidance": float_field(2.0, 0.0, 30.0, step=0.1,
+                                tooltip="Classifier-free guidance scale (1 = off, one U-Net half per step). "
+                                        "2 suits the embedded digits model; SD checkpoints like 5-8."),
+        "scheduler": choice_field(SCHEDULERS, "ddim", "Sampler family."),
+        "batch_size": int_field(4, 1, 64, "Images per run."),
+    }, unique_id=True)
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt: str | None = None, negative_prompt: str | None = None,
@@ -162,17 +133,11 @@ class DiffusersSampler:
         return ({"samples": latents},)
 
 
-class DecodeImages:
+class DecodeImages(Node, category="sampling", returns=("IMAGE",), function="decode"):
     """Latents to images through the model's VAE (pixel-space models pass straight through)."""
 
-    CATEGORY = "LiveCache/sampling"
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "decode"
     DESCRIPTION = "Decodes LATENT to IMAGE with the model's VAE."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("LC_PIPE", {}), "samples": ("LATENT", {})}}
+    INPUT_TYPES = declare({"model": link("LC_PIPE"), "samples": link("LATENT")})
 
     def decode(self, model: DiffusionModel, samples: dict) -> tuple[torch.Tensor]:
         latents = samples.get("samples") if isinstance(samples, dict) else None
@@ -185,24 +150,16 @@ class DecodeImages:
             return (decode(model, latents),)
 
 
-class SaveImages:
+class SaveImages(Node, category="io", returns=(), function="save"):
     """Save images as PNG files in the output folder."""
 
-    CATEGORY = "LiveCache/io"
-    RETURN_TYPES = ()
-    FUNCTION = "save"
     OUTPUT_NODE = True
     DESCRIPTION = "Writes each image as a PNG; small images can be enlarged (nearest neighbour) for viewing."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE", {}),
-            "filename_prefix": ("STRING", {"default": "livecache",
-                                           "tooltip": "File name prefix; a counter and .png are added."}),
-            "upscale": ("INT", {"default": 1, "min": 1, "max": 16, "step": 1,
-                                "tooltip": "Enlarge by this integer factor (nearest neighbour) before saving."}),
-        }}
+    INPUT_TYPES = declare({
+        "images": link("IMAGE"),
+        "filename_prefix": text_field("livecache", "File name prefix; a counter and .png are added."),
+        "upscale": int_field(1, 1, 16, "Enlarge by this integer factor (nearest neighbour) before saving."),
+    })
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix: str | None = None, upscale: int | None = None) -> bool | str:

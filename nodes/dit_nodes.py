@@ -11,27 +11,24 @@ from typing import Any
 from ..accel.block_cache import BlockCacheConfig
 from ..adapters.diffusers_dit import DiTSite
 from ..models.pipeline import DiffusionModel
+from .fields import choice_field, declare, int_field, link
+from .kinds import PipeTechnique
 
 
 def block_cache_inputs() -> dict[str, tuple[Any, dict[str, Any]]]:
     """The block cache's settings as node inputs (beside the node's model input)."""
     return {
-        "cache_interval": ("INT", {"default": 3, "min": 1, "max": 1000, "step": 1,
-                                   "tooltip": "A full step every N steps; 1 never caches (exactly the "
-                                              "uncached output)."}),
-        "span_start": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
-                               "tooltip": "First cached block, counted over all blocks in execution order "
-                                          "(Flux: double then single blocks). 0: the family's default (the "
-                                          "longest range that can be cached; block 0 always runs)."}),
-        "span_stop": ("INT", {"default": 0, "min": 0, "max": 1000, "step": 1,
-                              "tooltip": "One past the last cached block. 0: the family's default (the last "
-                                         "block always runs)."}),
-        "mode": (["reuse", "forecast"], {"default": "reuse",
-                                         "tooltip": "reuse: the span's residual of the last full step; "
-                                                    "forecast: extrapolated to this step's noise level from "
-                                                    "the last full steps."}),
-        "order": ("INT", {"default": 1, "min": 1, "max": 2, "step": 1,
-                          "tooltip": "The forecast's order in the noise level (forecast mode only)."}),
+        "cache_interval": int_field(3, 1, 1000, "A full step every N steps; 1 never caches (exactly the uncached "
+                                                "output)."),
+        "span_start": int_field(0, 0, 1000, "First cached block, counted over all blocks in execution order (Flux: "
+                                            "double then single blocks). 0: the family's default (the longest range "
+                                            "that can be cached; block 0 always runs)."),
+        "span_stop": int_field(0, 0, 1000, "One past the last cached block. 0: the family's default (the last block "
+                                           "always runs)."),
+        "mode": choice_field(["reuse", "forecast"], "reuse",
+                             "reuse: the span's residual of the last full step; forecast: extrapolated to this "
+                             "step's noise level from the last full steps."),
+        "order": int_field(1, 1, 2, "The forecast's order in the noise level (forecast mode only)."),
     }
 
 
@@ -42,24 +39,16 @@ def block_cache_config(default_span: tuple[int, int], cache_interval: int, span_
     return BlockCacheConfig(cache_interval=int(cache_interval), span=span, mode=mode, order=int(order))
 
 
-class ApplyBlockCache:
+class ApplyBlockCache(PipeTechnique):
     """Block cache for a LiveCache DiT model: a span of transformer blocks is skipped on cached steps."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Block caching on a diffusers DiT (the embedded DiT, DiT, PixArt, Flux, SD3, Wan, Qwen-Image, "
                    "Z-Image): every N steps all transformer blocks run and what a span of middle blocks adds is "
                    "kept; in between the span adds that (reuse) or its extrapolation in the noise level (forecast).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "A DiT model (e.g. 'embedded:dit'); it is not modified, a copy is "
-                                             "returned."}),
-            **block_cache_inputs(),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": link("LC_PIPE", "A DiT model (e.g. 'embedded:dit'); it is not modified, a copy is returned."),
+        **block_cache_inputs(),
+    }, unique_id=True)
 
     def apply(self, model: DiffusionModel, cache_interval: int, span_start: int, span_stop: int, mode: str,
               order: int, unique_id: str | None = None) -> tuple[DiffusionModel]:

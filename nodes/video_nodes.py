@@ -18,11 +18,12 @@ from ..accel.causal_cache import CausalCacheConfig
 from ..models.loading import resolve_inside
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_model, parse_video_prompt
 from .context import host_progress, model_roots
+from .fields import bool_field, choice_field, declare, int_field, link, seed_field, text_field
+from .kinds import Node
 from .ui_messages import send_stats
 from .validation import verdict
 
 EMBEDDED_VIDEO = "embedded:video"
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,13 @@ def _load_cached(folder: str | None) -> CausalVideoDiT:
     return load_video_model(None if folder is None else Path(folder))
 
 
-class LoadVideoModel:
+class LoadVideoModel(Node, category="video", returns={"video_model": "LC_VIDEO_MODEL"}, function="load"):
     """Load the embedded causal video model or one trained with `livecache train video --out`."""
 
-    CATEGORY = "LiveCache/video"
-    RETURN_TYPES = ("LC_VIDEO_MODEL",)
-    RETURN_NAMES = ("video_model",)
-    FUNCTION = "load"
     DESCRIPTION = "Loads a causal autoregressive video model (no cache sharing until the Causal Cache node)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"source": ("STRING", {
-            "default": EMBEDDED_VIDEO,
-            "tooltip": "'embedded:video' for the model that ships with LiveCache, or a folder name inside your "
-                       "model folders holding config.json + model.safetensors from `livecache train video`."})}}
+    INPUT_TYPES = declare({"source": text_field(
+        EMBEDDED_VIDEO, "'embedded:video' for the model that ships with LiveCache, or a folder name inside your "
+                        "model folders holding config.json + model.safetensors from `livecache train video`.")})
 
     @classmethod
     def VALIDATE_INPUTS(cls, source: str | None = None) -> bool | str:
@@ -70,57 +63,35 @@ def _video_folder(source: str) -> Path | None:
     return None if source in ("", EMBEDDED_VIDEO) else resolve_inside(source, model_roots())
 
 
-class CausalCache:
+class CausalCache(Node, category="video", returns={"video_model": "LC_VIDEO_MODEL"}, function="apply"):
     """Ca2-VDM causal cache sharing: conditional frames' keys/values are computed once and reused."""
 
-    CATEGORY = "LiveCache/video"
-    RETURN_TYPES = ("LC_VIDEO_MODEL",)
-    RETURN_NAMES = ("video_model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Shares the keys/values of already generated frames across all denoising steps and clips "
                    "instead of recomputing them; same frames, work per clip flat in the context length.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "video_model": ("LC_VIDEO_MODEL", {"tooltip": "The model; it is not modified, a copy is returned."}),
-            "enable": ("BOOLEAN", {"default": True,
-                                   "tooltip": "On: cache shared. Off: recompute the context every step (baseline)."}),
-            "window": ("INT", {"default": 4, "min": 1, "max": 256, "step": 1,
-                               "tooltip": "Past frames the model attends to; older ones are evicted, so memory "
-                                          "stays flat on long videos. The embedded model was trained with 4."}),
-        }}
+    INPUT_TYPES = declare({
+        "video_model": link("LC_VIDEO_MODEL", "The model; it is not modified, a copy is returned."),
+        "enable": bool_field(True, "On: cache shared. Off: recompute the context every step (baseline)."),
+        "window": int_field(4, 1, 256, "Past frames the model attends to; older ones are evicted, so memory stays "
+                                       "flat on long videos. The embedded model was trained with 4."),
+    })
 
     def apply(self, video_model: VideoModel, enable: bool, window: int) -> tuple[VideoModel]:
         return (replace(video_model, cache=CausalCacheConfig(enabled=enable, window=window)),)
 
 
-class VideoSampler:
+class VideoSampler(Node, category="video", returns={"frames": "IMAGE"}, function="sample"):
     """Generate a video clip by clip; each clip is denoised in a few steps conditioned on the last frames."""
 
-    CATEGORY = "LiveCache/video"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "sample"
     DESCRIPTION = "Autoregressive video: IMAGE frames [N, H, W, 3] in 0..1, N = chunks x chunk_length."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "video_model": ("LC_VIDEO_MODEL", {"tooltip": "The video model (Load Video Model, or Causal Cache)."}),
-            "prompt": ("STRING", {"default": "shapes",
-                                  "tooltip": "What moves: a digit ('7', 'a seven'), 'shapes' or 'texture'."}),
-            "chunks": ("INT", {"default": 8, "min": 1, "max": 1024, "step": 1,
-                               "tooltip": "Clips to generate one after another (AR steps)."}),
-            "chunk_length": ("INT", {"default": 4, "min": 1, "max": 16, "step": 1,
-                                     "tooltip": "Frames per clip (the embedded model was trained with 4)."}),
-            "steps": ("INT", {"default": 2, "min": 1, "max": 100, "step": 1,
-                              "tooltip": "Denoising steps per clip: 1-4 with 'lcm', more with 'ddim'."}),
-            "sampler": (list(SAMPLERS), {"default": "lcm",
-                                         "tooltip": "lcm: few-step consistency-style; ddim: plain multi-step."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
-                             "tooltip": "Noise seed; the same seed and settings give the same video."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "video_model": link("LC_VIDEO_MODEL", "The video model (Load Video Model, or Causal Cache)."),
+        "prompt": text_field("shapes", "What moves: a digit ('7', 'a seven'), 'shapes' or 'texture'."),
+        "chunks": int_field(8, 1, 1024, "Clips to generate one after another (AR steps)."),
+        "chunk_length": int_field(4, 1, 16, "Frames per clip (the embedded model was trained with 4)."),
+        "steps": int_field(2, 1, 100, "Denoising steps per clip: 1-4 with 'lcm', more with 'ddim'."),
+        "sampler": choice_field(SAMPLERS, "lcm", "lcm: few-step consistency-style; ddim: plain multi-step."),
+        "seed": seed_field("Noise seed; the same seed and settings give the same video."),
+    }, unique_id=True)
 
     @classmethod
     def VALIDATE_INPUTS(cls, prompt: str | None = None) -> bool | str:
