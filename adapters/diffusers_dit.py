@@ -24,7 +24,7 @@ from ..accel.site import Around, BlockSpan, FeedbackPoint, Removable
 from ..accel.slicing import OperatorGroup, SliceAxis
 from ..accel.techniques import REGISTRY
 from .diffusers_rehash import wrap_model_calls
-from .diffusers_site import ScheduledSite
+from .diffusers_scheduled import ScheduledSite
 from .dit_blocks import BlockLayout, Stage, span_feedback, token_groups
 
 PAIR = ("hidden_states", "encoder_hidden_states")  # joint blocks: both streams in ...

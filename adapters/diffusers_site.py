@@ -2,17 +2,16 @@
 
 `UNetSite` tells the cores what they need about a `UNet2DConditionModel` (the maps in
 `diffusers_unet`, `diffusers_slicing` and `diffusers_rehash`) and, with a scheduler, when a
-generation starts: the scheduler's `set_timesteps` is the one place a diffusers scheduler is
-patched (`GenerationWatch`), shared by every technique on it and restored exactly.
+generation starts (`diffusers_scheduled.ScheduledSite`, the one place a diffusers scheduler is patched).
 `apply_technique` and `accelerated` apply configs through the technique registry, which records
 them on the U-Net (`accel.registry.applied_to(unet)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Self
+from typing import Any
 
 from torch import nn
 
@@ -21,74 +20,11 @@ from ..accel.registry import Handle
 from ..accel.site import Around, FeedbackPoint, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis
 from ..accel.techniques import REGISTRY
+from .diffusers_dit import DiTSite, is_dit
 from .diffusers_rehash import wrap_unet_calls
+from .diffusers_scheduled import ScheduledSite
 from .diffusers_slicing import unet_groups
 from .diffusers_unet import cross_attentions, deep_modules, feedback_block, quant_layers, read_timestep, run_resnet
-
-_WATCH = "_livecache_generation_watch"
-
-
-class GenerationWatch:
-    """The one patch of a diffusers scheduler's `set_timesteps`: tells listeners a generation of n steps starts.
-
-    Installed when the first listener joins and taken off when the last one leaves, putting back exactly
-    what was there (the class method, or an instance override someone else set).
-    """
-
-    def __init__(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
-        self._listeners: list[Callable[[int], None]] = []
-        self._previous = scheduler.__dict__.get("set_timesteps")
-        original = scheduler.set_timesteps
-
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            for listener in list(self._listeners):
-                listener(len(scheduler.timesteps))
-            return result
-
-        setattr(set_timesteps, _WATCH, self)
-        self._patch = set_timesteps
-        scheduler.set_timesteps = set_timesteps
-
-    @classmethod
-    def listen(cls, scheduler: Any, start: Callable[[int], None]) -> Removal:
-        """Call `start(num_steps)` after each `scheduler.set_timesteps(...)` until the removal is removed."""
-        current = scheduler.__dict__.get("set_timesteps")
-        watch = getattr(current, _WATCH, None) or cls(scheduler)
-        watch._listeners.append(start)
-        return Removal(lambda: watch._leave(start))
-
-    def _leave(self, start: Callable[[int], None]) -> None:
-        self._listeners.remove(start)
-        if self._listeners or self._scheduler.__dict__.get("set_timesteps") is not self._patch:
-            return  # still listened to, or someone patched over us: an empty watch just passes calls through
-        if self._previous is None:
-            del self._scheduler.set_timesteps
-        else:
-            self._scheduler.set_timesteps = self._previous
-
-
-class ScheduledSite(Site):
-    """A diffusers model and, when given, the scheduler that samples with it, which announces each generation
-    and its length (`GenerationWatch`): what the U-Net and DiT sites share."""
-
-    component = "unet"  # the pipeline attribute that holds the model
-
-    def __init__(self, root: nn.Module, scheduler: Any | None = None) -> None:
-        super().__init__(root)
-        self.scheduler = scheduler
-
-    @classmethod
-    def of(cls, target: Any) -> Self:
-        """The site of a pipeline (its `component` and its scheduler) or of a bare model."""
-        model = getattr(target, cls.component, target)
-        return cls(model, getattr(target, "scheduler", None) if model is not target else None)
-
-    def watch_generations(self, start: Callable[[int], None]) -> Removable:
-        # without a scheduler nobody announces generations: call `handle.core.reset(num_steps)` yourself
-        # (uniform caching works from the noise levels alone)
-        return Removal() if self.scheduler is None else GenerationWatch.listen(self.scheduler, start)
 
 
 class UNetSite(ScheduledSite):
@@ -164,8 +100,6 @@ def apply_technique(target: Any, config: Any) -> Handle:
 def model_site(model: nn.Module, scheduler: Any | None = None) -> Site:
     """The site of the denoiser a `DiffusionModel` carries: a DiT's when its class is a supported DiT
     family (the embedded DiT, Flux, SD3, …), else the U-Net's."""
-    from .diffusers_dit import DiTSite, is_dit  # imported here: that module builds on this one
-
     return DiTSite(model, scheduler) if is_dit(model) else UNetSite(model, scheduler)
 
 
