@@ -24,6 +24,7 @@ STEPS = 6
 class WrappersMP:
     OUTER_SAMPLE = "outer_sample"
     DIFFUSION_MODEL = "diffusion_model"
+    APPLY_MODEL = "apply_model"  # the adapter looks for its wrappers at both levels (SD3 is hooked here)
 
 
 class CallbacksMP:
