@@ -66,19 +66,26 @@ def run(model, enabled: bool, window: int, chunks: int = 3, sampler: str = "lcm"
                     seed=5)
 
 
+def chain_ulps(chunks: int, steps: int) -> int:
+    """The reassociation bound for an autoregressive chain: each of its `chunks × (steps + 1)` model calls (the
+    denoising steps and the commit) adds its own reordering error to the frames the next call is conditioned on,
+    so the bound of one call (64 eps of the magnitude) grows with the number of calls in the chain."""
+    return 64 * chunks * (steps + 1)
+
+
 @pytest.mark.parametrize("sampler", ["lcm", "ddim"])
 def test_cache_shared_equals_recompute_while_context_fits(sampler, close_reassociated):
     model = tiny_model()
     cached, recomputed = run(model, True, 16, sampler=sampler), run(model, False, 16, sampler=sampler)
     assert cached.shape == (2, 12, 3, 16, 16)
     assert float(cached.std()) > 0.05  # not a trivial (constant) output
-    close_reassociated(cached, recomputed)
+    close_reassociated(cached, recomputed, chain_ulps(3, 2))
 
 
 def test_after_eviction_the_modes_diverge_so_the_check_above_can_fail(close_reassociated):
     model = tiny_model()
     cached, recomputed = run(model, True, 4, chunks=3), run(model, False, 4, chunks=3)
-    close_reassociated(cached[:, :8], recomputed[:, :8])  # clips 1-2: context fits the window
+    close_reassociated(cached[:, :8], recomputed[:, :8], chain_ulps(2, 2))  # clips 1-2: context fits the window
     assert (cached[:, 8:] - recomputed[:, 8:]).abs().max() > 1e-3  # clip 3 sees keys made with evicted context
 
 
