@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -80,6 +80,7 @@ class CacheSite:
     deep_modules: tuple[nn.Module, ...]  # what a feature cache reuses, in execution order
     feature_module: nn.Module  # the deep output the shallow branch reads (recorded, corrected)
     quant_layers: Mapping[str, nn.Module]  # the Linear/Conv2d layers a quantizer replaces, by name
+    _: KW_ONLY  # the optional fields by name only: two were added by separate changes, positions would mix them
     weights_version: Hashable | None = None  # the host's token for the state of root's weights (see `Site`)
     # a DiT's cache: the block span whose residual is reused (deep_modules are then its blocks); None: a U-Net's
     span: BlockSpan | None = None
@@ -249,7 +250,7 @@ class Site:
     def cache_site(self, branch_id: int) -> CacheSite:
         deep = tuple(self.deep_modules(branch_id))
         return CacheSite(self.root, self.read_level, deep, self.feature_module(branch_id), self.quant_layers(),
-                         self.weights_version)
+                         weights_version=self.weights_version)
 
     @property
     def fingerprint(self) -> str:
@@ -259,7 +260,8 @@ class Site:
     def span_cache_site(self, span: tuple[int, int] | None) -> CacheSite:
         """A DiT as CacheQuant sees it: the block span `span` (None: the family's default) is what is cached."""
         blocks = self.block_span(span)
-        return CacheSite(self.root, self.read_level, blocks.blocks, blocks.blocks[-1], self.quant_layers(), blocks)
+        return CacheSite(self.root, self.read_level, blocks.blocks, blocks.blocks[-1], self.quant_layers(),
+                         weights_version=self.weights_version, span=blocks)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         return hook_calls(self.root, self.read_level, begin, end)
