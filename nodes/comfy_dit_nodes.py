@@ -17,26 +17,21 @@ from ..adapters.comfy_dit import check_span, family_of
 from ..adapters.comfy_unet import apply_slicing, apply_technique
 from .comfy_nodes import MODEL_INPUT, stats_reporter
 from .dit_nodes import block_cache_config, block_cache_inputs
+from .fields import declare, int_field, schema
+from .kinds import ModelTechnique
 
 
-class BlockCacheModel:
+class BlockCacheModel(ModelTechnique):
     """Block cache for a ComfyUI DiT MODEL: a span of transformer blocks is skipped on cached steps."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Block caching on a DiT MODEL (Flux, Flux 2, SD3, Wan, Qwen-Image, Lumina 2, Z-Image): every N "
                    "steps all transformer blocks run and what a span of middle blocks adds is kept; in between the "
                    "span adds that (reuse) or its extrapolation in the noise level (forecast) without running. "
                    "Connect the result to KSampler (or any sampler node).")
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            **block_cache_inputs(),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    def INPUT_TYPES(cls):  # noqa: N802 (the name ComfyUI calls)
+        return schema({"model": MODEL_INPUT, **block_cache_inputs()}, unique_id=True)
 
     def apply(self, model: Any, cache_interval: int, span_start: int, span_stop: int, mode: str, order: int,
               unique_id: str | None = None) -> tuple[Any]:
@@ -47,25 +42,16 @@ class BlockCacheModel:
         return (apply_technique(model, config, stats_reporter(unique_id)),)
 
 
-class TokenSlicingModel:
+class TokenSlicingModel(ModelTechnique):
     """Token slicing for a ComfyUI DiT MODEL: each block's feed-forwards run a slice of the tokens at a time."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Lower peak memory, same output, on a DiT MODEL (Flux, SD3, Wan, Qwen-Image, Lumina 2): every "
                    "transformer block's feed-forward (its widest layer, 2-4x the model width) runs on one slice of "
                    "the image/video tokens at a time. Stacks with the block cache, step rehash and quantization.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "slices": ("INT", {"default": 4, "min": 1, "max": 4096, "step": 1,
-                               "tooltip": "Slices per feed-forward call; the feed-forwards' hidden activations "
-                                          "fall about this many times (1: off)."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({"model": MODEL_INPUT, "slices": int_field(4, 1, 4096, (
+        "Slices per feed-forward call; the feed-forwards' hidden activations fall about this many times (1: off)."))},
+        unique_id=True)
 
     def apply(self, model: Any, slices: int, unique_id: str | None = None) -> tuple[Any]:
         family_of(model.get_model_object("diffusion_model"))  # a U-Net or other model: one clear error

@@ -37,16 +37,14 @@ from .cachequant_nodes import (
     schedule_path,
 )
 from .comfy_nodes import MODEL_INPUT, stats_reporter
+from .fields import declare, int_field
+from .kinds import ModelTechnique, Node
 from .validation import verdict
 
 
-class QuantizeModel:
+class QuantizeModel(ModelTechnique):
     """W8A8 (real int8 kernels on x86 CPUs) or DGQ (simulated) of a ComfyUI MODEL's Linear/Conv2d layers."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Post-training quantization of a ComfyUI MODEL, rebuilt from the weights ComfyUI loads (LoRAs "
                    "included) whenever they change. W8A8 runs torch's int8 kernels on the CPU and is simulated "
                    "(fake-quant) elsewhere; DGQ is always simulated. The stats line names the backend that ran.")
@@ -71,24 +69,15 @@ class QuantizeModel:
         return (apply_quantization(model, config, stats_reporter(unique_id)),)
 
 
-class SlicingModel:
+class SlicingModel(ModelTechnique):
     """Feature slicing for a ComfyUI MODEL: each U-Net layer runs a slice of the batch at a time."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Lower peak memory, same output: every layer of the U-Net runs on one slice of the batch (CFG "
                    "halves, images of a batch) at a time. Stacks with DeepCache, step rehash and quantization.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": MODEL_INPUT,
-            "slices": ("INT", {"default": 2, "min": 1, "max": 4096, "step": 1,
-                               "tooltip": "Slices per layer call (at most one sample each); peak activation memory "
-                                          "inside the U-Net's layers falls about this many times."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({"model": MODEL_INPUT, "slices": int_field(2, 1, 4096, (
+        "Slices per layer call (at most one sample each); peak activation memory inside the U-Net's layers falls "
+        "about this many times."))}, unique_id=True)
 
     def apply(self, model: Any, slices: int, unique_id: str | None = None) -> tuple[Any]:
         return (apply_slicing(model, SlicingConfig("batch", int(slices), vae=False), stats_reporter(unique_id)),)
@@ -141,13 +130,9 @@ _OBJECTIVE = (["output", "feature"], {
                "error (no extra generations; a rougher proxy)."})
 
 
-class CalibrateScheduleModel:
+class CalibrateScheduleModel(Node, category="calibrate", returns={"schedule": "LC_SCHEDULE"}, function="calibrate"):
     """CacheQuant's DP cache schedule calibrated on a ComfyUI MODEL through ComfyUI's sampler."""
 
-    CATEGORY = "LiveCache/calibrate"
-    RETURN_TYPES = ("LC_SCHEDULE",)
-    RETURN_NAMES = ("schedule",)
-    FUNCTION = "calibrate"
     DESCRIPTION = ("Samples a few seeds with your MODEL, conditioning and latent as KSampler would, measures what "
                    "reusing each step's deep features later costs, and picks the K full steps that minimise it. "
                    "Connect it to CacheQuant for MODEL or DeepCache for MODEL; save it to reuse it.")
@@ -205,13 +190,9 @@ class LoadScheduleModel(LoadSchedule):
         return fingerprint_of(model)
 
 
-class CacheQuantModel:
+class CacheQuantModel(ModelTechnique):
     """CacheQuant on a ComfyUI MODEL: calibrated DP cache schedule + W8A8 + decoupled error corrections."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = ("Caching and quantization optimised together, calibrated on your MODEL through ComfyUI's sampler "
                    "with the inputs KSampler gets: a DP cache schedule (connected, or calibrated here), W8A8 layers "
                    "(real int8 on the CPU, simulated elsewhere) and least-squares corrections of the cache and the "

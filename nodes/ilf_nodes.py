@@ -9,11 +9,12 @@ from pathlib import Path
 
 from ..accel.cache_schedule import model_fingerprint
 from ..accel.ilf import FeedbackWeights, ILFConfig
-from ..accel.techniques import check_stack
 from ..models.embedded import ILF_FILES
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel
 from .context import model_roots
+from .fields import PIPE_MODEL, declare, int_field, link
+from .kinds import Node, PipeTechnique
 from .validation import verdict
 
 EMBEDDED = "embedded:digits"
@@ -30,13 +31,9 @@ def _module_file(source: str) -> Path:
     return resolve_inside(source, model_roots())
 
 
-class LoadILFModule:
+class LoadILFModule(Node, category="loaders", returns={"ilf_module": "LC_ILF"}, function="load"):
     """Load a trained ILF feedback module (safetensors only), tied to the backbone it was trained on."""
 
-    CATEGORY = "LiveCache/loaders"
-    RETURN_TYPES = ("LC_ILF",)
-    RETURN_NAMES = ("ilf_module",)
-    FUNCTION = "load"
     DESCRIPTION = "Loads an Inner Loop Feedback module: one shipped for an embedded model, or your own file."
 
     @classmethod
@@ -56,28 +53,20 @@ class LoadILFModule:
         return (FeedbackWeights.load(_module_file(source)),)
 
 
-class ApplyILF:
+class ApplyILF(PipeTechnique):
     """ILF: a full model pass every N steps; in between the reused features are corrected by the trained module."""
 
-    CATEGORY = "LiveCache/accelerate"
-    RETURN_TYPES = ("LC_PIPE",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
     DESCRIPTION = "Inner Loop Feedback: feature caching whose reused features a small trained module moves to the step."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("LC_PIPE", {"tooltip": "The model to accelerate; it is not modified, a copy is returned."}),
-            "ilf_module": ("LC_ILF", {"tooltip": "A module trained for this very model (Load ILF Module)."}),
-            "cache_interval": ("INT", {"default": 2, "min": 1, "max": 50, "step": 1,
-                                       "tooltip": "A full pass every this many steps (1 = no caching); use the "
-                                                  "interval the module was trained for."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+    INPUT_TYPES = declare({
+        "model": PIPE_MODEL,
+        "ilf_module": link("LC_ILF", "A module trained for this very model (Load ILF Module)."),
+        "cache_interval": int_field(2, 1, 50, "A full pass every this many steps (1 = no caching); use the "
+                                              "interval the module was trained for."),
+    }, unique_id=True)
 
     def apply(self, model: DiffusionModel, ilf_module: FeedbackWeights, cache_interval: int,
               unique_id: str | None = None) -> tuple[DiffusionModel]:
         config = ILFConfig(cache_interval, module=ilf_module)
         ilf_module.check(model_fingerprint(model.unet))  # another model's module fails here, naming both
-        check_stack(model.accelerations + (config,))
-        return (model.with_acceleration(config, unique_id),)
+        return self.stacked(model, config, unique_id)
