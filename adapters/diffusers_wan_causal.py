@@ -69,7 +69,7 @@ class _CausalSelfAttn:
         if state.mask is not None:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=state.mask)
         else:
-            out = state.cache.attend(self.layer, q, k, v, state.tokens_per_frame, state.commit)
+            out = state.cache.attend(self.layer, q, k, v, state.tokens_per_frame, state.commit_flag)
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -123,10 +123,6 @@ class CausalWan:
             model.rope = _OffsetRope(model.rope, self)
         for i, block in enumerate(model.blocks):
             block.attn1.set_processor(_CausalSelfAttn(self, i))
-
-    @property
-    def commit(self) -> bool:
-        return self.commit_flag
 
     def _run(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         _, _, _, h, w = latents.shape
