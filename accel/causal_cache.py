@@ -231,3 +231,87 @@ class CausalVideoStream:
             self._frames.extend(clean.unbind(dim=1))
         self.committed += n_new
         return clean
+
+
+def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int,
+                      device: torch.device | None = None) -> torch.Tensor:
+    """`[frames * tpf, frames * tpf]` bool, True where attention is allowed: every token of chunk k sees
+    every token of chunks 0..k (bidirectional inside a chunk, causal across chunks), as in
+    Self-Forcing / CausVid. Tokens are frame-major (frame, then space)."""
+    if frames % chunk_frames:
+        raise ValueError(f"{frames} frames do not split into chunks of {chunk_frames}")
+    chunk = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame) // chunk_frames
+    return chunk[None, :] <= chunk[:, None]
+
+
+class ChunkKVCache:
+    """Per-layer keys/values of committed frames for full spatio-temporal (block-causal) attention.
+
+    Buffers `[batch, heads, (window + n_new) * tpf, head_dim]` are preallocated: `sink` slots hold the
+    first `sink` committed frames forever (attention sinks), the other `window - sink` slots are a ring
+    where the oldest non-sink frame is overwritten, then scratch for the current call's tokens. Keys
+    must carry their positions already (rotary applied with the absolute frame index): rotary scores
+    depend on distance only, so a cached key stays valid however the window slides.
+    """
+
+    def __init__(self, window: int, sink: int = 0) -> None:
+        CausalCacheConfig(window=window)
+        if not 0 <= sink < window:
+            raise ValueError(f"sink frames must be in 0..window-1 ({window - 1}), got {sink!r}")
+        self.window, self.sink = window, sink
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+        self.frames = 0  # committed frames held
+        self.committed = 0  # frames ever committed (absolute index of the next frame)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self._keys, self._values) for t in d.values())
+
+    def _slots(self, n: int) -> torch.Tensor:
+        """Slots the next `n` committed frames go to (sinks first, then the ring of non-sink slots)."""
+        out = []
+        for i in range(self.committed, self.committed + n):
+            out.append(i if i < self.sink else self.sink + (i - self.sink) % (self.window - self.sink))
+        return torch.tensor(out, dtype=torch.long)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_per_frame: int,
+               commit: bool) -> torch.Tensor:
+        """This call's tokens (one chunk, `[B, heads, n_new * tpf, D]`) attend to every cached frame and
+        to the whole chunk; with `commit` their keys/values then take their slots (call `advance`)."""
+        tpf, n_tok = tokens_per_frame, q.shape[2]
+        n_new = n_tok // tpf
+        cap = self.window * tpf
+        keys = self._keys.get(layer)
+        if keys is None or keys.shape[2] < cap + n_tok or keys.shape[:2] != k.shape[:2] or keys.shape[3] != k.shape[3]:
+            if keys is not None and self.frames:
+                raise ValueError("the chunk's batch, heads or size grew mid-stream; reset the stream")
+            shape = (k.shape[0], k.shape[1], cap + n_tok, k.shape[3])
+            self._keys[layer], self._values[layer] = k.new_zeros(shape), k.new_zeros(shape)
+            keys = self._keys[layer]
+        values = self._values[layer]
+        keys[:, :, cap : cap + n_tok] = k
+        values[:, :, cap : cap + n_tok] = v
+        held = torch.zeros(self.window, dtype=torch.bool, device=q.device)
+        held[: self.frames] = True  # slots fill in order 0..window-1 before any is overwritten
+        allowed = torch.cat([held.repeat_interleave(tpf), torch.ones(n_tok, dtype=torch.bool, device=q.device)])
+        out = F.scaled_dot_product_attention(q, keys[:, :, : cap + n_tok], values[:, :, : cap + n_tok],
+                                             attn_mask=allowed[None, None, None, :])
+        if commit:
+            if n_new > self.window - self.sink and self.committed >= self.sink:
+                raise ValueError(f"a chunk of {n_new} frames does not fit the {self.window - self.sink} ring slots")
+            idx = (self._slots(n_new)[:, None] * tpf + torch.arange(tpf)).flatten().to(q.device)
+            keys[:, :, idx] = k
+            values[:, :, idx] = v
+        return out
+
+    def advance(self, n_new: int) -> None:
+        """Account for `n_new` frames committed by the pass that just ran through every layer."""
+        self.committed += n_new
+        self.frames = min(self.frames + n_new, self.window)
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._values.clear()
+        self.frames = 0
+        self.committed = 0
