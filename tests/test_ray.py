@@ -29,7 +29,9 @@ def cluster():
     ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
              object_store_memory=100 * 1024 * 1024, log_to_driver=False)
     loop = asyncio.new_event_loop()
-    config = ClusterConfig(sessions_per_replica=2, min_replicas=2, max_replicas=2, replica_cpus=0.5)
+    # autoscaled between one and two replicas of two sessions each; short delays so the test sees both ways
+    config = ClusterConfig(sessions_per_replica=2, min_replicas=1, max_replicas=2, replica_cpus=0.5,
+                           upscale_delay_s=0.5, downscale_delay_s=2.0)
     server = loop.run_until_complete(RayLiveServer(cluster=config).start())
     yield SimpleNamespace(server=server, loop=loop)
     loop.run_until_complete(server.stop())
@@ -137,11 +139,25 @@ def test_sigint_ends_every_session_with_shutdown_and_stops_ray():
     assert while_running > 0 and left == [], left
 
 
-def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessions(cluster):
+async def replica_count(base: str, count: int, timeout_s: float) -> int:
+    """The ingress's replica count once it is `count`, or whatever it is after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, info = await get(base + "/api/info")
+        found = len(info["cluster"]["replicas"])
+        if found == count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
+def test_autoscaled_sessions_spread_and_a_killed_replica_ends_only_its_sessions(cluster):
+    """One replica when idle; the sessions filling it add the second one (where the next sessions land); `busy`
+    only when both are full; a killed replica ends only its sessions; closing them all scales back to one."""
     base = cluster.server.url
 
     async def run():
         async with aiohttp.ClientSession() as http:
+            idle = await replica_count(base, 1, 30.0)
             clients, ready = [], []
             for _ in range(4):
                 ws = await http.ws_connect(base.replace("http", "ws", 1) + "/ws")
@@ -176,10 +192,15 @@ def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessio
                 await next_json(ws, "stopped")
             remaining = await wait_sessions(base, 0)
             _, final = await get(base + "/api/info")
-            return ready, busy, listed, info, interrupted, lost, after, remaining, final
+            scaled_down = await replica_count(base, 1, 60.0)
+            return idle, ready, busy, listed, info, interrupted, lost, after, remaining, final, scaled_down
 
-    ready, busy, listed, info, interrupted, lost, after, remaining, final = cluster.loop.run_until_complete(run())
+    idle, ready, busy, listed, info, interrupted, lost, after, remaining, final, scaled_down = \
+        cluster.loop.run_until_complete(run())
+    assert idle == 1
     assert len({r["session"] for r in ready}) == 4
+    owners = [next(s["replica"] for s in listed if s["session"] == r["session"]) for r in ready]
+    assert owners[0] == owners[1] != owners[2] == owners[3], owners  # the added replica took the new sessions
     assert busy["code"] == "busy" and "cluster is at its limit" in busy["message"]
     per_replica = sorted(r["sessions"] for r in info["cluster"]["replicas"])
     assert per_replica == [2, 2] and len({s["replica"] for s in listed}) == 2
@@ -189,6 +210,7 @@ def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessio
     assert len(after) == 2 and all(n >= 10 for n in after), after  # 2 s at 25 fps: the others kept streaming
     assert remaining == 0
     assert final["counters"]["sessions_ended"].get("engine_lost") == 2
+    assert scaled_down == 1  # idle again: Serve removed the extra replica
 
 
 def test_webrtc_offer_is_answered_by_a_replica(cluster):
@@ -237,8 +259,8 @@ def test_portrait_uploaded_through_the_ingress_is_used_on_every_replica(cluster)
             async with http.post(base + "/api/portraits", data=face) as res:
                 uploaded = res.status, await res.json()
             pid = uploaded[1]["portrait"]
-            # two sessions on an empty cluster land on the two replicas; the second replica never saw the upload
-            opened = [await start(http, pid) for _ in range(2)]
+            # three sessions need both replicas (two slots each); the upload went to only one of them
+            opened = [await start(http, pid) for _ in range(3)]
             _, listed = await get(base + "/api/sessions")
             frames = [await frames_within(ws, 1.0) for ws, _ in opened]
             unknown_ws, unknown = await start(http, "nope")
@@ -251,7 +273,7 @@ def test_portrait_uploaded_through_the_ingress_is_used_on_every_replica(cluster)
     refused, uploaded, ready, listed, frames, unknown, remaining = cluster.loop.run_until_complete(run())
     assert refused[0] == 400 and "decodable" in refused[1]["error"]  # the replica's validation, relayed
     assert uploaded[0] == 200
-    assert [r["type"] for r in ready] == ["ready", "ready"], ready
+    assert [r["type"] for r in ready] == ["ready"] * 3, ready
     assert len({s["replica"] for s in listed}) == 2  # the portrait was handed to both replicas
     assert all(n > 0 for n in frames), frames
     assert unknown["type"] == "error" and "unknown portrait" in unknown["message"]
