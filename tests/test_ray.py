@@ -310,5 +310,7 @@ def test_session_policy_scales_from_live_sessions():
     assert session_policy(ctx([4.0]))[0] == 2  # full: one more
     assert session_policy(ctx([4.0, 4.0]))[0] == 3
     assert session_policy(ctx([0.0, 0.0]))[0] == 0  # idle: Serve keeps min_replicas
+    assert session_policy(ctx([1.0, 0.0]))[0] == 2  # one session would fit one replica, but Serve might stop its
+    assert session_policy(ctx([0.2, 0.0, 0.0]))[0] == 3  # a session's last moments in the look-back window
     empty = SimpleNamespace(current_num_replicas=2, policy_state={}, aggregated_metrics={})
     assert session_policy(empty)[0] == 2  # no metrics yet: keep what runs
