@@ -53,8 +53,10 @@ def spawn_server(*args: str, timeout_s: float = 60.0) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "livecache.realtime.cli", "--port", "0", *args],
                             stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        match = re.search(r"(https?://[\d.]+:\d+)/", line)
+        match, line = None, ""
+        for line in proc.stdout if proc.stdout else ():  # with --ray, Ray may print before the server's line
+            if (match := re.search(r"(https?://[\d.]+:\d+)/", line)) is not None:
+                break
         if match is None:
             raise RuntimeError(f"server did not start: {line!r}")
         yield match.group(1)

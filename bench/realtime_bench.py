@@ -37,6 +37,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="measure a running server (http://HOST:PORT) instead of starting one; its "
                         "engine is read from its /api/info")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--ray", action="store_true",
+                        help="instead: sessions held at --fps (websocket, at each --sessions level) and the "
+                             "first-frame time, for the single-process server and `serve --ray` with one and two "
+                             "replicas (a local Ray instance each), in the same run")
 
 
 def _onsets() -> list[float]:
@@ -198,6 +202,139 @@ def _row(result: dict) -> str:
     return "  ".join(("-" if result[name] is None else str(result[name])).rjust(width) for name, width in COLUMNS)
 
 
+HELD = 0.95  # a level is held when every session's steady FPS reaches this share of the target
+
+
+async def _idle(url: str, timeout_s: float = 30.0) -> None:
+    """Until the server holds no session: the last sessions' slots are freed (the ingress learns it late)."""
+    import asyncio
+    import time
+
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            async with http.get(url + "/api/info") as res:
+                if (await res.json())["sessions"] == 0:
+                    return
+            await asyncio.sleep(0.5)
+
+
+async def _held(url: str, levels: list[int], seconds: float, options: dict) -> dict:
+    """The most concurrent websocket sessions (of `levels`) that all keep the target FPS, and the median
+    first-frame time of one session alone."""
+    import asyncio
+    held, ttff = 0, None
+    for n in sorted(levels):
+        await _idle(url)
+        runs = await asyncio.gather(*(_ws_one(url, seconds, {**options, "seed": i}) for i in range(n)))
+        ttff = ttff if ttff is not None else _median(r["ttff_ms"] for r in runs)
+        if min(r["fps"] for r in runs) < HELD * options["fps"]:
+            break
+        held = n
+    return {"ttff_ms": ttff, "held": held, "top_level": max(levels)}  # held == top_level: at least that many
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a local process (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return round(kb / 1024, 1)
+
+
+async def _fault(url: str, seconds: float, options: dict) -> dict:
+    """Two sessions per replica on the two-replica cluster, one replica SIGKILLed: the longest gap between
+    frames the survivors see from the kill on, and the ingress's and surviving replica's resident memory idle
+    before the sessions and idle again after they close."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async def info() -> dict:
+            async with http.get(url + "/api/info") as res:
+                return await res.json()
+
+        async def sessions() -> list[dict]:
+            async with http.get(url + "/api/sessions") as res:
+                return await res.json()
+
+        await _idle(url)
+        start = await info()
+        pids = {r["replica"]: r["pid"] for r in start["cluster"]["replicas"]}
+        ingress = start["cluster"]["ingress_pid"]
+        before = {"ingress": _rss_mb(ingress), **{rid: _rss_mb(pid) for rid, pid in pids.items()}}
+        clients = []
+        for _ in range(2 * len(pids)):
+            ws = await http.ws_connect(url.replace("http", "ws", 1) + "/ws")
+            await ws.send_str(json.dumps({"type": "start", **options}))
+            while (reply := json.loads((await asyncio.wait_for(ws.receive(), 30)).data))["type"] != "ready":
+                if reply["type"] == "error":
+                    raise RuntimeError(f"fault run: a session was refused: {reply['message']}")
+            clients.append(ws)
+        owners = {s["session"]: s["replica"] for s in await sessions()}
+        await asyncio.sleep(1.0)
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGKILL)
+        killed = time.monotonic()
+
+        async def longest_gap(ws: aiohttp.ClientWebSocketResponse) -> float | None:
+            last, gap = killed, 0.0
+            while time.monotonic() < killed + seconds:
+                msg = await asyncio.wait_for(ws.receive(), 5)
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    gap, last = max(gap, time.monotonic() - last), time.monotonic()
+                elif msg.type != aiohttp.WSMsgType.TEXT:
+                    return None  # this one was on the killed replica
+            return gap
+
+        gaps = [g for g in await asyncio.gather(*(longest_gap(ws) for ws in clients)) if g is not None]
+        for ws in clients:
+            await ws.close()
+        survivor = next(rid for rid in pids if rid != victim)
+        await _idle(url)
+        await asyncio.sleep(2.0)
+        after = {"ingress": _rss_mb(ingress), survivor: _rss_mb(pids[survivor])}
+    return {"sessions": len(owners), "survivors": len(gaps), "max_gap_ms": round(1000 * max(gaps), 1),
+            "rss_mb": {"ingress": [before["ingress"], after["ingress"]],
+                       "replica": [before[survivor], after[survivor]]}}
+
+
+def _ray_main(args: argparse.Namespace) -> list[dict]:
+    """Single process, then one and two replicas of `levels[-1]` sessions each, one server at a time."""
+    import asyncio
+
+    from .loopback import spawn_server
+
+    top = str(max(args.sessions))
+    options = {"fps": args.fps} if args.size is None else {"size": args.size, "fps": args.fps}
+    setups = [("single process", 1, ["--max-sessions", top])]
+    setups += [("ray", r, ["--ray", "--sessions-per-replica", top, "--min-replicas", str(r), "--max-replicas",
+                           str(r), "--replica-cpus", "0"]) for r in (1, 2)]
+    levels = sorted(set(args.sessions) | {2 * n for n in args.sessions})  # two replicas may hold twice as many
+    rows = []
+    for name, replicas, extra in setups:
+        with spawn_server("--engine", args.engine, *extra, timeout_s=120.0) as url:
+            found = asyncio.run(_held(url, levels if replicas > 1 else args.sessions, args.seconds, options))
+            if replicas > 1:
+                fault = asyncio.run(_fault(url, args.seconds, options))
+        rows.append({"setup": name, "replicas": replicas, **found})
+        if not args.json:
+            held = f"{'>=' if found['held'] == found['top_level'] else ''}{found['held']}"
+            print(f"{name:>15}  {replicas:>8}  {held:>22}  "
+                  f"{'-' if found['ttff_ms'] is None else found['ttff_ms']:>9}", flush=True)
+    rows.append({"setup": "fault", **fault})
+    if not args.json:
+        print(f"replica killed with {fault['sessions']} sessions on 2 replicas: the {fault['survivors']} others' "
+              f"longest gap between frames {fault['max_gap_ms']} ms; resident MB idle before / after: "
+              f"ingress {fault['rss_mb']['ingress']}, surviving replica {fault['rss_mb']['replica']}", flush=True)
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -208,7 +345,13 @@ def main(args: argparse.Namespace) -> int:
         print("--sessions must be positive", file=sys.stderr)
         return 2
     try:
-        if args.url:
+        if args.ray:
+            _announce(args, args.engine, f"{os.cpu_count()} CPU cores")
+            if not args.json:
+                print(f"{'setup':>15}  {'replicas':>8}  {'sessions held at ' + format(args.fps, 'g') + ' fps':>22}"
+                      f"  {'ttff_ms':>9}", flush=True)
+            results = _ray_main(args)
+        elif args.url:
             url = args.url.rstrip("/")
             engine = asyncio.run(remote_engine(url))
             _announce(args, engine, "a remote server")

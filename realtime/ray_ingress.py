@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -397,7 +398,8 @@ async def info(request: web.Request) -> web.Response:
         "connecting": sum(int(r.info.get("connecting", 0)) for r in replicas),
         "limits": {**first.get("limits", {}), **asdict(request.app["limits"])},
         "counters": pool.counters.snapshot(),
-        "cluster": {**request.app["cluster"].as_json(), "replicas": [r.summary() for r in replicas]},
+        "cluster": {**request.app["cluster"].as_json(), "ingress_pid": os.getpid(),
+                    "replicas": [r.summary() for r in replicas]},
     })
 
 

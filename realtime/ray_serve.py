@@ -81,13 +81,18 @@ class ReplicaDirectory:
 def session_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     """Serve autoscaling policy from live sessions (the replicas' `sessions` and `capacity` metrics): enough
     replicas to keep the cluster's sessions under TARGET_FILL of its slots. Serve clamps the answer to
-    min/max_replicas and applies the up/down delays. Without metrics yet, it keeps the current count."""
+    min/max_replicas and applies the up/down delays. Without metrics yet, it keeps the current count.
+
+    It scales down only once no session is live (metrics averaged over Serve's look-back window): Serve, not
+    we, picks the replica it stops, and it cannot tell one holding sessions from an empty one, so shrinking a
+    busy cluster could end sessions that did nothing wrong."""
     metrics = ctx.aggregated_metrics or {}
     sessions, capacity = metrics.get("sessions", {}), metrics.get("capacity", {})
     if not capacity:
         return ctx.current_num_replicas, ctx.policy_state
-    per_replica = max(capacity.values())
-    return math.ceil(sum(sessions.values()) / (TARGET_FILL * per_replica)), ctx.policy_state
+    live = sum(sessions.values())
+    wanted = math.ceil(live / (TARGET_FILL * max(capacity.values())))
+    return (max(wanted, ctx.current_num_replicas) if live > 0 else wanted), ctx.policy_state
 
 
 class EngineReplica:

@@ -29,7 +29,9 @@ def cluster():
     ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
              object_store_memory=100 * 1024 * 1024, log_to_driver=False)
     loop = asyncio.new_event_loop()
-    config = ClusterConfig(sessions_per_replica=2, min_replicas=2, max_replicas=2, replica_cpus=0.5)
+    # autoscaled between one and two replicas of two sessions each; short delays so the test sees both ways
+    config = ClusterConfig(sessions_per_replica=2, min_replicas=1, max_replicas=2, replica_cpus=0.5,
+                           upscale_delay_s=0.5, downscale_delay_s=2.0)
     server = loop.run_until_complete(RayLiveServer(cluster=config).start())
     yield SimpleNamespace(server=server, loop=loop)
     loop.run_until_complete(server.stop())
@@ -71,11 +73,91 @@ async def wait_sessions(base: str, count: int, timeout_s: float = 15.0) -> int:
         await asyncio.sleep(0.25)
 
 
-def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessions(cluster):
+def ray_processes(tmp: str) -> list[str]:
+    """Command lines of the live processes of the Ray instance whose files are under `tmp` (its raylet, GCS,
+    workers and replicas all name their session folder there)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if tmp in cmd and "zombie" not in state:
+            found.append(cmd)
+    return found
+
+
+def test_sigint_ends_every_session_with_shutdown_and_stops_ray():
+    """Ctrl-C of `livecache serve --ray` (its own local Ray, before the module's cluster starts): the client gets
+    `stopped` with reason "shutdown", the command exits 0 and no process of its Ray instance is left."""
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="lcray", dir="/tmp")  # short: Ray's socket paths live under it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livecache.cli", "serve", "--ray", "--port", "0", "--min-replicas", "1",
+         "--max-replicas", "1", "--sessions-per-replica", "2", "--replica-cpus", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_TMPDIR": tmp})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "websocket API:" in line:
+                break
+        assert "websocket API:" in "".join(lines), "".join(lines)
+        url = lines[-1].split(" on ", 1)[1].split("/ ", 1)[0]
+        while_running = len(ray_processes(tmp))
+
+        async def run():
+            async with aiohttp.ClientSession() as http:
+                ws = await http.ws_connect(url.replace("http", "ws", 1) + "/ws")
+                await ws.send_str(json.dumps({"type": "start", "size": 256}))
+                await next_json(ws, "ready")
+                frames = await frames_within(ws, 1.0)
+                proc.send_signal(signal.SIGINT)
+                stopped = await asyncio.wait_for(next_json(ws, "stopped"), 30)
+                closed = await asyncio.wait_for(ws.receive(), 30)
+                return frames, stopped, closed.type
+
+        frames, stopped, closed = asyncio.run(run())
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = ray_processes(tmp)
+    deadline = time.monotonic() + 10  # ray.shutdown has signalled them; the last ones may take a moment to go
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = ray_processes(tmp)
+    assert frames > 0 and stopped["reason"] == "shutdown", stopped
+    assert closed in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert proc.returncode == 0, output
+    assert "stopping: closing sessions" in output
+    assert while_running > 0 and left == [], left
+
+
+async def replica_count(base: str, count: int, timeout_s: float) -> int:
+    """The ingress's replica count once it is `count`, or whatever it is after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, info = await get(base + "/api/info")
+        found = len(info["cluster"]["replicas"])
+        if found == count or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
+
+
+def test_autoscaled_sessions_spread_and_a_killed_replica_ends_only_its_sessions(cluster):
+    """One replica when idle; the sessions filling it add the second one (where the next sessions land); `busy`
+    only when both are full; a killed replica ends only its sessions; closing them all scales back to one."""
     base = cluster.server.url
 
     async def run():
         async with aiohttp.ClientSession() as http:
+            idle = await replica_count(base, 1, 30.0)
             clients, ready = [], []
             for _ in range(4):
                 ws = await http.ws_connect(base.replace("http", "ws", 1) + "/ws")
@@ -110,10 +192,15 @@ def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessio
                 await next_json(ws, "stopped")
             remaining = await wait_sessions(base, 0)
             _, final = await get(base + "/api/info")
-            return ready, busy, listed, info, interrupted, lost, after, remaining, final
+            scaled_down = await replica_count(base, 1, 60.0)
+            return idle, ready, busy, listed, info, interrupted, lost, after, remaining, final, scaled_down
 
-    ready, busy, listed, info, interrupted, lost, after, remaining, final = cluster.loop.run_until_complete(run())
+    idle, ready, busy, listed, info, interrupted, lost, after, remaining, final, scaled_down = \
+        cluster.loop.run_until_complete(run())
+    assert idle == 1
     assert len({r["session"] for r in ready}) == 4
+    owners = [next(s["replica"] for s in listed if s["session"] == r["session"]) for r in ready]
+    assert owners[0] == owners[1] != owners[2] == owners[3], owners  # the added replica took the new sessions
     assert busy["code"] == "busy" and "cluster is at its limit" in busy["message"]
     per_replica = sorted(r["sessions"] for r in info["cluster"]["replicas"])
     assert per_replica == [2, 2] and len({s["replica"] for s in listed}) == 2
@@ -123,6 +210,7 @@ def test_sessions_spread_over_replicas_and_a_killed_replica_ends_only_its_sessio
     assert len(after) == 2 and all(n >= 10 for n in after), after  # 2 s at 25 fps: the others kept streaming
     assert remaining == 0
     assert final["counters"]["sessions_ended"].get("engine_lost") == 2
+    assert scaled_down == 1  # idle again: Serve removed the extra replica
 
 
 def test_webrtc_offer_is_answered_by_a_replica(cluster):
@@ -149,6 +237,47 @@ def test_webrtc_offer_is_answered_by_a_replica(cluster):
 
     frame, stats, stopped, remaining = cluster.loop.run_until_complete(run())
     assert frame.width == 512 and stats["session"] and stopped == 200 and remaining == 0
+
+
+def test_portrait_uploaded_through_the_ingress_is_used_on_every_replica(cluster):
+    base = cluster.server.url
+
+    async def start(http, portrait: str) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
+        ws = await http.ws_connect(base.replace("http", "ws", 1) + "/ws")
+        await ws.send_str(json.dumps({"type": "start", "size": 256, "portrait": portrait}))
+        while True:  # the first reply that is `ready` or an error
+            reply = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+            if reply["type"] in ("ready", "error"):
+                return ws, reply
+
+    async def run():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/api/portraits/default.png") as res:
+                face = await res.read()
+            async with http.post(base + "/api/portraits", data=b"garbage") as res:
+                refused = res.status, await res.json()
+            async with http.post(base + "/api/portraits", data=face) as res:
+                uploaded = res.status, await res.json()
+            pid = uploaded[1]["portrait"]
+            # three sessions need both replicas (two slots each); the upload went to only one of them
+            opened = [await start(http, pid) for _ in range(3)]
+            _, listed = await get(base + "/api/sessions")
+            frames = [await frames_within(ws, 1.0) for ws, _ in opened]
+            unknown_ws, unknown = await start(http, "nope")
+            await unknown_ws.close()
+            for ws, _ in opened:
+                await ws.send_str(json.dumps({"type": "stop"}))
+                await next_json(ws, "stopped")
+        return refused, uploaded, [r for _, r in opened], listed, frames, unknown, await wait_sessions(base, 0)
+
+    refused, uploaded, ready, listed, frames, unknown, remaining = cluster.loop.run_until_complete(run())
+    assert refused[0] == 400 and "decodable" in refused[1]["error"]  # the replica's validation, relayed
+    assert uploaded[0] == 200
+    assert [r["type"] for r in ready] == ["ready"] * 3, ready
+    assert len({s["replica"] for s in listed}) == 2  # the portrait was handed to both replicas
+    assert all(n > 0 for n in frames), frames
+    assert unknown["type"] == "error" and "unknown portrait" in unknown["message"]
+    assert remaining == 0
 
 
 def test_workflow_batch_on_ray_writes_the_good_results_and_names_the_broken_node(cluster, tmp_path, capsys):
@@ -181,5 +310,7 @@ def test_session_policy_scales_from_live_sessions():
     assert session_policy(ctx([4.0]))[0] == 2  # full: one more
     assert session_policy(ctx([4.0, 4.0]))[0] == 3
     assert session_policy(ctx([0.0, 0.0]))[0] == 0  # idle: Serve keeps min_replicas
+    assert session_policy(ctx([1.0, 0.0]))[0] == 2  # one session would fit one replica, but Serve might stop its
+    assert session_policy(ctx([0.2, 0.0, 0.0]))[0] == 3  # a session's last moments in the look-back window
     empty = SimpleNamespace(current_num_replicas=2, policy_state={}, aggregated_metrics={})
     assert session_policy(empty)[0] == 2  # no metrics yet: keep what runs
