@@ -14,7 +14,6 @@ from collections import deque
 import av
 import numpy as np
 
-from ..models.audio_features import StreamResampler
 from ..pipelines.states import VOICE_DB, level_db
 from .clock import MediaClock
 
@@ -23,34 +22,20 @@ INPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
 class MonoResampler:
-    """Any input (PCM16 at a known rate, or decoded WebRTC frames) to PCM16 mono at one output rate.
-
-    A thin adapter over the shared soxr stream (models/audio_features.py): it downmixes, and starts a fresh
-    stream when the input rate changes (the old stream's filter tail belongs to the other rate).
-    """
+    """Any input (PCM16 at a known rate, or decoded WebRTC frames) to PCM16 mono at one output rate."""
 
     def __init__(self, out_rate: int = ENGINE_RATE) -> None:
-        self.out_rate = out_rate
-        self._stream: StreamResampler | None = None
-
-    def _push(self, mono: np.ndarray, rate: int) -> np.ndarray:
-        if self._stream is None or self._stream.source_rate != rate:
-            self._stream = StreamResampler(rate, self.out_rate)
-        return float_to_pcm16(self._stream.push(mono))
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=out_rate)
 
     def frame(self, frame: av.AudioFrame) -> np.ndarray:
         """Resample a decoded frame; returns int16 samples (possibly a few fewer: the filter keeps a tail)."""
-        data = frame.to_ndarray()
-        channels = len(frame.layout.channels)
-        planes = data if frame.format.is_planar else data.reshape(-1, channels).T
-        if np.issubdtype(planes.dtype, np.integer):
-            mono = planes.astype(np.float32).mean(axis=0) / float(np.iinfo(planes.dtype).max + 1)
-        else:
-            mono = planes.astype(np.float32).mean(axis=0)
-        return self._push(mono, frame.sample_rate)
+        chunks = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
 
     def pcm(self, samples: np.ndarray, rate: int) -> np.ndarray:
-        return self._push(pcm16_to_float(samples.reshape(-1)), rate)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        return self.frame(frame)
 
 
 def pcm16_to_float(samples: np.ndarray) -> np.ndarray:
