@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import soxr
 
 MEL_FMIN = 60.0
 MEL_FMAX = 7600.0
@@ -37,6 +36,8 @@ def log_mel(frames: np.ndarray, rate: int, n_mels: int) -> np.ndarray:
 
 def resample(audio: np.ndarray, source_rate: int, rate: int) -> np.ndarray:
     """A whole float mono clip from `source_rate` to `rate` (float32; returned as is when the rates match)."""
+    import soxr  # lazily, like librosa: the live path imports this module for the mel features only
+
     if source_rate <= 0 or rate <= 0:
         raise ValueError(f"sample rates must be positive, got {source_rate} -> {rate}")
     audio = np.ascontiguousarray(audio, np.float32)
