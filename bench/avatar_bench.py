@@ -40,6 +40,7 @@ import torch
 
 from ..accel.temporal_cache import TemporalReuseConfig
 from ..files import text_writer, write_replacing
+from ..models.audio_features import resample
 from ..models.avatar import AVATAR_DIR, load_model
 from .metrics import psnr
 
@@ -114,12 +115,9 @@ def _renderer_factory(args: argparse.Namespace, folder: Path):
 
 def _clip(rate: int) -> np.ndarray:
     import soundfile
-    from scipy.signal import resample_poly
 
     speech, source = soundfile.read(str(CLIP), dtype="float32")
-    if source != rate:
-        g = int(np.gcd(rate, source))
-        speech = resample_poly(speech, rate // g, source // g).astype(np.float32)
+    speech = resample(speech, source, rate)
     pause = np.zeros(rate, np.float32)
     return np.concatenate([speech, pause, speech, pause])
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .audio_features import log_mel
 from .embedded import WEIGHTS_ROOT
 from .loading import (
     WeightsError,
@@ -141,18 +141,6 @@ LCM_SCHEDULER: dict[str, Any] = {
 }
 
 
-@lru_cache(maxsize=4)
-def _mel_filterbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """Triangular filters on the mel scale (HTK formula), [n_mels, n_fft // 2 + 1], area-normalised."""
-    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    mel_to_hz = lambda m: 700.0 * (10 ** (m / 2595.0) - 1.0)  # noqa: E731
-    edges = mel_to_hz(np.linspace(hz_to_mel(60.0), hz_to_mel(min(7600.0, rate / 2)), n_mels + 2))
-    freqs = np.fft.rfftfreq(n_fft, 1.0 / rate)
-    low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    tri = np.maximum(0.0, np.minimum((freqs - low) / (centre - low), (high - freqs) / (high - centre)))
-    return (tri * (2.0 / (high - low))).astype(np.float32)
-
-
 def mel_features(audio: np.ndarray, rate: int, config: AudioConfig) -> np.ndarray:
     """Log-mel frames of each window: float audio [B, T] -> [B, config.frames, n_mels].
 
@@ -165,10 +153,7 @@ def mel_features(audio: np.ndarray, rate: int, config: AudioConfig) -> np.ndarra
         audio = np.pad(audio, ((0, 0), (need - audio.shape[1], 0)))
     audio = audio[:, -need:]
     idx = np.arange(config.frames)[:, None] * config.hop + np.arange(config.n_fft)[None, :]
-    frames = audio[:, idx] * np.hanning(config.n_fft + 1)[:-1].astype(np.float32)
-    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
-    mel = power @ _mel_filterbank(rate, config.n_fft, config.n_mels).T
-    return np.log(mel + 1e-6).astype(np.float32)
+    return log_mel(audio[:, idx], rate, config.n_mels)
 
 
 class AudioEncoder(nn.Module):

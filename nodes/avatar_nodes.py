@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.audio_features import resample
 from ..models.avatar import AVATAR_DIR, AvatarSpec
 from ..models.loading import resolve_inside
 from .context import host_progress, input_roots, model_roots
@@ -28,8 +29,6 @@ SIZES = (256, 384, 512)
 
 def _mono(audio: dict, rate: int) -> np.ndarray:
     """The first clip of an AUDIO value as float mono at `rate`; malformed values fail naming what is wrong."""
-    from scipy.signal import resample_poly
-
     waveform = audio.get("waveform") if isinstance(audio, dict) else None
     source_rate = audio.get("sample_rate") if isinstance(audio, dict) else None
     if not isinstance(waveform, torch.Tensor) or waveform.ndim != 3 or waveform.shape[-1] == 0:
@@ -37,8 +36,7 @@ def _mono(audio: dict, rate: int) -> np.ndarray:
     if not isinstance(source_rate, int) or source_rate <= 0:
         raise ValueError(f"audio sample_rate must be a positive integer, got {source_rate!r}")
     mono = waveform[0].float().mean(dim=0).numpy()
-    g = int(np.gcd(rate, source_rate))
-    return mono if source_rate == rate else resample_poly(mono, rate // g, source_rate // g).astype(np.float32)
+    return resample(mono, source_rate, rate)
 
 
 @lru_cache(maxsize=2)

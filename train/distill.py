@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.audio_features import resample
 from ..models.avatar import AvatarSpec
 from ..pipelines.avatar import crop_box, crop_square
 from ..pipelines.frames import RenderRequest, SessionOptions
@@ -58,7 +59,6 @@ class SpeechError(RuntimeError):
 def speak(text: str, voice: str = "en-us", speed: int = 160, rate: int = 16000) -> np.ndarray:
     """`text` spoken by espeak-ng as float mono audio at `rate`."""
     import soundfile
-    from scipy.signal import resample_poly
 
     if shutil.which("espeak-ng") is None:
         raise SpeechError("espeak-ng not found: install it with `apt-get install -y espeak-ng`")
@@ -71,8 +71,7 @@ def speak(text: str, voice: str = "en-us", speed: int = 160, rate: int = 16000) 
         audio, source_rate = soundfile.read(str(wav), dtype="float32")
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
-    g = np.gcd(rate, source_rate)
-    return resample_poly(audio, rate // g, source_rate // g).astype(np.float32)
+    return resample(audio, source_rate, rate)
 
 
 @dataclass
