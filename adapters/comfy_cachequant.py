@@ -8,6 +8,11 @@ quantizer's observers sit on the U-Net ComfyUI loaded, the output objective's se
 the same sampler on a DeepCache clone (the MODEL lane's own DeepCache), and the result is a plan the
 registry applies at each run's pre-run like every other technique on a MODEL (`comfy_unet`).
 
+On a DiT MODEL (`comfy_dit`: Flux, SD3, Wan, Qwen-Image, Lumina 2 / Z-Image) the cached feature is the
+residual of the family's default block span instead of a skip branch (`CacheQuantConfig.blocks`, the same
+core as the diffusers DiT path): the recorder sits on the span, the segment generations run the block
+cache with the candidate schedule, and the plan caches that span.
+
 What is calibrated is what ComfyUI computes with: the model is loaded for sampling first (LoRAs and
 other weight patches merged into the weights), so the schedule's fingerprint, the quantized weights and
 both corrections belong to the patched model; a run whose weights differ (a LoRA chained after the
@@ -19,17 +24,19 @@ generation advances ComfyUI's progress bar for the node (which is also where Com
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..accel import cachequant
+from ..accel.block_cache import BlockCacheConfig
 from ..accel.cache_schedule import CalibratedSchedule, calibrated_schedule, max_segment, measure_segments
 from ..accel.cachequant import CacheQuantConfig, CacheQuantPlan, Calibration, record_features
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.schedules import Schedule
 from ..accel.site import CacheSite
+from .comfy_dit import check_span, layout_of, supported
 from .comfy_layers import weights_version
 from .comfy_unet import ComfyRunSite, apply_deepcache, apply_technique, deep_modules, without_techniques
 
@@ -109,16 +116,34 @@ def model_name(model: Any) -> str:
     return type(config if config is not None else model.model).__name__
 
 
+def span_of(model: Any, branch: int) -> tuple[int, int] | None:
+    """What CacheQuant caches on `model`: a DiT's default block span, or None for a U-Net (whose skip branch
+    `branch` is checked here, naming the range it lacks)."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    if layout_of(diffusion_model) is not None:
+        return check_span(diffusion_model, None)
+    if getattr(diffusion_model, "input_blocks", None) is None:
+        raise TypeError(f"CacheQuant does not support this MODEL's diffusion model {type(diffusion_model).__name__}: "
+                        f"it needs a U-Net (openaimodel.UNetModel: SD1.x/SD2.x/SDXL) or a DiT of {supported()}")
+    deep_modules(diffusion_model, branch)
+    return None
+
+
+def _target(span: tuple[int, int] | None, branch: int) -> dict[str, Any]:
+    """What a schedule file records as the cached feature: the U-Net's branch or the DiT's span."""
+    return {"cache_branch_id": branch} if span is None else {"blocks": list(span)}
+
+
 def loaded_site(model: Any, steps: int, branch: int) -> CacheSite:
-    """`model` loaded as ComfyUI loads it for sampling (weight patches applied), as a cache site."""
+    """`model` loaded as ComfyUI loads it for sampling (weight patches applied), as a cache site: the U-Net's
+    skip branch `branch`, or a DiT's default block span."""
     import comfy.model_management
 
+    span = span_of(model, branch)
     comfy.model_management.load_models_gpu([model])
-    unet = model.get_model_object("diffusion_model")
-    deep_modules(unet, branch)  # a branch this U-Net lacks fails here, naming the range
-    site = ComfyRunSite(unet, steps)
+    site = ComfyRunSite(model.get_model_object("diffusion_model"), steps)
     site.weights_version = weights_version(model)
-    return site.cache_site(branch)
+    return site.cache_site(branch) if span is None else site.span_cache_site(span)
 
 
 def fingerprint_of(model: Any) -> str:
@@ -138,10 +163,17 @@ def _segment_measure(model: Any, run: SamplerRun, full_steps: int, branch: int, 
     """What measures the output objective's segment costs on the first seed (None: the feature objective)."""
     if objective == "feature":
         return None
+    span = span_of(model, branch)
 
     def with_schedule(schedule: Schedule | None) -> torch.Tensor:
-        sampled = model if schedule is None else apply_deepcache(model, DeepCacheConfig(
-            cache_branch_id=branch, schedule="calibrated", full_steps_override=schedule))
+        if schedule is None:
+            sampled = model
+        elif span is None:
+            sampled = apply_deepcache(model, DeepCacheConfig(cache_branch_id=branch, schedule="calibrated",
+                                                             full_steps_override=schedule))
+        else:
+            sampled = apply_technique(model, BlockCacheConfig(span=span, schedule="calibrated",
+                                                              full_steps_override=schedule))
         return generate(sampled, run, run.seeds[0], progress)
 
     return lambda: measure_segments(with_schedule, run.steps, max_segment(run.steps, full_steps))
@@ -154,7 +186,8 @@ def _check_objective(objective: str) -> None:
 
 def _calibration(model: Any, run: SamplerRun, branch: int, progress: Progress) -> Calibration:
     runs = [lambda seed=seed: generate(model, run, seed, progress) for seed in run.seeds]
-    return Calibration(runs, run.steps, model_name(model), run.label, {"cache_branch_id": branch, **run.info()})
+    return Calibration(runs, run.steps, model_name(model), run.label,
+                       {**_target(span_of(model, branch), branch), **run.info()})
 
 
 def calibrate_schedule(model: Any, run: SamplerRun, full_steps: int, cache_branch_id: int,
@@ -178,12 +211,16 @@ def calibrate_schedule(model: Any, run: SamplerRun, full_steps: int, cache_branc
 def calibrate_cachequant(model: Any, config: CacheQuantConfig, run: SamplerRun,
                          schedule: CalibratedSchedule | None = None, objective: str = "output") -> CacheQuantPlan:
     """CacheQuant for ComfyUI `model`: the schedule (unless given), W8A8 and both corrections, calibrated through
-    ComfyUI's sampler with `run`'s inputs. A given schedule must be for this model, step count and branch."""
+    ComfyUI's sampler with `run`'s inputs. A given schedule must be for this model, step count and branch (on a
+    DiT: its default block span, which the plan caches whatever `config.cache_branch_id` says)."""
     _check_objective(objective)
     branch = config.cache_branch_id
-    if schedule is not None and schedule.calibration.get("cache_branch_id", branch) != branch:
-        raise ValueError(f"the schedule was calibrated at cache_branch_id {schedule.calibration['cache_branch_id']}, "
-                         f"not {branch}")
+    span = span_of(model, branch)
+    config = replace(config, blocks=span)
+    if schedule is not None:
+        ((key, value),) = _target(span, branch).items()
+        if schedule.calibration.get(key, value) != value:
+            raise ValueError(f"the schedule was calibrated with {key} {schedule.calibration[key]}, not {value}")
     if schedule is None and config.full_steps > run.steps:
         raise ValueError(f"full_steps ({config.full_steps}) cannot exceed steps ({run.steps})")
     bare = without_techniques(model)
@@ -206,5 +243,9 @@ def calibrate_cachequant(model: Any, config: CacheQuantConfig, run: SamplerRun,
 
 def apply_cachequant(model: Any, plan: CacheQuantPlan, on_finish: Any = None) -> Any:
     """A clone of ComfyUI `model` with a calibrated CacheQuant; runs on weights of another fingerprint fail."""
-    deep_modules(model.get_model_object("diffusion_model"), plan.config.cache_branch_id)
+    branch = plan.config.cache_branch_id
+    span = span_of(model, branch)
+    if span != plan.config.blocks:
+        raise ValueError(f"this CacheQuant was calibrated for {_target(plan.config.blocks, branch)}, but this MODEL "
+                         f"caches {_target(span, branch)}")
     return apply_technique(model, plan, on_finish)

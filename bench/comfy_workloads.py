@@ -54,6 +54,26 @@ def sd15_model(model_channels: int = 320, context_dim: int = 768, num_heads: int
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
+def seeded_weights(module: nn.Module, seed: int) -> None:
+    """Norm scales 1, other free parameters and saved buffers small and random, every Linear/Conv torch's
+    default init. The saved buffers too: ComfyUI allocates them empty as well (SD3's `pos_embed`, which its
+    checkpoints carry), and memory left uninitialised holds whatever the allocator last freed (NaNs after
+    another model's int8 weights were freed, so a test's outcome would hang on the tests that ran before)."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            for name, parameter in layer.named_parameters(recurse=False):
+                if name in ("weight", "scale"):
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, 0.02)
+        saved = module.state_dict().keys()
+        for name, buffer in module.named_buffers():
+            if name in saved and buffer.is_floating_point():
+                buffer.normal_(0.0, 0.02)
+    _init_weights(module, seed)
+
+
 def _init_weights(module: nn.Module, seed: int) -> None:
     """torch's default init for every layer ComfyUI left empty, reproducible from `seed`."""
     with torch.random.fork_rng(devices=[]):

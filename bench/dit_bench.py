@@ -17,8 +17,8 @@ DiT), every method on the same inputs and seeds:
   FID-style score (FID*) against the real digits and the share of samples our digit classifier reads
   as the asked digit.
 
-`--comfy-root` (ComfyUI's Flux class through its KSampler, with EasyCache and LazyCache) is not
-part of this bench yet: it says so and runs the rest.
+`--comfy-root` adds part (c) (`comfy_dit_bench`): ComfyUI's own Flux class through its KSampler, with
+ComfyUI's EasyCache and LazyCache beside our nodes (`--comfy-tiny`: a tiny Flux, for the quick test).
 """
 
 from __future__ import annotations
@@ -334,9 +334,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' cache hooks")
     parser.add_argument("--comfy-root", type=Path, default=None,
-                        help="ComfyUI's Flux through its KSampler (not part of this bench yet: reported and skipped)")
+                        help="a ComfyUI folder: also ComfyUI's Flux class through its KSampler (part c)")
+    parser.add_argument("--comfy-tiny", action="store_true",
+                        help="part (c) on a tiny Flux (width 64, 2+3 blocks, 8x8 latent: counts, not timings)")
     parser.add_argument("--json", type=Path, default=None, help="write all rows as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="speed-vs-PSNR PNG (default: beside --json)")
+
+
+def comfy_rows(args: argparse.Namespace, intervals: list[int]) -> list[Row]:
+    """Part (c): ComfyUI's Flux (config stated in the log) through ComfyUI's KSampler path."""
+    from .comfy_dit_bench import comfy_flux_rows, flux_config
+    from .comfy_workloads import use_comfyui
+
+    use_comfyui(args.comfy_root)
+    shape = (64, 2, 2, 3) if args.comfy_tiny else (256, 4, 2, 4)
+    size = 8 if args.comfy_tiny else 32
+    print(f"ComfyUI Flux: hidden {shape[0]}, {shape[1]} heads, {shape[2]} double + {shape[3]} single blocks, "
+          f"latent 16x{size}x{size}, {args.flux_steps} euler/simple steps", flush=True)
+    rows = comfy_flux_rows(flux_config(*shape), size, args.flux_steps, intervals, args.runs, Row, print)
+    print(format_table(rows), flush=True)
+    return rows
 
 
 def main(args: argparse.Namespace) -> int:
@@ -345,9 +362,6 @@ def main(args: argparse.Namespace) -> int:
     intervals = sorted({int(s) for s in args.intervals.split(",") if s.strip()})
     if args.runs < 1 or not intervals or min(intervals) < 2:
         raise SystemExit(f"bad options: runs {args.runs} (>= 1), intervals {intervals} (each >= 2)")
-    if args.comfy_root is not None:
-        print(f"--comfy-root {args.comfy_root}: the ComfyUI part of `bench dit` (Flux through KSampler, EasyCache, "
-              "LazyCache) is not built yet; running the diffusers works only")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} timed rounds, median reported")
     rows: list[Row] = []
     started = time.perf_counter()
@@ -362,6 +376,8 @@ def main(args: argparse.Namespace) -> int:
         work_rows = bench_work(work, methods, args.runs, scorers, print)
         print(format_table(work_rows), flush=True)
         rows += work_rows
+    if args.comfy_root is not None:
+        rows += comfy_rows(args, intervals)
     print()
     print(format_table(rows))
     print(f"total {time.perf_counter() - started:.0f} s. speed: sampler-loop time vs uncached fp32 of the same work; "

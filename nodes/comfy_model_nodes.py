@@ -135,7 +135,8 @@ class CalibrateScheduleModel(Node, category="calibrate", returns={"schedule": "L
 
     DESCRIPTION = ("Samples a few seeds with your MODEL, conditioning and latent as KSampler would, measures what "
                    "reusing each step's deep features later costs, and picks the K full steps that minimise it. "
-                   "Connect it to CacheQuant for MODEL or DeepCache for MODEL; save it to reuse it.")
+                   "Connect it to CacheQuant for MODEL or DeepCache for MODEL; save it to reuse it. On a DiT MODEL the "
+                   "feature is the residual of the family's default block span (cache_branch_id unused).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -196,7 +197,9 @@ class CacheQuantModel(ModelTechnique):
     DESCRIPTION = ("Caching and quantization optimised together, calibrated on your MODEL through ComfyUI's sampler "
                    "with the inputs KSampler gets: a DP cache schedule (connected, or calibrated here), W8A8 layers "
                    "(real int8 on the CPU, simulated elsewhere) and least-squares corrections of the cache and the "
-                   "quantization errors. Sample it with the same steps.")
+                   "quantization errors. Sample it with the same steps. On a DiT MODEL (Flux, SD3, Wan, Qwen-Image, "
+                   "Lumina 2) the cached feature is the residual of the family's default block span (cache_branch_id "
+                   "unused).")
 
     @classmethod
     def INPUT_TYPES(cls):

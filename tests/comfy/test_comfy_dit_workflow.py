@@ -1,6 +1,7 @@
-"""The DiT MODEL workflow (diffusion model loader → Block Cache for MODEL → KSampler), in the real ComfyUI.
+"""The DiT MODEL workflows (diffusion model loader → Block Cache / CacheQuant for MODEL → KSampler) in ComfyUI.
 
-`workflows/comfyui/blockcache_dit.json` (UI format) converts, with ComfyUI's own node classes, to its API twin;
+`workflows/comfyui/blockcache_dit.json` and `cachequant_dit.json` (UI format) convert, with ComfyUI's own node
+classes, to their API twins; each
 the API twin runs headless through `livecache run --comfy-root` in a fresh process: ComfyUI's UNETLoader loads a
 tiny random SD3 file written by ComfyUI's own saver (its model detection picks SD3), our node patches the MODEL
 and ComfyUI's KSampler samples it. The text encoders and the VAE of the shipped workflow are full-sized
@@ -14,6 +15,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 RUN = """
 import sys
@@ -53,24 +56,34 @@ print(json.dumps(ui_to_api(json.loads(Path({ui!r}).read_text()), classes)))
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "comfyui"
 
+# each workflow: its node 2 (our node), what the 6-step test run sets on it, and what its stats line says
+OURS = {
+    "blockcache_dit": ("LiveCacheBlockCacheModel", {}, ("Block cache: 2 full / 4 cached transformer calls",)),
+    "cachequant_dit": ("LiveCacheCacheQuantModel", {"steps": 6, "full_steps": 3, "calibration_seeds": 1},
+                       ("CacheQuant (DP cache K=3/6 + W8A8", "3 full / 3 cached")),
+}
+
 
 def python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
-def test_the_ui_workflow_converts_to_its_api_twin_with_comfyuis_nodes(comfy_root, tmp_path):
-    result = python(CONVERT.format(root=str(comfy_root), base=str(tmp_path), ui=str(WORKFLOWS / "blockcache_dit.json")))
+@pytest.mark.parametrize("name", list(OURS))
+def test_the_ui_workflow_converts_to_its_api_twin_with_comfyuis_nodes(comfy_root, tmp_path, name):
+    result = python(CONVERT.format(root=str(comfy_root), base=str(tmp_path), ui=str(WORKFLOWS / f"{name}.json")))
     assert result.returncode == 0, result.stderr[-4000:]
     converted = json.loads(result.stdout.strip().splitlines()[-1])
-    assert converted == json.loads((WORKFLOWS / "blockcache_dit_api.json").read_text())
+    assert converted == json.loads((WORKFLOWS / f"{name}_api.json").read_text())
 
 
-def test_the_api_workflow_runs_headless_on_a_tiny_sd3_through_comfyuis_loader(comfy_root, tmp_path):
-    workflow = json.loads((WORKFLOWS / "blockcache_dit_api.json").read_text())
-    assert [workflow[i]["class_type"] for i in ("1", "2", "7")] == ["UNETLoader", "LiveCacheBlockCacheModel",
-                                                                   "KSampler"]
+@pytest.mark.parametrize("name", list(OURS))
+def test_the_api_workflow_runs_headless_on_a_tiny_sd3_through_comfyuis_loader(comfy_root, tmp_path, name):
+    node, settings, expected = OURS[name]
+    workflow = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    assert [workflow[i]["class_type"] for i in ("1", "2", "7")] == ["UNETLoader", node, "KSampler"]
     assert workflow["2"]["inputs"]["model"] == ["1", 0] and workflow["7"]["inputs"]["model"] == ["2", 0]
+    workflow["2"]["inputs"].update(settings)
     workflow["1"]["inputs"]["unet_name"] = "tiny_sd3.safetensors"
     for node, seed in (("4", 1), ("5", 2)):
         workflow[node] = {"class_type": "TinySD3Conditioning", "inputs": {"seed": seed}}
@@ -87,7 +100,7 @@ def test_the_api_workflow_runs_headless_on_a_tiny_sd3_through_comfyuis_loader(co
     result = python(RUN.format(tests=str(Path(__file__).parent), root=str(comfy_root), base=str(tmp_path),
                                model=str(folder / "tiny_sd3.safetensors"), argv=argv))
     assert result.returncode == 0, result.stderr[-4000:]
-    # our node patched the MODEL KSampler sampled: cache interval 3 over 6 steps
-    assert "Block cache: 2 full / 4 cached transformer calls" in result.stderr, result.stderr[-4000:]
+    # our node patched the MODEL KSampler sampled (block cache: interval 3 over 6 steps; CacheQuant: K=3)
+    assert all(text in result.stderr for text in expected), result.stderr[-4000:]
     latents = sorted((tmp_path / "output").glob("livecache_dit_*.latent"))
     assert len(latents) == 1, result.stdout

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from livecache.bench.comfy_workloads import _init_weights
+from livecache.bench.comfy_workloads import seeded_weights
 
 
 @dataclass(frozen=True)
@@ -113,28 +112,8 @@ def _built(family: str, seed: int) -> Any:
     model_config = getattr(comfy.supported_models, spec.supported_model)(dict(spec.config))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
-    _fill(model.diffusion_model, seed)
+    seeded_weights(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-
-
-def _fill(module: nn.Module, seed: int) -> None:
-    """Norm scales 1, other free parameters and saved buffers small and random, every Linear/Conv torch's
-    default init. The saved buffers too: ComfyUI allocates them empty as well (SD3's `pos_embed`, which its
-    checkpoints carry), and memory left uninitialised holds whatever the allocator last freed (NaNs after
-    another model's int8 weights were freed, so a test's outcome would hang on the tests that ran before)."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for layer in module.modules():
-            for name, parameter in layer.named_parameters(recurse=False):
-                if name in ("weight", "scale"):
-                    parameter.fill_(1.0)
-                else:
-                    parameter.normal_(0.0, 0.02)
-        saved = module.state_dict().keys()
-        for name, buffer in module.named_buffers():
-            if name in saved and buffer.is_floating_point():
-                buffer.normal_(0.0, 0.02)
-    _init_weights(module, seed)
 
 
 def conditioning(family: str, seed: int) -> list[list[Any]]:
