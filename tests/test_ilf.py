@@ -119,11 +119,11 @@ def test_the_teacher_feature_is_the_one_a_cached_step_stands_for(family):
     model = build()
     site = site_type(model)
     runs = record(Teacher(site, family, lambda _seed: twin_calls(family, model)), [0], None)
-    handle = REGISTRY.apply(site, [ILFConfig(cache_interval=1 << 30)])[0]
+    handle = REGISTRY.apply(site, [ILFTraining().cache_config()])[0]
     try:
         first, later = runs[0]
-        assert float(pair_loss(handle.core, model, first, later, ILFTraining(output_weight=0))) < 1e-6
-        assert float(pair_loss(handle.core, model, first, later, ILFTraining(feature_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, [first], later, ILFTraining(output_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, [first], later, ILFTraining(feature_weight=0))) < 1e-6
     finally:
         handle.remove()
 
