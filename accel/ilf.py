@@ -39,7 +39,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..files import write_new, write_replacing
-from .block_cache import BlockCache, BlockCacheConfig
+from .block_cache import BlockCache, BlockCacheConfig, BlockCacheMode
 from .cache_schedule import model_fingerprint
 from .deepcache import CacheSchedule, DeepCache
 from .forward_override import ForwardOverrides
@@ -161,10 +161,14 @@ class ILFConfig(CacheSchedule):
     """What a user picks: the schedule (`CacheSchedule`'s fields; `cache_interval` 2 runs the module on every
     other step) and the trained module. `module=None` applies an untrained one (scale 0: plain reuse), which
     is where training starts. `where`: the attachment point for an untrained module (None: the family's
-    default); a trained module brings its own."""
+    default); a trained module brings its own. `mode`/`order`: what the module corrects on a DiT span — the
+    block cache's plain reuse or its forecast (`accel.block_cache`); None: what the module was trained on
+    (its file records it; reuse for an untrained one). A U-Net has no forecast: only reuse."""
 
     module: FeedbackWeights | None = None
     where: dict[str, Any] | None = field(default=None, compare=False)
+    mode: BlockCacheMode | None = None
+    order: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,6 +177,17 @@ class ILFConfig(CacheSchedule):
                              f"{type(self.module).__name__}")
         if self.module is not None and self.where is not None and self.where != self.module.where:
             raise ValueError(f"the module was trained at {self.module.where}, not at {self.where}")
+        BlockCacheConfig(mode=self.cache_mode, order=self.cache_order)  # the block cache's checks
+
+    @property
+    def cache_mode(self) -> BlockCacheMode:
+        trained = self.module.training.get("mode", "reuse") if self.module is not None else "reuse"
+        return self.mode or trained
+
+    @property
+    def cache_order(self) -> int:
+        trained = self.module.training.get("order", 1) if self.module is not None else 1
+        return self.order or trained
 
     def schedule_only(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(CacheSchedule)}
@@ -196,7 +211,11 @@ class ILF:
         self.point = point
         self.module = module
         if point.span is not None:
-            self.cache: DeepCache = BlockCache(BlockCacheConfig(**config.schedule_only())).attach_span(point.span)
+            block = BlockCacheConfig(**config.schedule_only(), mode=config.cache_mode, order=config.cache_order)
+            self.cache: DeepCache = BlockCache(block).attach_span(point.span)
+        elif config.cache_mode != "reuse":
+            raise ValueError("ILF on a U-Net corrects DeepCache's reused deep features: it has no forecast mode "
+                             "(forecasting is the DiT block cache's)")
         else:
             self.cache = DeepCache(config).attach(point.skipped)
         self.feedback_calls = 0

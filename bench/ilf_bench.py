@@ -64,9 +64,14 @@ def load_module(path: Path | None, work: str) -> FeedbackWeights:
 
 
 def training_cost(module: FeedbackWeights) -> str:
+    """Its training cost, and its held-out distillation loss beside that of the plain mode it corrects (the
+    same loss at scale 0, same held-out seeds and step gaps), as its file records them."""
     trained = module.training
+    loss = trained.get("held_out_loss", {})
+    held = (f", held-out loss {loss['ilf']:.3g} vs {loss['reuse']:.3g} without"
+            if {"ilf", "reuse"} <= set(loss) else "")
     return (f"trained {trained.get('seconds', '?')} s, {trained.get('steps', '?')} steps, "
-            f"interval {trained.get('interval', '?')}")
+            f"interval {trained.get('interval', '?')}{held}")
 
 
 def digits_rows(args: argparse.Namespace, intervals: list[int], module: FeedbackWeights) -> list[Any]:

@@ -119,11 +119,11 @@ def test_the_teacher_feature_is_the_one_a_cached_step_stands_for(family):
     model = build()
     site = site_type(model)
     runs = record(Teacher(site, family, lambda _seed: twin_calls(family, model)), [0], None)
-    handle = REGISTRY.apply(site, [ILFConfig(cache_interval=1 << 30)])[0]
+    handle = REGISTRY.apply(site, [ILFTraining().cache_config()])[0]
     try:
         first, later = runs[0]
-        assert float(pair_loss(handle.core, model, first, later, ILFTraining(output_weight=0))) < 1e-6
-        assert float(pair_loss(handle.core, model, first, later, ILFTraining(feature_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, [first], later, ILFTraining(output_weight=0))) < 1e-6
+        assert float(pair_loss(handle.core, model, [first], later, ILFTraining(feature_weight=0))) < 1e-6
     finally:
         handle.remove()
 
@@ -255,3 +255,22 @@ def test_apply_ilf_refuses_a_module_of_another_model():
     handle.remove()
     with pytest.raises(ValueError, match=f"#{weights.fingerprint}.*#{model_fingerprint(model.unet)}"):
         ApplyILF().apply(model, weights, 2)
+
+
+def test_an_untrained_module_on_the_forecast_is_the_forecast_and_a_unet_has_none():
+    """ILF riding on the DiT block cache's forecast: at scale 0 exactly the forecast (which differs from reuse
+    after two full steps); a U-Net refuses the forecast mode by name."""
+    model = tiny_dit()
+    plain = REGISTRY.apply(DiTSite(model), [BlockCacheConfig(cache_interval=2, mode="forecast")])[0]
+    forecast = dit_calls(model)
+    plain.remove()
+    handle = REGISTRY.apply(DiTSite(model), [ILFConfig(cache_interval=2, mode="forecast")])[0]
+    with_ilf = dit_calls(model)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(with_ilf, forecast, strict=True))
+    reuse = REGISTRY.apply(DiTSite(model), [BlockCacheConfig(cache_interval=2)])[0]
+    reused = dit_calls(model)
+    reuse.remove()
+    assert torch.equal(reused[1], forecast[1]) and not torch.equal(reused[3], forecast[3])
+    with pytest.raises(ValueError, match="no forecast mode"):
+        REGISTRY.apply(UNetSite(tiny_unet()), [ILFConfig(cache_interval=2, mode="forecast")])

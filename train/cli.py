@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generations", type=int, default=6,
                         help="`ilf`: teacher generations to distil from (default 6; 2 more, other seeds, are held out)")
     parser.add_argument("--batch", type=int, default=8, help="`ilf`: samples per teacher generation (default 8)")
+    parser.add_argument("--forecast", type=int, default=0, choices=(0, 1, 2),
+                        help="`ilf` on a DiT: correct the block cache's forecast of this order instead of plain "
+                             "reuse (default 0: reuse)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="`ilf`: keep the run's state here and resume from it (default: beside --out)")
     parser.add_argument("--unet-steps", type=int, default=1000,
@@ -115,7 +118,8 @@ def _ilf(args: argparse.Namespace, start: float) -> int:
         else:
             model = load_model(None if args.model == "embedded:digits" else Path(args.model))
         settings = ILFTraining(steps=args.steps or 300, interval=args.interval, generations=args.generations,
-                               seed=args.seed)
+                               seed=args.seed, mode="forecast" if args.forecast else "reuse",
+                               order=args.forecast or 1)
     except (WeightsError, ValueError) as err:
         print(err)
         return 2
@@ -130,6 +134,7 @@ def _ilf(args: argparse.Namespace, start: float) -> int:
         return 1
     checkpoint.unlink(missing_ok=True)
     loss = weights.training["held_out_loss"]
-    print(f"held-out distillation loss {loss['ilf']:.4g} (plain reuse {loss['reuse']:.4g})")
+    print(f"held-out distillation loss {loss['ilf']:.4g} (without the module, plain {settings.mode} at the same "
+          f"step gaps: {loss['reuse']:.4g})")
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0

@@ -6,7 +6,9 @@ module's corrected one stands for (`FeedbackPoint.teacher_feature`: a U-Net's la
 output, a DiT span's last block's output). A training example is a pair of calls of
 one generation, `gap` steps apart (1 ≤ gap < the cache interval the module is trained for): the
 model with ILF applied runs the earlier call fully, then the later one as a cached step, where the
-module corrects the reused feature. Two losses, each relative to the teacher's magnitude:
+module corrects the reused feature. Trained for the block cache's forecast mode (DiTs), the earlier
+full calls are as many as the forecast needs, one cache interval apart (as a sampler with that
+interval runs them), and the module corrects the forecast feature. Two losses, each relative to the teacher's magnitude:
 - feature: the corrected feature against the teacher's feature at the later step;
 - output: the model's output at the later step against the teacher's output there.
 Only the module's parameters get gradients; the backbone is frozen.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,8 @@ class ILFTraining:
     output_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
+    mode: str = "reuse"  # what the module corrects: plain reuse, or (DiT span) the block cache's forecast
+    order: int = 1  # the forecast's order
 
     def __post_init__(self) -> None:
         for name in ("steps", "interval", "generations", "held_out", "checkpoint_every"):
@@ -65,6 +69,18 @@ class ILFTraining:
             raise ValueError("interval must be >= 2: with every step full the module never runs")
         if not self.lr > 0 or self.feature_weight < 0 or self.output_weight < 0:
             raise ValueError("lr must be > 0 and the loss weights >= 0")
+        self.cache_config()  # the mode's and order's checks
+
+    def cache_config(self) -> ILFConfig:
+        """The ILF the trainer applies: the first `history` calls after a reset full, the next one cached."""
+        full = (True,) * self.history + (False,)
+        return ILFConfig(schedule="calibrated", full_steps_override=full, mode=self.mode,  # type: ignore[arg-type]
+                         order=self.order)
+
+    @property
+    def history(self) -> int:
+        """Full calls before a cached one: 1 for reuse, the forecast's order + 1."""
+        return 1 if self.mode == "reuse" else self.order + 1
 
 
 @dataclass(frozen=True)
@@ -129,11 +145,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-12)
 
 
-def pair_loss(core: ILF, root: nn.Module, first: Call, later: Call, settings: ILFTraining) -> torch.Tensor:
-    """Run `first` fully, `later` as a cached step corrected by the module: the weighted distillation loss."""
+def pair_loss(core: ILF, root: nn.Module, firsts: list[Call], later: Call, settings: ILFTraining) -> torch.Tensor:
+    """Run `firsts` fully, `later` as a cached step corrected by the module: the weighted distillation loss."""
     core.reset()
     with torch.no_grad():
-        root(*first.args, **first.kwargs)
+        for first in firsts:
+            root(*first.args, **first.kwargs)
     out = output_tensor(root(*later.args, **later.kwargs))
     if core.prediction is None:
         raise RuntimeError("the later call was not a cached step: the feedback module never ran")
@@ -141,21 +158,31 @@ def pair_loss(core: ILF, root: nn.Module, first: Call, later: Call, settings: IL
             + settings.feature_weight * _relative(core.prediction, later.feature))
 
 
-def pairs_of(runs: list[list[Call]], interval: int) -> list[tuple[int, int, int]]:
-    """Every (generation, earlier call, later call) at a gap 1 .. interval-1."""
-    return [(g, i, i + gap) for g, run in enumerate(runs) for gap in range(1, interval)
-            for i in range(len(run) - gap)]
+def pairs_of(runs: list[list[Call]], settings: ILFTraining) -> list[tuple[int, int, int]]:
+    """Every (generation, last full call, later call) at a gap 1 .. interval-1, with the `history - 1` full
+    calls before the last one interval apart inside the generation."""
+    first = settings.interval * (settings.history - 1)
+    return [(g, i, i + gap) for g, run in enumerate(runs) for gap in range(1, settings.interval)
+            for i in range(first, len(run) - gap)]
+
+
+def fulls(run: list[Call], last: int, settings: ILFTraining) -> list[Call]:
+    """The full calls a cached call after `last` rides on, oldest first."""
+    return [run[last - k * settings.interval] for k in range(settings.history - 1, -1, -1)]
 
 
 @torch.no_grad()
 def held_out_losses(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining) -> dict[str, float]:
-    """The mean distillation loss over every held-out pair: with the module, and as plain reuse (scale 0)."""
-    pairs = pairs_of(runs, settings.interval)
-    trained = sum(float(pair_loss(core, root, runs[g][i], runs[g][j], settings)) for g, i, j in pairs)
+    """The mean distillation loss over every held-out pair: with the module, and without it (scale 0: the plain
+    reuse or forecast it corrects, at the same step gaps)."""
+    pairs = pairs_of(runs, settings)
+    trained = sum(float(pair_loss(core, root, fulls(runs[g], i, settings), runs[g][j], settings))
+                  for g, i, j in pairs)
     scale = core.module.scale.detach().clone()
     core.module.scale.zero_()
     try:
-        reuse = sum(float(pair_loss(core, root, runs[g][i], runs[g][j], settings)) for g, i, j in pairs)
+        reuse = sum(float(pair_loss(core, root, fulls(runs[g], i, settings), runs[g][j], settings))
+                    for g, i, j in pairs)
     finally:
         core.module.scale.copy_(scale)
     return {"ilf": trained / len(pairs), "reuse": reuse / len(pairs)}
@@ -189,7 +216,7 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
     runs = record(teacher, train_seeds + test_seeds, where, progress)
     runs, held = runs[:settings.generations], runs[settings.generations:]
     frozen = [(p, p.requires_grad) for p in root.parameters()]
-    handle = REGISTRY.apply(teacher.site, [ILFConfig(cache_interval=1 << 30, where=where)])[0]
+    handle = REGISTRY.apply(teacher.site, [replace(settings.cache_config(), where=where)])[0]
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
@@ -212,14 +239,17 @@ def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraini
     module = core.module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    pairs = pairs_of(runs, settings.interval)
+    pairs = pairs_of(runs, settings)
+    if not pairs:
+        raise ValueError(f"the teacher's generations are too short for interval {settings.interval} with "
+                         f"{settings.history} full calls before a cached one")
     tag = json.dumps({**asdict(settings), "fingerprint": fingerprint, "where": core.point.where}, sort_keys=True)
     done = _resume(checkpoint, tag, module, optimizer, generator)
     loss = float("nan")
     for step in as_progress(progress).loop(range(done, settings.steps), "train ILF module", "step"):
         g, i, j = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
         with torch.enable_grad():
-            value = pair_loss(core, root, runs[g][i], runs[g][j], settings)
+            value = pair_loss(core, root, fulls(runs[g], i, settings), runs[g][j], settings)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
         optimizer.step()
