@@ -245,13 +245,17 @@ def test_portrait_uploaded_through_the_ingress_is_used_on_every_replica(cluster)
     async def start(http, portrait: str) -> tuple[aiohttp.ClientWebSocketResponse, dict]:
         ws = await http.ws_connect(base.replace("http", "ws", 1) + "/ws")
         await ws.send_str(json.dumps({"type": "start", "size": 256, "portrait": portrait}))
-        while True:  # the first reply that is `ready` or an error
-            reply = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+        while True:  # the first reply that is `ready` or an error (a third session waits for a replica to start)
+            reply = json.loads((await asyncio.wait_for(ws.receive(), 60)).data)
             if reply["type"] in ("ready", "error"):
                 return ws, reply
 
     async def run():
         async with aiohttp.ClientSession() as http:
+            # start from a settled idle cluster: a scale-down still under way when the sessions open would stop a
+            # replica Serve has already chosen, whatever it holds
+            await wait_sessions(base, 0)
+            await replica_count(base, 1, 30.0)
             async with http.get(base + "/api/portraits/default.png") as res:
                 face = await res.read()
             async with http.post(base + "/api/portraits", data=b"garbage") as res:
