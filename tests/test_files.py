@@ -84,9 +84,13 @@ def test_schedule_save_keeps_an_existing_file(tmp_path):
 
 
 SLOW_SAVE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from PIL import Image
     from livecache.cli import main
+
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`cmd &` in a script) inherits
+    # SIGINT ignored, and a child that ignores SIGINT would never see the interrupt under test
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow_save(self, fp, format=None, **kwargs):
         fp.write(b"\\x89PNG half an image")
