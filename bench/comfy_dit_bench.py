@@ -12,7 +12,6 @@ calls count transformer blocks whose first Linear ran (a skipped block, or a cal
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from ..adapters.comfy_dit import layout_of
 from ..nodes.comfy_dit_nodes import BlockCacheModel
 from ..nodes.comfy_model_nodes import CacheQuantModel
 from .comfy_workloads import PEER_CACHES, seeded_weights, with_peer_cache
-from .scoring import fidelity_ssim
+from .scoring import fidelity_ssim, timed_rounds
 
 WORK = "ComfyUI Flux"
 
@@ -103,12 +102,7 @@ def comfy_flux_rows(config: dict[str, Any], size: int, steps: int, intervals: li
     outputs: dict[str, torch.Tensor] = {}
     for name, (_, model) in methods.items():  # warm-up, fidelity output and block calls
         outputs[name], rows[name].block_calls = generate(model)
-    for round_index in range(runs):
-        for name, (_, model) in methods.items():
-            started = time.perf_counter()
-            generate(model)
-            rows[name].times.append(time.perf_counter() - started)
-            log(f"  [{WORK} round {round_index + 1}/{runs}] {name}: {rows[name].times[-1]:.2f} s")
+    timed_rounds(rows, list(methods), lambda name: generate(methods[name][1]), runs, WORK, log)
     base = statistics.median(rows["uncached fp32"].times)
     for name, row in rows.items():
         row.score(base, outputs[name], outputs["uncached fp32"])

@@ -46,7 +46,7 @@ from .deepcache_bench import _fid_scorer, write_outputs
 from .dit_workloads import DitWork, dit_work, flux_work
 from .hook_peers import remove_diffusers_hooks
 from .peers import PeerUnavailable
-from .scoring import MethodRow, fidelity_ssim
+from .scoring import MethodRow, fidelity_ssim, timed_rounds
 from .table import FID, LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
 
 
@@ -275,12 +275,8 @@ def bench_work(work: DitWork, methods: list[Method], runs: int, scorers: Any, lo
         outputs[method.name] = out.float()
         rows[method.name].block_calls = calls
     live = [m for m in methods if m.name in outputs]
-    for round_index in range(runs):
-        for method in live:
-            started = time.perf_counter()
-            generate(method, lambda loop: loop())
-            rows[method.name].times.append(time.perf_counter() - started)
-            log(f"  [{work.name} round {round_index + 1}/{runs}] {method.name}: {rows[method.name].times[-1]:.2f} s")
+    by_name = {m.name: m for m in live}
+    timed_rounds(rows, list(by_name), lambda name: generate(by_name[name], lambda loop: loop()), runs, work.name, log)
     reference = outputs["uncached fp32"]
     base_time = statistics.median(rows["uncached fp32"].times)
     for method in live:

@@ -9,6 +9,7 @@ the model has one, else SSIM of the latent scaled into the reference's range).
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,18 @@ class MethodRow(Measured):
     method: str
     family: str
     note: str = field(default="", kw_only=True)
+
+
+def timed_rounds(rows: dict[str, Measured], names: list[str], run: Callable[[str], object], runs: int, work: str,
+                 log: Callable[[str], None]) -> None:
+    """`runs` interleaved rounds, each running every method in `names` once (so load drift hits all methods alike),
+    appending each run's wall time to its row."""
+    for round_index in range(runs):
+        for name in names:
+            started = time.perf_counter()
+            run(name)
+            rows[name].times.append(time.perf_counter() - started)
+            log(f"  [{work} round {round_index + 1}/{runs}] {name}: {rows[name].times[-1]:.2f} s")
 
 
 def channels_last(latent: torch.Tensor) -> torch.Tensor:
