@@ -11,7 +11,8 @@ A fifth of the clips (`SWITCH`) take their context from another clip, usually of
 a condition change mid-stream, and it teaches the model that the class decides what is drawn, whatever
 the committed frames showed. A clip with no context of its own class (a stream's first clip, or the
 clip after a change) shows a digit that starts in the middle of the frame (`make_clips(centred=True)`):
-where a new digit appears is then not a guess the few-step sampler must average over, only its motion is. An EMA of the weights is what ships, in fp16 safetensors.
+where a new digit appears is then not a guess the few-step sampler must average over, only its motion is.
+An EMA of the weights is what ships, in fp16 safetensors.
 """
 
 from __future__ import annotations
