@@ -9,7 +9,10 @@ Half the clips are noised to exactly the levels the few-step sampler visits (1, 
 noise (the model is not told) so it tolerates its own imperfect frames when streaming for minutes.
 A fifth of the clips (`SWITCH`) take their context from another clip, usually of another class: that is
 a condition change mid-stream, and it teaches the model that the class decides what is drawn, whatever
-the committed frames showed. An EMA of the weights is what ships, in fp16 safetensors.
+the committed frames showed. A clip with no context of its own class (a stream's first clip, or the
+clip after a change) shows a digit that starts in the middle of the frame (`make_clips(centred=True)`):
+where a new digit appears is then not a guess the few-step sampler must average over, only its motion is.
+An EMA of the weights is what ships, in fp16 safetensors.
 """
 
 from __future__ import annotations
@@ -41,14 +44,24 @@ SWITCH = 0.2  # share of clips whose context frames come from another clip (a co
 
 
 def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:
-    """x0-prediction MSE on the noisy frames of `clips` after a random number of clean context frames."""
+                  generator: torch.Generator, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """x0-prediction MSE on the noisy frames of `clips` after a random number of clean context frames.
+
+    `starts` (same labels, digits starting centred): what the noisy frames show when a clip has no
+    context of its own class (a stream's first clip, or a condition change)."""
     cfg = model.config
     batch, frames = clips.shape[:2]
     context = torch.randint(0, min(cfg.context, frames - 1) + 1, (batch,), generator=generator)
     is_context = torch.arange(frames)[None] < context[:, None]
-    switched = (torch.rand(batch, generator=generator) < SWITCH)[:, None] & is_context
+    switch = torch.rand(batch, generator=generator) < SWITCH
+    switched = switch[:, None] & is_context
     clips = torch.where(switched[..., None, None, None], clips.roll(1, dims=0), clips)
+    if starts is not None:
+        # a new start: noisy frame j shows frame j - context of a centred-start clip
+        fresh = (context == 0) | switch
+        start_frame = (torch.arange(frames)[None] - context[:, None]).clamp(min=0)
+        aligned = starts[torch.arange(batch)[:, None], start_frame]
+        clips = torch.where((fresh[:, None] & ~is_context)[..., None, None, None], aligned, clips)
     # half the clips at the few-step sampler's own levels (1, 0.75, 0.5, 0.25), half anywhere in (0, 1)
     uniform = torch.rand(batch, generator=generator)
     few_step = torch.randint(1, 5, (batch,), generator=generator) / 4
@@ -65,7 +78,7 @@ def training_loss(model: CausalVideoDiT, clips: torch.Tensor, labels: torch.Tens
     return (per_frame * weight).sum() / weight.sum()
 
 
-def train_video(out_dir: Path = VIDEO_DIR, steps: int = 1200, batch: int = 8, frames: int = 6, seed: int = 0,
+def train_video(out_dir: Path = VIDEO_DIR, steps: int = 1600, batch: int = 16, frames: int = 6, seed: int = 0,
                 config: VideoModelConfig | None = None, lr: float = 2e-3, threads: int = 1,
                 checkpoint_every: int = 0) -> Path:
     """Train and write `out_dir/config.json` + `model.safetensors`; returns the folder.
@@ -90,7 +103,8 @@ def train_video(out_dir: Path = VIDEO_DIR, steps: int = 1200, batch: int = 8, fr
     for step in progress:
         labels = torch.randint(0, config.num_classes, (batch,), generator=generator)
         clips = make_clips(labels, frames, generator, config.resolution)
-        loss = training_loss(model, clips, labels, generator)
+        starts = make_clips(labels, frames, generator, config.resolution, centred=True)
+        loss = training_loss(model, clips, labels, generator, starts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -108,7 +122,7 @@ def train_video(out_dir: Path = VIDEO_DIR, steps: int = 1200, batch: int = 8, fr
     return Path(out_dir)
 
 
-def train_video_features(out_file: Path = VIDEO_FEATURES_FILE, steps: int = 250, batch: int = 96, seed: int = 0,
+def train_video_features(out_file: Path = VIDEO_FEATURES_FILE, steps: int = 1500, batch: int = 96, seed: int = 0,
                          resolution: int | None = None) -> Path:
     """Train the content classifier the video bench scores frames with; returns the file written.
 

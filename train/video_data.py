@@ -72,14 +72,17 @@ def _velocity(n: int, low: float, high: float, generator: torch.Generator) -> tu
     return speed * angle.cos(), speed * angle.sin()
 
 
-def _digits(labels: torch.Tensor, frames: int, size: int, generator: torch.Generator, exemplars: int) -> torch.Tensor:
+def _digits(labels: torch.Tensor, frames: int, size: int, generator: torch.Generator, exemplars: int,
+            centred: torch.Tensor) -> torch.Tensor:
     side = sprite_size(size)
     n = labels.numel()
     sprite = digit_sprites(side, exemplars)[labels, torch.randint(0, exemplars, (n,), generator=generator)]
     span = float(size - side)
     vx, vy = _velocity(n, 0.3 * size / 16, 0.7 * size / 16, generator)
-    px = _bounce(span * torch.rand(n, generator=generator), vx, frames, span)
-    py = _bounce(span * torch.rand(n, generator=generator), vy, frames, span)
+    x0, y0 = span * torch.rand(n, generator=generator), span * torch.rand(n, generator=generator)
+    x0, y0 = torch.where(centred, span / 2, x0), torch.where(centred, span / 2, y0)
+    px = _bounce(x0, vx, frames, span)
+    py = _bounce(y0, vy, frames, span)
     grid_axis = torch.arange(size, dtype=torch.float32)
     gx = 2 * (grid_axis[None, None, None, :] - px[:, :, None, None]) / (side - 1) - 1  # [n, T, 1, W]
     gy = 2 * (grid_axis[None, None, :, None] - py[:, :, None, None]) / (side - 1) - 1  # [n, T, H, 1]
@@ -128,17 +131,19 @@ def _textures(n: int, frames: int, size: int, generator: torch.Generator) -> tor
 
 
 def make_clips(labels: torch.Tensor, frames: int, generator: torch.Generator, size: int = 16,
-               exemplars: int = EXEMPLARS) -> torch.Tensor:
+               exemplars: int = EXEMPLARS, centred: bool = False) -> torch.Tensor:
     """Clips `[B, frames, 3, size, size]` in [-1, 1] for class ids `labels` (digits 0-9, shapes, texture);
     `exemplars`: how many handwritings per digit to draw from (the classifier reads more than the model
-    is taught)."""
+    is taught); `centred`: digits start in the middle of the frame (how a stream, or a new condition,
+    begins; see `train/video.py`), else anywhere."""
     out = torch.empty(labels.numel(), frames, 3, size, size)
     for kind, mask in (("digits", labels < SHAPES), ("shapes", labels == SHAPES), ("texture", labels == TEXTURE)):
         idx = torch.nonzero(mask).flatten()
         if idx.numel() == 0:
             continue
         if kind == "digits":
-            out[idx] = _digits(labels[idx], frames, size, generator, exemplars)
+            out[idx] = _digits(labels[idx], frames, size, generator, exemplars,
+                               torch.full((idx.numel(),), centred))
         elif kind == "shapes":
             out[idx] = _shapes(idx.numel(), frames, size, generator)
         else:
