@@ -44,6 +44,14 @@ def sample(model: DiffusionModel, scheduler: Any, cond: torch.Tensor, uncond: to
     `progress`: the host's `Progress` (its bar and stop check, one check per step), or True/False
     for a console bar or none.
     """
+    return denoise(model, scheduler, cond, uncond, noise, steps, guidance, seed, progress)
+
+
+def denoise(model: DiffusionModel, scheduler: Any, cond: torch.Tensor, uncond: torch.Tensor | None,
+            noise: torch.Tensor, steps: int, guidance: float, seed: int = 0,
+            progress: Progress | bool = True) -> torch.Tensor:
+    """`sample`'s loop, recording gradients where they are enabled: a trainer backpropagates through a whole
+    generation (`train.ilf`'s rollouts)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if cond.shape[0] != noise.shape[0]:

@@ -11,13 +11,22 @@ full calls are as many as the forecast needs, one cache interval apart (as a sam
 interval runs them), and the module corrects the forecast feature. Two losses, each relative to the teacher's magnitude:
 - feature: the corrected feature against the teacher's feature at the later step;
 - output: the model's output at the later step against the teacher's output there.
+
+That is the "pairs" objective: every cached step starts from the teacher's exact inputs. At inference
+it does not — after a few cached steps the sample has drifted from the teacher's, and the full steps
+the module rides on were computed on that drifted sample. The "rollout" objective trains on what
+inference does: a training example is a whole generation of one seed sampled with ILF at the inference
+schedule (every `interval`-th step full), gradients through every step, so the module learns from the
+inputs its own corrections produce; the losses compare the final sample, every call's output and every
+corrected feature with the teacher's generation of the same seed (each relative to the teacher's magnitude).
 Only the module's parameters get gradients; the backbone is frozen.
 
 Seeded and reproducible (the teacher's seeds, the pairs' order and the initial module come from
 `seed`); a checkpoint (module, optimizer, generator state, as safetensors) is written atomically
 every `checkpoint_every` steps and resumed from when it matches the run's settings and backbone.
 Held-out generations (seeds the module never saw) measure the distillation loss of the trained
-module against the plain reuse it corrects (the same loss with the module's scale at 0).
+module against the plain reuse it corrects (the same loss with the module's scale at 0): the pair loss
+whatever the objective, and for rollouts also the rollout loss.
 """
 
 from __future__ import annotations
@@ -59,6 +68,11 @@ class ILFTraining:
     checkpoint_every: int = 50
     mode: str = "reuse"  # what the module corrects: plain reuse, or (DiT span) the block cache's forecast
     order: int = 1  # the forecast's order
+    # "pairs": one cached step after exact full ones (the teacher's own inputs); "rollout": whole generations
+    # sampled with ILF at the inference schedule (every `interval`-th step full), the module's own errors
+    # feeding its later inputs, the losses against the teacher's generation of the same seed
+    objective: str = "pairs"
+    sample_weight: float = 1.0  # rollout: the final sample against the teacher's
 
     def __post_init__(self) -> None:
         for name in ("steps", "interval", "generations", "held_out", "checkpoint_every"):
@@ -67,12 +81,17 @@ class ILFTraining:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.interval < 2:
             raise ValueError("interval must be >= 2: with every step full the module never runs")
-        if not self.lr > 0 or self.feature_weight < 0 or self.output_weight < 0:
+        if not self.lr > 0 or min(self.feature_weight, self.output_weight, self.sample_weight) < 0:
             raise ValueError("lr must be > 0 and the loss weights >= 0")
+        if self.objective not in ("pairs", "rollout"):
+            raise ValueError(f"objective must be 'pairs' or 'rollout', got {self.objective!r}")
         self.cache_config()  # the mode's and order's checks
 
     def cache_config(self) -> ILFConfig:
-        """The ILF the trainer applies: the first `history` calls after a reset full, the next one cached."""
+        """The ILF the trainer applies: for pairs the first `history` calls after a reset full, the next one
+        cached; for rollouts the schedule a sampler with this interval runs."""
+        if self.objective == "rollout":
+            return ILFConfig(self.interval, mode=self.mode, order=self.order)  # type: ignore[arg-type]
         full = (True,) * self.history + (False,)
         return ILFConfig(schedule="calibrated", full_steps_override=full, mode=self.mode,  # type: ignore[arg-type]
                          order=self.order)
@@ -85,12 +104,13 @@ class ILFTraining:
 
 @dataclass(frozen=True)
 class Teacher:
-    """The frozen backbone as the trainer sees it: its site, its name, and one uncached generation per seed
-    (`generate(seed)` samples a batch whose noise and labels come from `seed` alone)."""
+    """The frozen backbone as the trainer sees it: its site, its name, and one generation per seed
+    (`generate(seed)` samples a batch whose noise and labels come from `seed` alone and returns the final
+    sample; with ILF applied it is the accelerated generation a rollout trains on)."""
 
     site: Site
     model: str
-    generate: Callable[[int], None]
+    generate: Callable[[int], Any]
 
 
 @dataclass
@@ -158,6 +178,39 @@ def pair_loss(core: ILF, root: nn.Module, firsts: list[Call], later: Call, setti
             + settings.feature_weight * _relative(core.prediction, later.feature))
 
 
+def rollout_loss(core: ILF, teacher: Teacher, seed: int, run: list[Call], sample: torch.Tensor,
+                 settings: ILFTraining) -> torch.Tensor:
+    """Sample `seed`'s generation with ILF at the inference schedule: the weighted distillation loss of its final
+    sample, of every call's output and of every corrected feature against the teacher's generation `run`."""
+    outputs: list[torch.Tensor] = []
+    predictions: list[tuple[int, torch.Tensor]] = []
+    before = [0]
+
+    def count(*_: Any) -> None:
+        before[0] = core.feedback_calls
+
+    def keep(_m: nn.Module, _a: Any, out: Any) -> None:
+        if core.feedback_calls > before[0] and core.prediction is not None:
+            predictions.append((len(outputs), core.prediction))
+        outputs.append(output_tensor(out))
+
+    root = teacher.site.root
+    hooks = [root.register_forward_pre_hook(count), root.register_forward_hook(keep)]
+    core.reset()
+    try:
+        final = teacher.generate(seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(outputs) != len(run) or not predictions:
+        raise RuntimeError(f"the rollout made {len(outputs)} model calls ({len(predictions)} corrected) where the "
+                           f"teacher made {len(run)}: the feedback module never ran or the sampler differs")
+    value = settings.sample_weight * _relative(final, sample)
+    calls = sum(_relative(o, c.output) for o, c in zip(outputs, run, strict=True)) / len(run)
+    features = sum(_relative(p, run[i].feature) for i, p in predictions) / len(predictions)
+    return value + settings.output_weight * calls + settings.feature_weight * features
+
+
 def pairs_of(runs: list[list[Call]], settings: ILFTraining) -> list[tuple[int, int, int]]:
     """Every (generation, last full call, later call) at a gap 1 .. interval-1, with the `history - 1` full
     calls before the last one interval apart inside the generation."""
@@ -188,6 +241,24 @@ def held_out_losses(core: ILF, root: nn.Module, runs: list[list[Call]], settings
     return {"ilf": trained / len(pairs), "reuse": reuse / len(pairs)}
 
 
+@torch.no_grad()
+def held_out_rollouts(core: ILF, teacher: Teacher, seeds: list[int], runs: list[list[Call]],
+                      samples: list[torch.Tensor], settings: ILFTraining) -> dict[str, float]:
+    """The mean rollout loss over the held-out generations: with the module, and without it (scale 0)."""
+    def mean() -> float:
+        return sum(float(rollout_loss(core, teacher, s, r, x, settings))
+                   for s, r, x in zip(seeds, runs, samples, strict=True)) / len(seeds)
+
+    trained = mean()
+    scale = core.module.scale.detach().clone()
+    core.module.scale.zero_()
+    try:
+        plain = mean()
+    finally:
+        core.module.scale.copy_(scale)
+    return {"ilf": trained, "reuse": plain}
+
+
 def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTraining(),
               where: dict[str, Any] | None = None, checkpoint: Path | None = None,
               progress: Progress | bool = True, replace: bool = False) -> FeedbackWeights:
@@ -214,6 +285,7 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
     train_seeds = [settings.seed * 1000 + k for k in range(settings.generations)]
     test_seeds = [settings.seed * 1000 + settings.generations + k for k in range(settings.held_out)]
     runs = record(teacher, train_seeds + test_seeds, where, progress)
+    samples = teacher_samples(teacher, train_seeds + test_seeds) if settings.objective == "rollout" else []
     runs, held = runs[:settings.generations], runs[settings.generations:]
     frozen = [(p, p.requires_grad) for p in root.parameters()]
     handle = REGISTRY.apply(teacher.site, [replace(settings.cache_config(), where=where)])[0]
@@ -221,35 +293,59 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
         for p, _ in frozen:
             p.requires_grad_(False)
         core: ILF = handle.core
-        last = _fit(core, root, runs, settings, fingerprint, checkpoint, progress)
-        losses = held_out_losses(core, root, held, settings)
-        training = {**asdict(settings), "seconds": round(time.perf_counter() - start, 1), "held_out_loss": losses,
-                    "train_seeds": train_seeds, "held_out_seeds": test_seeds, "last_loss": last}
-        result = FeedbackWeights.of(core.module, fingerprint, teacher.model, core.point.where, training)
+        if settings.objective == "rollout":
+            choices = [(train_seeds[g], runs[g], samples[g]) for g in range(settings.generations)]
+            last = _fit(core, len(choices), lambda k: rollout_loss(core, teacher, *choices[k], settings),
+                        settings, fingerprint, checkpoint, progress)
+            rollouts = held_out_rollouts(core, teacher, test_seeds, held, samples[settings.generations:], settings)
+        else:
+            pairs = pairs_of(runs, settings)
+            if not pairs:
+                raise ValueError(f"the teacher's generations are too short for interval {settings.interval} with "
+                                 f"{settings.history} full calls before a cached one")
+            last = _fit(core, len(pairs), lambda k: pair_loss(core, root, fulls(runs[pairs[k][0]], pairs[k][1],
+                                                                                settings),
+                                                              runs[pairs[k][0]][pairs[k][2]], settings),
+                        settings, fingerprint, checkpoint, progress)
+        result = FeedbackWeights.of(core.module, fingerprint, teacher.model, core.point.where)
+    finally:
+        handle.remove()
+    # the pair loss on held-out seeds (one cached step after exact full ones), whatever the module was trained on
+    pairs_settings = replace(settings, objective="pairs")
+    handle = REGISTRY.apply(teacher.site, [replace(pairs_settings.cache_config(), module=result)])[0]
+    try:
+        losses = held_out_losses(handle.core, root, held, pairs_settings)
     finally:
         handle.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
-    return result
+    training = {**asdict(settings), "seconds": round(time.perf_counter() - start, 1), "held_out_loss": losses,
+                "train_seeds": train_seeds, "held_out_seeds": test_seeds, "last_loss": last}
+    if settings.objective == "rollout":
+        training["held_out_rollout_loss"] = rollouts
+    return FeedbackWeights.of(handle.core.module, fingerprint, teacher.model, result.where, training)
 
 
-def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining,
+@torch.no_grad()
+def teacher_samples(teacher: Teacher, seeds: list[int]) -> list[torch.Tensor]:
+    """The teacher's final sample of each seed's generation (uncached): what a rollout's sample is held to."""
+    return [teacher.generate(seed).detach().clone() for seed in seeds]
+
+
+def _fit(core: ILF, choices: int, loss_of: Callable[[int], torch.Tensor], settings: ILFTraining,
          fingerprint: str, checkpoint: Path | None, progress: Progress | bool) -> float:
-    """The optimisation loop (resuming from `checkpoint` when it holds this run); returns the last loss."""
+    """The optimisation loop over `choices` training examples (`loss_of(k)`: the k-th one's loss, drawn by the
+    run's generator), resuming from `checkpoint` when it holds this run; returns the last loss."""
     module = core.module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    pairs = pairs_of(runs, settings)
-    if not pairs:
-        raise ValueError(f"the teacher's generations are too short for interval {settings.interval} with "
-                         f"{settings.history} full calls before a cached one")
     tag = json.dumps({**asdict(settings), "fingerprint": fingerprint, "where": core.point.where}, sort_keys=True)
     done = _resume(checkpoint, tag, module, optimizer, generator)
     loss = float("nan")
     for step in as_progress(progress).loop(range(done, settings.steps), "train ILF module", "step"):
-        g, i, j = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+        k = int(torch.randint(choices, (1,), generator=generator))
         with torch.enable_grad():
-            value = pair_loss(core, root, fulls(runs[g], i, settings), runs[g][j], settings)
+            value = loss_of(k)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
         optimizer.step()
@@ -298,13 +394,13 @@ def model_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
     and digit labels from `s` alone. Both CFG halves go through one batched call, so each model call
     records `2 × batch` samples. The site is the denoiser's family's (U-Net or DiT)."""
     from ..adapters.diffusers_site import model_site
-    from ..models.sampling import initial_noise, make_scheduler, sample
+    from ..models.sampling import denoise, initial_noise, make_scheduler
 
-    def generate(seed: int) -> None:
+    def generate(seed: int) -> torch.Tensor:
         labels = torch.randint(10, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
         cond = torch.cat([model.encode_prompt(str(label)) for label in labels])
         uncond = model.encode_prompt("").expand_as(cond)
-        sample(model, make_scheduler("ddim", model.scheduler_config), cond, uncond,
-               initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
+        return denoise(model, make_scheduler("ddim", model.scheduler_config), cond, uncond,
+                       initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
 
     return Teacher(model_site(model.unet), model.name, generate)
