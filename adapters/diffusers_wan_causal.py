@@ -12,8 +12,9 @@ keys are rotated before they are cached, so a score depends only on the distance
 cached key stays valid as the window slides (no re-basing). The absolute index must stay below the
 model's `rope_max_seq_len`; streams longer than that need `reset`.
 
-diffusers (checked: 0.42.1) has no rolling KV cache for Wan self-attention (its hooks hold a text
-cross-attention K/V cache only), so there is no peer to bench against.
+diffusers (checked: 0.42.1) has no rolling KV cache for Wan self-attention (its `TextKVCacheConfig` hook
+serves NucleusMoE-Image blocks only; `WanAnimate2KVCache` holds a reference video's K/V for another model),
+so `livecache bench video --wan` has no diffusers peer (`bench/video_wan.py` says why).
 """
 
 from __future__ import annotations

@@ -200,3 +200,27 @@ def test_loading_from_a_saved_folder_and_refusals(tmp_path):
         (folder / "config.json").write_text(text)
         with pytest.raises(ValueError, match=f"{name}/config.json"):
             load_wan_transformer(folder)
+
+
+def test_bench_wan_rows_equal_within_the_window_and_hold_flat_memory_past_it():
+    """`livecache bench video --wan` at toy sizes: cached equals both recomputations while the context
+    fits, equals the windowed full-history one after eviction and differs from the window recompute
+    (so the equality rows can fail); the cache's bytes never change, the recompute context's stop growing."""
+    import argparse
+
+    from livecache.bench import video_wan
+
+    args = argparse.Namespace(wan=True, wan_chunks=5, wan_chunk_frames=2, wan_window=4, wan_sink=1, wan_steps=2,
+                              wan_latent=4, repeats=1, threads=1)
+    assert video_wan.invalid(args) is None
+    result = video_wan.run(args)
+    bound, fits = result["relative_bound"], result["fits_window_chunks"]
+    assert fits == 3 and result["context_frames"] == [0, 2, 4, 4, 4]
+    assert max(result["relative_delta_vs_recompute"][:fits]) <= bound
+    assert min(result["relative_delta_vs_recompute"][fits:]) > 10 * bound
+    assert max(result["relative_delta_vs_history"]) <= bound
+    assert len(set(result["state_bytes"]["cached"])) == 1
+    context = result["state_bytes"]["recompute"]
+    assert context[0] < context[1] == context[2] == context[3] == context[4]  # full from chunk 2 on
+    assert video_wan.invalid(argparse.Namespace(**{**vars(args), "wan_chunk_frames": 4})).startswith(
+        "--wan-chunk-frames")
