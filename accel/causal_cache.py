@@ -233,15 +233,40 @@ class CausalVideoStream:
         return clean
 
 
+def held_by_window(frames: torch.Tensor, committed: torch.Tensor | int, window: int, sink: int) -> torch.Tensor:
+    """Which of `frames` (absolute indices) a sink + rolling window holds once `committed` frames were
+    committed: the first `sink` frames forever, and the last `window - sink` others. What
+    `ChunkKVCache`'s slots hold (`ChunkKVCache.held_frames`) and what `block_causal_mask`'s windowed
+    reference lets a chunk see."""
+    return (frames < committed) & ((frames < sink) | (frames >= committed - (window - sink)))
+
+
 def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int,
-                      device: torch.device | None = None) -> torch.Tensor:
+                      device: torch.device | None = None, *, window: int | None = None, sink: int = 0,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
     """`[frames * tpf, frames * tpf]` bool, True where attention is allowed: every token of chunk k sees
     every token of chunks 0..k (bidirectional inside a chunk, causal across chunks), as in
-    Self-Forcing / CausVid. Tokens are frame-major (frame, then space)."""
-    if frames % chunk_frames:
-        raise ValueError(f"{frames} frames do not split into chunks of {chunk_frames}")
-    chunk = torch.arange(frames, device=device).repeat_interleave(tokens_per_frame) // chunk_frames
-    return chunk[None, :] <= chunk[:, None]
+    Self-Forcing / CausVid. Tokens are frame-major (frame, then space).
+
+    `positions` are the frames' absolute indices (default 0..frames-1); a frame's chunk is its index //
+    `chunk_frames`, so a subset of a stream's frames (sinks plus the recent window) keeps its chunks.
+    With `window`, a chunk sees of the frames before it only those a `ChunkKVCache(window, sink)` holds
+    when that chunk runs (`held_by_window` at the chunk's first frame): the exact attention of the cached
+    stream past the window, recomputed in one forward.
+    """
+    if positions is None:
+        if frames % chunk_frames:
+            raise ValueError(f"{frames} frames do not split into chunks of {chunk_frames}")
+        positions = torch.arange(frames, device=device)
+    elif positions.shape != (frames,):
+        raise ValueError(f"positions must be one absolute index per frame ({frames}), got {tuple(positions.shape)}")
+    positions = positions.to(device)
+    chunk = positions // chunk_frames
+    allowed = chunk[None, :] <= chunk[:, None]  # [query frame, key frame]
+    if window is not None:
+        start = (chunk * chunk_frames)[:, None]  # first frame of each query's chunk
+        allowed &= (chunk[None, :] == chunk[:, None]) | held_by_window(positions[None, :], start, window, sink)
+    return allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
 class ChunkKVCache:
@@ -267,6 +292,11 @@ class ChunkKVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self._keys, self._values) for t in d.values())
+
+    def held_frames(self) -> torch.Tensor:
+        """Absolute indices of the committed frames whose keys/values the slots hold now."""
+        frames = torch.arange(self.committed)
+        return frames[held_by_window(frames, self.committed, self.window, self.sink)]
 
     def _slots(self, n: int) -> torch.Tensor:
         """Slots the next `n` committed frames go to (sinks first, then the ring of non-sink slots)."""
@@ -298,8 +328,10 @@ class ChunkKVCache:
         out = F.scaled_dot_product_attention(q, keys[:, :, : cap + n_tok], values[:, :, : cap + n_tok],
                                              attn_mask=allowed[None, None, None, :])
         if commit:
-            if n_new > self.window - self.sink and self.committed >= self.sink:
-                raise ValueError(f"a chunk of {n_new} frames does not fit the {self.window - self.sink} ring slots")
+            ring_frames = n_new - max(0, min(n_new, self.sink - self.committed))  # those not taking a sink slot
+            if ring_frames > self.window - self.sink:
+                raise ValueError(f"a chunk of {n_new} frames puts {ring_frames} in the {self.window - self.sink} "
+                                 "ring slots; use a larger window or smaller chunks")
             idx = (self._slots(n_new)[:, None] * tpf + torch.arange(tpf)).flatten().to(q.device)
             keys[:, :, idx] = k
             values[:, :, idx] = v

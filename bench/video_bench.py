@@ -31,6 +31,7 @@ from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
 from ..files import text_writer, write_replacing
 from ..models.video import SAMPLERS, CausalVideoDiT, generate, load_video_classifier, load_video_model
 from ..procfs import status_kib
+from . import video_wan
 from .metrics import psnr
 from .video_content import content_report, print_content
 
@@ -67,6 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", type=float, default=None, metavar="SECONDS",
                         help="instead: start `livecache serve --engine video`, stream SECONDS over the websocket API "
                              "(changing the condition every 10 s) and report frames, gaps and the server's RSS")
+    video_wan.configure(parser)
 
 
 def peak_memory_mib(run) -> float | None:
@@ -252,6 +254,13 @@ def main(args: argparse.Namespace) -> int:
         if rss:
             print(f"server RSS (MiB) every 5 s: {[round(v, 1) for v in rss]}; growth after 10 s: "
                   f"{result['rss_growth_mib_after_10s']:.1f} MiB")
+    elif args.wan:
+        problem = video_wan.invalid(args)
+        if problem:
+            print(problem)
+            return 2
+        result = video_wan.run(args)
+        video_wan.print_table(result)
     else:
         for name in ("chunks", "chunk_length", "steps", "window", "batch", "repeats", "threads", "content_steps"):
             if getattr(args, name) < 1:
