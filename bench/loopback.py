@@ -104,6 +104,7 @@ class RtcResult:
     offered: float = 0.0
     info: dict = field(default_factory=dict)
     frames: list[tuple[float, float]] = field(default_factory=list)  # (received, measure(rgb, mouth box))
+    media: list[float] = field(default_factory=list)  # each frame's RTP time in seconds (an arbitrary origin)
     audio_started: float | None = None
     stats: dict = field(default_factory=dict)
 
@@ -142,6 +143,7 @@ async def rtc_session(base_url: str, audio: np.ndarray, seconds: float, options:
                 frame = await asyncio.wait_for(track.recv(), 5)
                 rgb = frame.to_ndarray(format="rgb24")
                 result.frames.append((time.monotonic(), measure(rgb, answer["mouth_box"])))
+                result.media.append(float(frame.pts * frame.time_base))
             result.audio_started = mic.started
             async with http.get(f"{base_url}/api/sessions/{answer['session']}") as res:
                 result.stats = await res.json()

@@ -57,6 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bbox-shift", type=_bounded(-64, 64), default=0,
                         help="--engine musetalk: MuseTalk's bbox_shift in portrait pixels (+ moves the face box's "
                              "upper edge down: more mouth opening; default 0)")
+    parser.add_argument("--resolution", type=_bounded(16, 1024),
+                        help="--engine musetalk: side of the square face crop the VAE and U-Net see, a multiple of "
+                             "8 (default 256, what MuseTalk's weights were trained at; smaller renders faster and "
+                             "blurrier)")
     parser.add_argument("--compile", action="store_true",
                         help="--engine musetalk: torch.compile the U-Net with CUDA graphs (CUDA only; ignored on CPU)")
     parser.add_argument("--max-sessions", type=_bounded(1, 64), default=4,
@@ -103,8 +107,12 @@ def main(args: argparse.Namespace) -> int:
     if (args.weights or args.w8a8) and args.engine not in ("diffusion", "musetalk"):
         print("--weights and --w8a8 apply to --engine diffusion or musetalk only", file=sys.stderr)
         return 2
-    if (args.bbox_shift or args.compile) and args.engine != "musetalk":
-        print("--bbox-shift and --compile apply to --engine musetalk only", file=sys.stderr)
+    if (args.bbox_shift or args.compile or args.resolution) and args.engine != "musetalk":
+        print("--bbox-shift, --resolution and --compile apply to --engine musetalk only", file=sys.stderr)
+        return 2
+    if args.resolution is not None and args.resolution % 8:
+        print(f"--resolution must be a multiple of 8 (the VAE halves it three times), got {args.resolution}",
+              file=sys.stderr)
         return 2
     if args.engine == "musetalk" and not args.weights:
         print("--engine musetalk needs --weights DIR (a MuseTalk folder in safetensors; docs/avatar.md)",
@@ -165,7 +173,7 @@ async def _serve(args: argparse.Namespace) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.certfile, args.keyfile)
     chosen_options = (("weights", args.weights), ("w8a8", args.w8a8), ("bbox_shift", args.bbox_shift),
-                      ("compile", args.compile))
+                      ("resolution", args.resolution), ("compile", args.compile))
     options = {k: v for k, v in chosen_options if v}
     chosen = {"max_sessions": args.max_sessions, "connect_timeout_s": args.connect_timeout,
               "head_timeout_s": args.request_timeout, "body_timeout_s": args.body_timeout,

@@ -3,7 +3,8 @@
 Every model here is a tiny random one written in code in the authors' exact layout (`write_tiny_musetalk`:
 musetalkV15/musetalk.json + unet, sd-vae/ config + weights, whisper/ config + preprocessor_config + weights
 from a `transformers.WhisperConfig`), so nothing is downloaded. Random weights cannot lip-sync; what the
-tests check is that the audio drives the lower face and only it.
+tests check is that the audio drives the lower face and only it (the tiny model's audio path carries fixed
+gains, `TINY_STEM_GAIN` and `TINY_CROSS_ATTENTION_GAIN`, so that it does so visibly, through a video codec too).
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def test_engine_streams_frames_and_the_mouth_region_follows_speech_energy(folder
     rest = mouth(frames[-1])  # well into the silence
     change = np.array([np.abs(mouth(f) - rest).mean() for f in frames])
     ends = [int((k + 1) / 10 * RATE) for k in range(len(frames))]
-    energy = np.array([np.sqrt(np.mean(audio[max(0, e - RATE // 5) : e] ** 2)) for e in ends])  # newest 200 ms
-    silent = np.array([not audio[max(0, e - RATE) : e].any() for e in ends])  # the encoder's whole 1 s: silence
-    assert np.corrcoef(change, energy)[0, 1] > 0.7
-    assert change[energy > 0.1].min() > 1.0 and change[silent].max() <= 0.05  # batches round differently
+    # what the model hears: the encoder's whole 1 s window (a random encoder's attention spreads any sound in
+    # it over the newest frames the U-Net reads, so the face stays moved until the speech leaves the window)
+    energy = np.array([np.sqrt(np.mean(audio[max(0, e - RATE) : e] ** 2)) for e in ends])
+    silent = energy == 0
+    assert np.corrcoef(change, energy)[0, 1] > 0.8
+    assert change[energy > 0.1].min() > 10.0 and change[silent].max() <= 0.05  # batches round differently
     assert engine.silent_windows == int(silent.sum()) > 0
     # the blend mask keeps the upper face: eyes and forehead are the portrait's own pixels in every frame
     upper = slice(0, fy + fh // 3)
@@ -232,19 +235,84 @@ def test_serve_streams_musetalk_over_the_websocket_and_refuses_unconverted_folde
     assert refused.returncode == 2 and "livecache convert musetalk SRC DST" in refused.stderr
 
 
-def test_serve_streams_musetalk_over_webrtc(folder):
-    """The tiny model's frames reach a WebRTC peer at the session's size, and the speech sent as the microphone
-    reaches the renderer: `audio_to_mouth_ms` is set once a frame rendered from received audio has left the server.
-    (Whether the mouth follows the speech is judged on exact pixels in the tests above: a random model's
-    lower face changes by a few grey levels, below what the VP8 encoder keeps.)"""
+def test_serve_streams_musetalk_over_webrtc_and_the_mouth_follows_the_speech(folder):
+    """Two bursts of speech sent as the microphone come back over WebRTC (VP8, head motion on) as frames
+    whose mouth box changes colour far beyond what the codec and the head motion (which nods with speech)
+    do in the same frames to a box of the upper face (the portrait's own pixels), and rests in the silences.
+
+    The tiny model's frame depends on the encoder's whole 1 s window, so a frame "hears speech" when its
+    window holds any. Frames are matched to the sent audio by their RTP time, whose origin is unknown: the
+    offset between the two clocks is the lag, searched over -1..3 s, that fits best. A 64² face crop
+    (`--resolution 64`) keeps the renderer near real time on a loaded 2-core machine; late frames are
+    skipped, so fewer frames arrive there, never late ones. Measured on such a machine (load ~11): 18
+    frames, r = 0.92, the mouth box 20 grey levels from rest while hearing speech, 0.5 (90th percentile) in
+    silence, the upper box 3.8 (median) in the same speech frames."""
     from livecache.bench.loopback import RTC_RATE, rtc_session, spawn_server
 
-    t = np.arange(int(2.0 * RTC_RATE)) / RTC_RATE
+    fps, context = 4, 1.0
+    blocks = [(False, 1.5), (True, 1.5), (False, 2.5), (True, 1.5), (False, 2.5)]  # (speaking, seconds)
+    edges = np.cumsum([0.0] + [s for _, s in blocks])
+    t = np.arange(int(edges[-1] * RTC_RATE)) / RTC_RATE
+    talking = np.zeros(t.size, bool)
+    for (speaking, _), a, b in zip(blocks, edges[:-1], edges[1:], strict=True):
+        talking |= speaking & (a <= t) & (t < b)
     voice = np.sign(np.sin(2 * np.pi * 150 * t)) * (0.3 + 0.2 * np.sin(2 * np.pi * 3 * t))
-    audio = np.concatenate([np.zeros(RTC_RATE // 2), voice, np.zeros(RTC_RATE)]).astype(np.float32)
-    with spawn_server("--engine", "musetalk", "--weights", str(folder), "--max-sessions", "1") as url:
-        result = asyncio.run(rtc_session(url, audio, 4.0, {"size": 256, "fps": 5},
-                                         measure=lambda rgb, box: float(rgb.shape[0] == rgb.shape[1] == 256)))
+    colours: dict[str, list[np.ndarray]] = {"mouth": [], "upper": []}
+
+    def keep(rgb: np.ndarray, box: list[int]) -> float:
+        x, y, w, h = box
+        for name, top in (("mouth", y), ("upper", y - 3 * h)):  # three mouth heights up: fringe and forehead
+            colours[name].append(rgb[top : top + h, x : x + w].reshape(-1, 3).mean(axis=0))
+        return 0.0
+
+    with spawn_server("--engine", "musetalk", "--weights", str(folder), "--resolution", "64",
+                      "--max-sessions", "1") as url:
+        result = asyncio.run(rtc_session(url, (voice * talking).astype(np.float32), edges[-1],
+                                         {"size": 256, "fps": fps}, measure=keep))
     assert len(result.info["mouth_box"]) == 4 and result.info["size"] == 256
-    assert len(result.frames) >= 3 and all(ok for _, ok in result.frames)
-    assert result.stats["frames"] >= len(result.frames) and result.stats["audio_to_mouth_ms"] is not None
+    assert result.stats["frames"] >= len(result.frames) >= 10 and result.stats["audio_to_mouth_ms"] is not None
+    mouth, upper = np.array(colours["mouth"]), np.array(colours["upper"])
+    media = np.array(result.media) - result.media[0]
+
+    def heard(lag: float) -> np.ndarray:
+        ends = np.round((media + lag) * RTC_RATE).astype(int)
+        return np.array([talking[max(0, e - int(context * RTC_RATE)) : max(0, e)].any() for e in ends])
+
+    def shift(lag: float) -> np.ndarray:
+        """Each frame's mouth-box colour distance (grey levels) from its median in the frames that hear none."""
+        return np.abs(mouth - np.median(mouth[~heard(lag)], axis=0)).mean(axis=1)
+
+    lags = [lag for lag in np.arange(-1.0, 3.0, 0.05) if 0 < heard(lag).sum() < len(media)]
+    fits = [np.corrcoef(shift(lag), heard(lag))[0, 1] for lag in lags]
+    lag = lags[int(np.argmax(fits))]
+    speech, change = heard(lag), shift(lag)
+    noise = np.abs(upper - np.median(upper, axis=0)).mean(axis=1)  # codec + head motion on unrendered pixels
+    assert max(fits) > 0.8 and speech.sum() >= 4 and (~speech).sum() >= 4
+    assert np.median(change[speech]) > max(8.0, 2 * np.median(noise[speech]))
+    assert np.percentile(change[~speech], 90) < 0.25 * np.median(change[speech])
+
+
+def test_bench_avatar_musetalk_shows_each_acceleration_with_its_ratio_and_fidelity(tmp_path, capsys):
+    """`livecache bench avatar --engine musetalk` on the tiny model: every acceleration's row in one run,
+    each with its speed ratio to the all-off baseline and its crop PSNR against that baseline."""
+    import argparse
+
+    from livecache.bench import avatar_bench
+
+    parser = argparse.ArgumentParser()
+    avatar_bench.configure(parser)
+    out = tmp_path / "rows.json"
+    args = parser.parse_args(["--engine", "musetalk", "--resolution", "64", "--size", "256", "--fps", "5",
+                              "--seconds", "2", "--rounds", "1", "--batch", "2", "--json", str(out)])
+    assert avatar_bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("baseline") and rows[0]["crop_psnr"] == float("inf")
+    for needed in ("+ bf16", "+ reference cache", "+ batch 2", "+ pipeline", "+ temporal DeepCache", "W8A8"):
+        assert any(needed in n for n in names), needed
+    frames = rows[0]["frames"]
+    assert frames == 10 and all(r["frames"] == frames and len(r["seconds"]) == 1 for r in rows)
+    assert all(np.isfinite(r["crop_psnr"]) and r["crop_psnr"] > 10 for r in rows[1:])  # each costs some fidelity
+    table = capsys.readouterr().out
+    assert "tiny random MuseTalk-layout model (ratios only)" in table
+    assert all(f"| {name} |" in table for name in names) and table.count("x |") >= len(rows)  # the speed ratios

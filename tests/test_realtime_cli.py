@@ -40,6 +40,10 @@ def test_serve_defaults_to_localhost_and_rejects_unknown_engines(capsys):
     assert "--engine musetalk needs --weights DIR" in capsys.readouterr().err
     assert cli.main(parse(cli, "--bbox-shift", "4")) == 2
     assert "--engine musetalk only" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--resolution", "64")) == 2
+    assert "--engine musetalk only" in capsys.readouterr().err
+    assert cli.main(parse(cli, "--engine", "musetalk", "--weights", "somewhere", "--resolution", "60")) == 2
+    assert "--resolution must be a multiple of 8" in capsys.readouterr().err
     for bad in (["--port", "70000"], ["--max-sessions", "0"]):
         with pytest.raises(SystemExit):
             parse(cli, *bad)
