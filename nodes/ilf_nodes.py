@@ -1,20 +1,22 @@
-"""Nodes for Inner Loop Feedback on our own pipeline (`LC_PIPE`): load a trained module, apply it.
-
-ComfyUI `MODEL` nodes for ILF are not here yet (the MODEL lane's DiT nodes are being reworked).
+"""Nodes for Inner Loop Feedback: load a trained module (`LC_ILF`), apply it to our own pipeline (`LC_PIPE`) or to
+ComfyUI's own `MODEL` (U-Nets and single-stream DiT spans: `adapters.comfy_ilf`), one core for both.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..accel.cache_schedule import model_fingerprint
 from ..accel.ilf import FeedbackWeights, ILFConfig
+from ..adapters.comfy_ilf import apply_ilf
 from ..models.embedded import ILF_FILES
 from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel
+from .comfy_nodes import on_model, stats_reporter
 from .context import model_roots
 from .fields import PIPE_MODEL, declare, int_field, link
-from .kinds import Node, PipeTechnique
+from .kinds import ModelTechnique, Node, PipeTechnique
 from .validation import verdict
 
 EMBEDDED = "embedded:digits"
@@ -70,3 +72,18 @@ class ApplyILF(PipeTechnique):
         config = ILFConfig(cache_interval, module=ilf_module)
         ilf_module.check(model_fingerprint(model.unet))  # another model's module fails here, naming both
         return self.stacked(model, config, unique_id)
+
+
+class ApplyILFModel(ModelTechnique):
+    """ILF for a ComfyUI MODEL (SD1.x/SD2.x/SDXL U-Nets; Flux, Wan, Lumina 2 / Z-Image DiTs), any sampler."""
+
+    DESCRIPTION = ("Inner Loop Feedback on a ComfyUI MODEL: a full pass every N steps; in between the deep layers "
+                   "(U-Net) or the cached block span (DiT) are skipped and their reused output is corrected by a "
+                   "module trained for this very MODEL (its weights as loaded, LoRAs included). Connect the result "
+                   "to KSampler (or any sampler node).")
+    INPUT_TYPES = declare(on_model(ApplyILF), unique_id=True)
+
+    def apply(self, model: Any, ilf_module: FeedbackWeights, cache_interval: int,
+              unique_id: str | None = None) -> tuple[Any]:
+        config = ILFConfig(cache_interval, module=ilf_module)
+        return (apply_ilf(model, config, stats_reporter(unique_id)),)

@@ -308,3 +308,17 @@ def model_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
                initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
 
     return Teacher(model_site(model.unet), model.name, generate)
+
+
+def comfy_teacher(model: Any, run: Any) -> Teacher:
+    """A ComfyUI MODEL (a `ModelPatcher`) sampling as its KSampler node would with `run` (an
+    `adapters.comfy_cachequant.SamplerRun`: conditioning, latent, steps, CFG, sampler, scheduler), seed `s`
+    drawing the noise; the LiveCache techniques on the MODEL are left out (the teacher is the plain backbone).
+    The module is trained on, and tied to, the diffusion model as ComfyUI loaded it (its LoRAs merged). The
+    name is ComfyUI's model class (SD15, Flux, ...)."""
+    from ..adapters.comfy_cachequant import generate, model_name
+    from ..adapters.comfy_ilf import training_site
+    from ..adapters.comfy_unet import without_techniques
+
+    bare = without_techniques(model)
+    return Teacher(training_site(bare), model_name(bare), lambda seed: generate(bare, run, seed))
