@@ -265,7 +265,9 @@ class ILF:
                 return out
             self.prediction = self.module(self.point.stream_of(out), self.point.run, *self._context)
             self.feedback_calls += 1
-            return self.point.with_stream(out, self.prediction)
+            # the model reads a copy: a later block may add to its input in place (ComfyUI's Flux), which would
+            # change the kept prediction under the trainer's feature loss
+            return self.point.with_stream(out, self.prediction.clone())
 
         return forward
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class Teacher:
     site: Site
     model: str
     generate: Callable[[int], None]
+    # the backbone's blocks add to their inputs in place (ComfyUI's Flux: `x += ...`), so a tensor autograd saved
+    # for the backward pass changes under it: the trainer then has autograd save copies
+    in_place: bool = False
 
 
 @dataclass
@@ -221,7 +225,7 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
         for p, _ in frozen:
             p.requires_grad_(False)
         core: ILF = handle.core
-        last = _fit(core, root, runs, settings, fingerprint, checkpoint, progress)
+        last = _fit(core, root, runs, settings, fingerprint, checkpoint, progress, teacher.in_place)
         losses = held_out_losses(core, root, held, settings)
         training = {**asdict(settings), "seconds": round(time.perf_counter() - start, 1), "held_out_loss": losses,
                     "train_seeds": train_seeds, "held_out_seeds": test_seeds, "last_loss": last}
@@ -234,8 +238,9 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
 
 
 def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining,
-         fingerprint: str, checkpoint: Path | None, progress: Progress | bool) -> float:
-    """The optimisation loop (resuming from `checkpoint` when it holds this run); returns the last loss."""
+         fingerprint: str, checkpoint: Path | None, progress: Progress | bool, in_place: bool = False) -> float:
+    """The optimisation loop (resuming from `checkpoint` when it holds this run); returns the last loss.
+    `in_place`: autograd keeps copies of what it saves (`Teacher.in_place`)."""
     module = core.module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -248,7 +253,8 @@ def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraini
     loss = float("nan")
     for step in as_progress(progress).loop(range(done, settings.steps), "train ILF module", "step"):
         g, i, j = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-        with torch.enable_grad():
+        saving = torch.autograd.graph.saved_tensors_hooks(torch.clone, _unpacked) if in_place else nullcontext()
+        with torch.enable_grad(), saving:
             value = pair_loss(core, root, fulls(runs[g], i, settings), runs[g][j], settings)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
@@ -257,6 +263,10 @@ def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraini
         if checkpoint is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
             _save_checkpoint(checkpoint, tag, step + 1, module, optimizer, generator)
     return loss
+
+
+def _unpacked(saved: torch.Tensor) -> torch.Tensor:
+    return saved
 
 
 def _save_checkpoint(path: Path, tag: str, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -315,10 +325,11 @@ def comfy_teacher(model: Any, run: Any) -> Teacher:
     `adapters.comfy_cachequant.SamplerRun`: conditioning, latent, steps, CFG, sampler, scheduler), seed `s`
     drawing the noise; the LiveCache techniques on the MODEL are left out (the teacher is the plain backbone).
     The module is trained on, and tied to, the diffusion model as ComfyUI loaded it (its LoRAs merged). The
-    name is ComfyUI's model class (SD15, Flux, ...)."""
+    name is ComfyUI's model class (SD15, Flux, ...). ComfyUI's blocks may update activations in place
+    (`Teacher.in_place`)."""
     from ..adapters.comfy_cachequant import generate, model_name
     from ..adapters.comfy_ilf import training_site
     from ..adapters.comfy_unet import without_techniques
 
     bare = without_techniques(model)
-    return Teacher(training_site(bare), model_name(bare), lambda seed: generate(bare, run, seed))
+    return Teacher(training_site(bare), model_name(bare), lambda seed: generate(bare, run, seed), in_place=True)
