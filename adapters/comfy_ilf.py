@@ -18,6 +18,7 @@ runs, and each sampling run checks it again on the weights loaded for that run (
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -66,3 +67,13 @@ def training_site(model: Any) -> ComfyTrainingSite:
     comfy.model_management.load_models_gpu([model])
     return ComfyTrainingSite(model.get_model_object("diffusion_model"), 1)
 
+
+
+def student_of(site: ComfyTrainingSite) -> Callable[[], ComfyTrainingSite] | None:
+    """What the trainer trains on when `site`'s weights were made under inference mode (ComfyUI's executor loads
+    models in it, and autograd may not save such tensors): a copy of the diffusion model, made outside it — the
+    same values, names and so fingerprint, for as long as training runs (it costs one more copy of the weights).
+    None: the weights serve as they are."""
+    if not any(p.is_inference() for p in site.root.parameters()):
+        return None
+    return lambda: ComfyTrainingSite(copy.deepcopy(site.root), 1)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..accel.cache_schedule import model_fingerprint
 from ..accel.ilf import FeedbackWeights, ILFConfig
 from ..adapters.comfy_ilf import apply_ilf
@@ -132,4 +134,5 @@ class TrainILFModel(Node, category="train", returns={"ilf_module": "LC_ILF"}, fu
         settings = ILFTraining(steps=int(training_steps), interval=int(cache_interval),
                                generations=int(calibration_seeds), held_out=1, seed=int(seed))
         run = sampler_run(positive, negative, latent_image, seed, 1, steps, cfg, sampler_name, scheduler, denoise)
-        return (train_ilf(comfy_teacher(model, run), out, settings),)
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs autograd
+            return (train_ilf(comfy_teacher(model, run), out, settings),)

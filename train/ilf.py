@@ -95,6 +95,9 @@ class Teacher:
     # the backbone's blocks add to their inputs in place (ComfyUI's Flux: `x += ...`), so a tensor autograd saved
     # for the backward pass changes under it: the trainer then has autograd save copies
     in_place: bool = False
+    # the site the module is trained on, made once the generations are recorded (None: `site`): the same weights
+    # in tensors autograd may use, for a host whose weights were made under inference mode (ComfyUI's executor)
+    student: Callable[[], Site] | None = None
 
 
 @dataclass
@@ -212,18 +215,19 @@ def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTra
 def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None, checkpoint: Path | None,
            progress: Progress | bool) -> FeedbackWeights:
     start = time.perf_counter()
-    root = teacher.site.root
-    fingerprint = model_fingerprint(root)
     torch.manual_seed(settings.seed)
     train_seeds = [settings.seed * 1000 + k for k in range(settings.generations)]
     test_seeds = [settings.seed * 1000 + settings.generations + k for k in range(settings.held_out)]
     runs = record(teacher, train_seeds + test_seeds, where, progress)
     runs, held = runs[:settings.generations], runs[settings.generations:]
-    frozen = [(p, p.requires_grad) for p in root.parameters()]
-    handle = REGISTRY.apply(teacher.site, [replace(settings.cache_config(), where=where)])[0]
+    site = teacher.site if teacher.student is None else teacher.student()
+    root = site.root
+    fingerprint = model_fingerprint(root)
+    frozen = [p for p in root.parameters() if p.requires_grad]  # only these change (and change back)
+    handle = REGISTRY.apply(site, [replace(settings.cache_config(), where=where)])[0]
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
+        for p in frozen:
+            _set_requires_grad(p, False)
         core: ILF = handle.core
         last = _fit(core, root, runs, settings, fingerprint, checkpoint, progress, teacher.in_place)
         losses = held_out_losses(core, root, held, settings)
@@ -232,9 +236,16 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
         result = FeedbackWeights.of(core.module, fingerprint, teacher.model, core.point.where, training)
     finally:
         handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+        for p in frozen:
+            _set_requires_grad(p, True)
     return result
+
+
+def _set_requires_grad(param: nn.Parameter, flag: bool) -> None:
+    """Set a backbone parameter's flag; one made under inference mode (a host that loads models in it, as ComfyUI's
+    executor does) only takes the change inside it."""
+    with torch.inference_mode(param.is_inference()):
+        param.requires_grad_(flag)
 
 
 def _fit(core: ILF, root: nn.Module, runs: list[list[Call]], settings: ILFTraining,
@@ -326,10 +337,13 @@ def comfy_teacher(model: Any, run: Any) -> Teacher:
     drawing the noise; the LiveCache techniques on the MODEL are left out (the teacher is the plain backbone).
     The module is trained on, and tied to, the diffusion model as ComfyUI loaded it (its LoRAs merged). The
     name is ComfyUI's model class (SD15, Flux, ...). ComfyUI's blocks may update activations in place
-    (`Teacher.in_place`)."""
+    (`Teacher.in_place`), and its executor loads weights under inference mode (`Teacher.student`). Run it
+    outside inference mode (`torch.inference_mode(False)`), as ComfyUI's own training node does."""
     from ..adapters.comfy_cachequant import generate, model_name
-    from ..adapters.comfy_ilf import training_site
+    from ..adapters.comfy_ilf import student_of, training_site
     from ..adapters.comfy_unet import without_techniques
 
     bare = without_techniques(model)
-    return Teacher(training_site(bare), model_name(bare), lambda seed: generate(bare, run, seed), in_place=True)
+    site = training_site(bare)
+    return Teacher(site, model_name(bare), lambda seed: generate(bare, run, seed), in_place=True,
+                   student=student_of(site))

@@ -215,3 +215,19 @@ def test_a_span_of_two_stream_blocks_is_refused():
     module = FeedbackWeights.of(FeedbackModule(torch.nn.Linear(2, 2)), fingerprint_of(qwen), "x", {})
     with pytest.raises(TypeError, match="ILF needs a span of single-stream blocks; Qwen-Image's blocks"):
         ApplyILFModel().apply(qwen, module, 2)
+
+
+def test_the_training_node_trains_inside_comfyuis_inference_mode():
+    """ComfyUI's executor runs every node, the checkpoint loader included, under `torch.inference_mode()`: the
+    Train ILF Module node trains there on the very weights the loader made, and its module fits that MODEL."""
+    from livecache.nodes.ilf_nodes import TrainILFModel
+
+    with torch.inference_mode():
+        target = build("sd15", seed=3)
+        run = target.run
+        assert all(p.is_inference() for p in target.model.get_model_object("diffusion_model").parameters())
+        (module,) = TrainILFModel().train(target.model, run.positive, run.negative, run.latent, 0, 1, STEPS, run.cfg,
+                                          run.sampler_name, run.scheduler, 1.0, 2, 2, "")
+        assert module.fingerprint == fingerprint_of(target.model) and float(module.state["scale"].abs()) > 0
+    out, counts = target.sample(ApplyILFModel().apply(target.model, module, 2)[0])
+    assert torch.isfinite(out).all() and counts == [STEPS // 2, STEPS] and untouched(target.model)
