@@ -17,7 +17,7 @@ from ..models.loading import resolve_inside
 from ..models.pipeline import DiffusionModel
 from ..train.ilf import ILFTraining, comfy_teacher, train_ilf
 from .comfy_model_nodes import sampler_inputs, sampler_run
-from .comfy_nodes import MODEL_INPUT, on_model, stats_reporter
+from .comfy_nodes import on_model, stats_reporter
 from .context import model_roots
 from .fields import PIPE_MODEL, declare, int_field, link, schema
 from .kinds import ModelTechnique, Node, PipeTechnique
@@ -113,8 +113,8 @@ class TrainILFModel(Node, category="train", returns={"ilf_module": "LC_ILF"}, fu
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 (the name ComfyUI calls)
-        inputs = {"model": MODEL_INPUT, **sampler_inputs()}
-        inputs["model"] = ("MODEL", {"tooltip": "The model to train for (the module only fits these weights)."})
+        inputs = {"model": ("MODEL", {"tooltip": "The model to train for (the module only fits these weights)."}),
+                  **sampler_inputs()}
         inputs["seed"] = int_field(0, 0, 2**31 - 1, "The training seed: the teacher's seeds (seed x 1000 + k), the "
                                                      "pairs' order and the initial module come from it.")
         inputs["calibration_seeds"] = int_field(6, 1, 64, "Teacher generations to distil from (one more, unseen, "
@@ -131,6 +131,8 @@ class TrainILFModel(Node, category="train", returns={"ilf_module": "LC_ILF"}, fu
               calibration_seeds: int, steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float,
               training_steps: int, cache_interval: int, save_as: str) -> tuple[FeedbackWeights]:
         out = module_path(save_as) if save_as.strip() else None  # a bad path fails before training
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
         settings = ILFTraining(steps=int(training_steps), interval=int(cache_interval),
                                generations=int(calibration_seeds), held_out=1, seed=int(seed))
         run = sampler_run(positive, negative, latent_image, seed, 1, steps, cfg, sampler_name, scheduler, denoise)

@@ -217,17 +217,25 @@ def test_a_span_of_two_stream_blocks_is_refused():
         ApplyILFModel().apply(qwen, module, 2)
 
 
-def test_the_training_node_trains_inside_comfyuis_inference_mode():
+def test_the_training_node_trains_inside_comfyuis_inference_mode(tmp_path, monkeypatch):
     """ComfyUI's executor runs every node, the checkpoint loader included, under `torch.inference_mode()`: the
-    Train ILF Module node trains there on the very weights the loader made, and its module fits that MODEL."""
+    Train ILF Module node trains there on the very weights the loader made, saves the module where Load ILF
+    Module finds it (never over a file), and the module fits that MODEL."""
     from livecache.nodes.ilf_nodes import TrainILFModel
+
+    monkeypatch.setenv("LIVECACHE_MODELS", str(tmp_path))
 
     with torch.inference_mode():
         target = build("sd15", seed=3)
         run = target.run
         assert all(p.is_inference() for p in target.model.get_model_object("diffusion_model").parameters())
         (module,) = TrainILFModel().train(target.model, run.positive, run.negative, run.latent, 0, 1, STEPS, run.cfg,
-                                          run.sampler_name, run.scheduler, 1.0, 2, 2, "")
+                                          run.sampler_name, run.scheduler, 1.0, 2, 2, "ilf/tiny")
         assert module.fingerprint == fingerprint_of(target.model) and float(module.state["scale"].abs()) > 0
-    out, counts = target.sample(ApplyILFModel().apply(target.model, module, 2)[0])
+        with pytest.raises(FileExistsError, match="never written over"):
+            TrainILFModel().train(target.model, run.positive, run.negative, run.latent, 0, 1, STEPS, run.cfg,
+                                  run.sampler_name, run.scheduler, 1.0, 2, 2, "ilf/tiny")
+    (loaded,) = LoadILFModule().load("ilf/tiny.safetensors")
+    assert loaded.fingerprint == module.fingerprint
+    out, counts = target.sample(ApplyILFModel().apply(target.model, loaded, 2)[0])
     assert torch.isfinite(out).all() and counts == [STEPS // 2, STEPS] and untouched(target.model)
