@@ -21,7 +21,7 @@ Only the module is trained, by distillation from the frozen backbone's own sampl
   point, saved with the module so it loads where it was trained.
 - Which steps are full is `CacheSchedule`'s (DeepCache's and the block cache's): steps are read from
   the noise level, so any sampler works.
-- A trained module is tied to the backbone it was trained on (`model_fingerprint`): applying it to
+- A trained module is tied to the backbone it was trained on (`cache_schedule.model_fingerprint`): applying it to
   another model is refused, naming both fingerprints. Modules are safetensors files, nothing else.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from torch import nn
 
 from ..files import write_new, write_replacing
 from .block_cache import BlockCache, BlockCacheConfig, BlockCacheMode
-from .cache_schedule import model_fingerprint
 from .deepcache import CacheSchedule, DeepCache
 from .forward_override import ForwardOverrides
 from .site import FeedbackPoint, RunBlock
@@ -59,16 +59,22 @@ class FeedbackModule(nn.Module):
 
     def forward(self, feature: torch.Tensor, run: RunBlock, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> torch.Tensor:
-        return feature + self.scale.to(feature.dtype) * (run(self.block, feature, args, kwargs) - feature)
+        # the copy runs on its own tensor: a block may add to its input in place (ComfyUI's Flux blocks `x += ...`)
+        moved = run(self.block, feature.clone(), args, kwargs)
+        return feature + self.scale.to(feature.dtype) * (moved - feature)
 
 
 def clean_copy(block: nn.Module) -> nn.Module:
     """A copy of `block` computing what its class computes: without the instance forwards other techniques
-    installed on it (a slicer's, a cache's), which would otherwise be copied along and act on the original."""
+    installed on it (a slicer's, a cache's) or the forward hooks others registered on it (a recorder's, a
+    counter's), which would otherwise be copied along and act on the original's behalf."""
     out = copy.deepcopy(block)
     for module in out.modules():
         for name in ("forward", "_livecache_forwards"):
             module.__dict__.pop(name, None)
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs,
+                      module._forward_pre_hooks_with_kwargs, module._forward_hooks_always_called):
+            hooks.clear()
     return out
 
 
@@ -259,14 +265,18 @@ class ILF:
                 return out
             self.prediction = self.module(self.point.stream_of(out), self.point.run, *self._context)
             self.feedback_calls += 1
-            return self.point.with_stream(out, self.prediction)
+            # the model reads a copy: a later block may add to its input in place (ComfyUI's Flux), which would
+            # change the kept prediction under the trainer's feature loss
+            return self.point.with_stream(out, self.prediction.clone())
 
         return forward
 
 
-def build_ilf(config: ILFConfig, point: FeedbackPoint, root: nn.Module) -> ILF:
-    """The core for `config` at `point` of the model `root`: a trained module is checked against the model."""
+def build_ilf(config: ILFConfig, point: FeedbackPoint, fingerprint: Callable[[], str]) -> ILF:
+    """The core for `config` at `point`: a trained module is checked against `fingerprint()`, the fingerprint of
+    the model's weights as they compute (the site's: a host that knows when its weights change, ComfyUI with its
+    LoRAs merged, hashes them once per state); an untrained one needs no check, so nothing is hashed for it."""
     if config.module is None:
         return ILF(config, point, FeedbackModule(point.block))
-    config.module.check(model_fingerprint(root))
+    config.module.check(fingerprint())
     return ILF(config, point, config.module.module_for(point))

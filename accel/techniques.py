@@ -105,7 +105,7 @@ def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dic
 # -- Inner Loop Feedback ----------------------------------------------------------------------
 def _apply_ilf(site: Site, config: ILFConfig, handle: Handle, _stack: Sequence[Technique]) -> None:
     where = config.module.where if config.module is not None else config.where
-    core = handle.core = build_ilf(config, site.feedback_point(where), site.root)
+    core = handle.core = build_ilf(config, site.feedback_point(where), lambda: site.fingerprint)
     _drive(site, core, handle)
 
 

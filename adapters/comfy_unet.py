@@ -41,11 +41,12 @@ from torch import nn
 from ..accel.deepcache import DeepCacheConfig
 from ..accel.registry import Handle, applied_to
 from ..accel.rehash import StepRehashConfig
-from ..accel.site import Around, BlockSpan, CallStart, Removable, Removal, Site
+from ..accel.site import Around, BlockSpan, CallStart, FeedbackPoint, Removable, Removal, Site
 from ..accel.slicing import OperatorGroup, SliceAxis, SlicingConfig
 from ..accel.techniques import REGISTRY
 from .comfy_dit import call_wrapper, layout_of
 from .comfy_layers import operator_groups, quant_layers, weights_version
+from .dit_blocks import span_feedback
 
 Call = Callable[[], Any]
 
@@ -71,6 +72,47 @@ def deep_modules(unet: nn.Module, branch_id: int) -> list[nn.Module]:
         raise ValueError(f"cache_branch_id must be in [0, {len(inputs) - 2}] for this U-Net, got {branch_id}")
     deep_blocks = inputs[branch_id + 1 :] + [unet.middle_block] + outputs[: len(outputs) - branch_id - 1]
     return [layer for block in deep_blocks for layer in block]
+
+
+def _is_resblock(module: nn.Module) -> bool:
+    """A plain `openaimodel.ResBlock` with a timestep embedding (ComfyUI runs it as `layer(x, emb)`)."""
+    return type(module).__name__ == "ResBlock" and getattr(module, "emb_layers", None) is not None
+
+
+def _run_resblock(block: nn.Module, feature: torch.Tensor, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> torch.Tensor:
+    """A ResBlock copy on `feature` with the timestep embedding the first deep layer received (`emb`, second)."""
+    return block(feature, kwargs["emb"] if "emb" in kwargs else args[1])
+
+
+def unet_feedback_point(unet: nn.Module, where: dict[str, Any] | None) -> FeedbackPoint:
+    """ILF on a ComfyUI U-Net below skip branch `branch` (default 0): a feedback step skips DeepCache's deep layers
+    and the feature the shallow branch reads (the last deep layer's output) is corrected by a copy of the deep
+    ResBlock `block` (its qualified name; default: the last deep one that maps the feature's channels to
+    themselves, as on the diffusers U-Net), called with the step's timestep embedding. ComfyUI hands that
+    embedding only to the layers that take one (`forward_timestep_embed`), so the first deep layer must be one:
+    a branch whose deep part starts at a downsampler is refused, naming it."""
+    where = dict(where or {})
+    branch = where.setdefault("branch", 0)
+    if isinstance(branch, bool) or not isinstance(branch, int):
+        raise ValueError(f"ILF branch must be an integer, got {branch!r}")
+    deep = tuple(deep_modules(unet, branch))
+    if not any(cls.__name__ == "TimestepBlock" for cls in type(deep[0]).__mro__):
+        raise ValueError(f"ILF cannot attach at branch {branch} of this U-Net: its first deep layer "
+                         f"({type(deep[0]).__name__}) receives no timestep embedding, which the feedback module "
+                         "runs with; choose a branch whose deep part starts at a ResBlock")
+    names = {id(m): name for name, m in unet.named_modules()}
+    resblocks = [layer for layer in deep if _is_resblock(layer)]
+    channels = resblocks[-1].out_channels  # the last deep resblock shapes the feature (the layers after keep it)
+    fits = [names[id(m)] for m in resblocks if m.channels == m.out_channels == channels]
+    if not fits:
+        raise TypeError(f"no deep ResBlock of this U-Net maps {channels} channels to {channels}: ILF cannot attach "
+                        f"at branch {branch}")
+    name = where.setdefault("block", fits[-1])
+    block = dict(unet.named_modules()).get(name) if isinstance(name, str) else None
+    if block is None or not _is_resblock(block):
+        raise ValueError(f"this U-Net has no ResBlock {name!r} for the ILF module to copy")
+    return FeedbackPoint(deep, len(deep) - 1, block, where, _run_resblock)
 
 
 class ComfyRunSite(Site):
@@ -105,6 +147,11 @@ class ComfyRunSite(Site):
         if self.layout is None:
             return super().block_span(span)
         return self.layout.block_span(span)
+
+    def feedback_point(self, where: dict[str, Any] | None) -> FeedbackPoint:
+        if self.layout is None:
+            return unet_feedback_point(self.root, where)
+        return span_feedback(self.layout, where)
 
     def watch_calls(self, begin: CallStart, end: Callable[[], None]) -> Removable:
         watcher = (begin, end)

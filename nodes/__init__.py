@@ -7,7 +7,7 @@ from .comfy_model_nodes import CacheQuantModel, CalibrateScheduleModel, LoadSche
 from .comfy_nodes import DeepCacheModel, StepRehashModel
 from .diffusers_nodes import ApplyDeepCache, DecodeImages, DiffusersSampler, LoadDiffusersModel, SaveImages
 from .dit_nodes import ApplyBlockCache
-from .ilf_nodes import ApplyILF, LoadILFModule
+from .ilf_nodes import ApplyILF, ApplyILFModel, LoadILFModule, TrainILFModel
 from .streamlined_nodes import ApplySlicing, ApplyStepRehash
 from .video_nodes import CausalCache, LoadVideoModel, VideoSampler
 
@@ -32,6 +32,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LiveCacheBlockCacheModel": BlockCacheModel,
     "LiveCacheTokenSlicingModel": TokenSlicingModel,
     "LiveCacheCacheQuantModel": CacheQuantModel,
+    "LiveCacheApplyILFModel": ApplyILFModel,
+    "LiveCacheTrainILFModel": TrainILFModel,
     "LiveCacheCalibrateScheduleModel": CalibrateScheduleModel,
     "LiveCacheLoadScheduleModel": LoadScheduleModel,
     "LiveCacheLoadAudio": LoadAudioFile,
@@ -63,6 +65,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LiveCacheBlockCacheModel": "Block Cache for MODEL (LiveCache)",
     "LiveCacheTokenSlicingModel": "Token Slicing for DiT MODEL (LiveCache)",
     "LiveCacheCacheQuantModel": "CacheQuant for MODEL (LiveCache)",
+    "LiveCacheApplyILFModel": "Apply ILF for MODEL (LiveCache)",
+    "LiveCacheTrainILFModel": "Train ILF Module for MODEL (LiveCache)",
     "LiveCacheCalibrateScheduleModel": "Calibrate Cache Schedule for MODEL (LiveCache)",
     "LiveCacheLoadScheduleModel": "Load Cache Schedule for MODEL (LiveCache)",
     "LiveCacheLoadAudio": "Load Audio File (LiveCache)",

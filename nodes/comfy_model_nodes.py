@@ -93,7 +93,7 @@ def _sampler_choices() -> tuple[list[str], list[str]]:
     return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
 
 
-def _sampler_inputs() -> dict[str, Any]:
+def sampler_inputs() -> dict[str, Any]:
     """What KSampler takes (the calibration generations run exactly that), plus how many seeds."""
     samplers, schedulers = _sampler_choices()
     return {
@@ -115,8 +115,8 @@ def _sampler_inputs() -> dict[str, Any]:
     }
 
 
-def _run(positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, calibration_seeds: int, steps: int,
-         cfg: float, sampler_name: str, scheduler: str, denoise: float) -> SamplerRun:
+def sampler_run(positive: Any, negative: Any, latent_image: dict[str, Any], seed: int, calibration_seeds: int,
+                steps: int, cfg: float, sampler_name: str, scheduler: str, denoise: float) -> SamplerRun:
     return SamplerRun(positive, negative, latent_image, tuple(range(int(seed), int(seed) + int(calibration_seeds))),
                       int(steps), float(cfg), sampler_name, scheduler, float(denoise))
 
@@ -142,7 +142,7 @@ class CalibrateScheduleModel(Node, category="calibrate", returns={"schedule": "L
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to calibrate for (the schedule only fits these weights)."}),
-            **_sampler_inputs(),
+            **sampler_inputs(),
             "full_steps": _FULL_STEPS,
             "cache_branch_id": CACHE_BRANCH,
             "objective": _OBJECTIVE,
@@ -163,8 +163,8 @@ class CalibrateScheduleModel(Node, category="calibrate", returns={"schedule": "L
         check_steps(full_steps, steps)
         if save_as.strip():
             schedule_path(save_as)  # a bad path fails before calibrating
-        run = _run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name, scheduler,
-                   denoise)
+        run = sampler_run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name,
+                          scheduler, denoise)
         schedule = calibrate_schedule(model, run, int(full_steps), int(cache_branch_id), objective)
         if save_as.strip():
             save_schedule(schedule, save_as)
@@ -205,7 +205,7 @@ class CacheQuantModel(ModelTechnique):
     def INPUT_TYPES(cls):
         return {"required": {
             "model": MODEL_INPUT,
-            **_sampler_inputs(),
+            **sampler_inputs(),
             **cachequant_inputs("w8a8: int8 weights and activations; none: calibrated caching only.",
                                 "Correct each quantized layer's output per channel and step."),
             "full_steps": _FULL_STEPS,
@@ -231,8 +231,8 @@ class CacheQuantModel(ModelTechnique):
         config = CacheQuantConfig(int(full_steps), int(cache_branch_id),
                                   QuantConfig() if quantization == "w8a8" else None, bool(correct_cache),
                                   bool(correct_quant))
-        run = _run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name, scheduler,
-                   denoise)
+        run = sampler_run(positive, negative, latent_image, seed, calibration_seeds, steps, cfg, sampler_name,
+                          scheduler, denoise)
         plan = calibrate_cachequant(model, config, run, schedule, objective)
         return (apply_cachequant(model, plan, stats_reporter(unique_id)),)
 

@@ -22,7 +22,7 @@ from .streamlined_nodes import ApplyStepRehash
 from .ui_messages import send_stats
 
 
-def _on_model(diffusers_node: type) -> dict[str, Any]:
+def on_model(diffusers_node: type) -> dict[str, Any]:
     """The diffusers-side node's knobs, ranges and tooltips, with its model input taking a ComfyUI MODEL."""
     required = dict(diffusers_node.INPUT_TYPES()["required"])
     required["model"] = MODEL_INPUT
@@ -45,7 +45,7 @@ class DeepCacheModel(ModelTechnique):
 
     DESCRIPTION = ("Feature caching (DeepCache) on a ComfyUI MODEL: the full U-Net every N steps, only the "
                    "shallow branch in between. Connect the result to KSampler (or any sampler node).")
-    INPUT_TYPES = declare(_on_model(ApplyDeepCache), {"calibrated_schedule": link("LC_SCHEDULE", (
+    INPUT_TYPES = declare(on_model(ApplyDeepCache), {"calibrated_schedule": link("LC_SCHEDULE", (
         "A CacheQuant schedule (Load/Calibrate Cache Schedule): its full steps replace cache_interval, schedule, "
         "start and end; the sampler must run exactly its number of steps."))}, unique_id=True)
 
@@ -64,7 +64,7 @@ class StepRehashModel(ModelTechnique):
 
     DESCRIPTION = ("Step rehash (Streamlined Inference) on a ComfyUI MODEL: reuses the last U-Net output on steps "
                    "whose predicted output change is below the threshold. Connect the result to any sampler node.")
-    INPUT_TYPES = declare(_on_model(ApplyStepRehash), unique_id=True)
+    INPUT_TYPES = declare(on_model(ApplyStepRehash), unique_id=True)
 
     def apply(self, model: Any, threshold: float, max_skips: int, mode: str,
               unique_id: str | None = None) -> tuple[Any]:

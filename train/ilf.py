@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ class Teacher:
     site: Site
     model: str
     generate: Callable[[int], Any]
+    # the backbone's blocks add to their inputs in place (ComfyUI's Flux: `x += ...`), so a tensor autograd saved
+    # for the backward pass changes under it: the trainer then has autograd save copies
+    in_place: bool = False
+    # the site the module is trained on, made once the generations are recorded (None: `site`): the same weights
+    # in tensors autograd may use, for a host whose weights were made under inference mode (ComfyUI's executor)
+    student: Callable[[], Site] | None = None
 
 
 @dataclass
@@ -279,24 +286,25 @@ def train_ilf(teacher: Teacher, out: Path | None, settings: ILFTraining = ILFTra
 def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None, checkpoint: Path | None,
            progress: Progress | bool) -> FeedbackWeights:
     start = time.perf_counter()
-    root = teacher.site.root
-    fingerprint = model_fingerprint(root)
     torch.manual_seed(settings.seed)
     train_seeds = [settings.seed * 1000 + k for k in range(settings.generations)]
     test_seeds = [settings.seed * 1000 + settings.generations + k for k in range(settings.held_out)]
     runs = record(teacher, train_seeds + test_seeds, where, progress)
     samples = teacher_samples(teacher, train_seeds + test_seeds) if settings.objective == "rollout" else []
     runs, held = runs[:settings.generations], runs[settings.generations:]
-    frozen = [(p, p.requires_grad) for p in root.parameters()]
-    handle = REGISTRY.apply(teacher.site, [replace(settings.cache_config(), where=where)])[0]
+    site = teacher.site if teacher.student is None else teacher.student()
+    root = site.root
+    fingerprint = model_fingerprint(root)
+    frozen = [p for p in root.parameters() if p.requires_grad]  # only these change (and change back)
+    handle = REGISTRY.apply(site, [replace(settings.cache_config(), where=where)])[0]
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
+        for p in frozen:
+            _set_requires_grad(p, False)
         core: ILF = handle.core
         if settings.objective == "rollout":
             choices = [(train_seeds[g], runs[g], samples[g]) for g in range(settings.generations)]
             last = _fit(core, len(choices), lambda k: rollout_loss(core, teacher, *choices[k], settings),
-                        settings, fingerprint, checkpoint, progress)
+                        settings, fingerprint, checkpoint, progress, teacher.in_place)
             rollouts = held_out_rollouts(core, teacher, test_seeds, held, samples[settings.generations:], settings)
         else:
             pairs = pairs_of(runs, settings)
@@ -306,19 +314,19 @@ def _train(teacher: Teacher, settings: ILFTraining, where: dict[str, Any] | None
             last = _fit(core, len(pairs), lambda k: pair_loss(core, root, fulls(runs[pairs[k][0]], pairs[k][1],
                                                                                 settings),
                                                               runs[pairs[k][0]][pairs[k][2]], settings),
-                        settings, fingerprint, checkpoint, progress)
+                        settings, fingerprint, checkpoint, progress, teacher.in_place)
         result = FeedbackWeights.of(core.module, fingerprint, teacher.model, core.point.where)
     finally:
         handle.remove()
     # the pair loss on held-out seeds (one cached step after exact full ones), whatever the module was trained on
     pairs_settings = replace(settings, objective="pairs")
-    handle = REGISTRY.apply(teacher.site, [replace(pairs_settings.cache_config(), module=result)])[0]
+    handle = REGISTRY.apply(site, [replace(pairs_settings.cache_config(), module=result)])[0]
     try:
         losses = held_out_losses(handle.core, root, held, pairs_settings)
     finally:
         handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+        for p in frozen:
+            _set_requires_grad(p, True)
     training = {**asdict(settings), "seconds": round(time.perf_counter() - start, 1), "held_out_loss": losses,
                 "train_seeds": train_seeds, "held_out_seeds": test_seeds, "last_loss": last}
     if settings.objective == "rollout":
@@ -332,10 +340,18 @@ def teacher_samples(teacher: Teacher, seeds: list[int]) -> list[torch.Tensor]:
     return [teacher.generate(seed).detach().clone() for seed in seeds]
 
 
+def _set_requires_grad(param: nn.Parameter, flag: bool) -> None:
+    """Set a backbone parameter's flag; one made under inference mode (a host that loads models in it, as ComfyUI's
+    executor does) only takes the change inside it."""
+    with torch.inference_mode(param.is_inference()):
+        param.requires_grad_(flag)
+
+
 def _fit(core: ILF, choices: int, loss_of: Callable[[int], torch.Tensor], settings: ILFTraining,
-         fingerprint: str, checkpoint: Path | None, progress: Progress | bool) -> float:
+         fingerprint: str, checkpoint: Path | None, progress: Progress | bool, in_place: bool = False) -> float:
     """The optimisation loop over `choices` training examples (`loss_of(k)`: the k-th one's loss, drawn by the
-    run's generator), resuming from `checkpoint` when it holds this run; returns the last loss."""
+    run's generator), resuming from `checkpoint` when it holds this run; returns the last loss.
+    `in_place`: autograd keeps copies of what it saves (`Teacher.in_place`)."""
     module = core.module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -344,7 +360,8 @@ def _fit(core: ILF, choices: int, loss_of: Callable[[int], torch.Tensor], settin
     loss = float("nan")
     for step in as_progress(progress).loop(range(done, settings.steps), "train ILF module", "step"):
         k = int(torch.randint(choices, (1,), generator=generator))
-        with torch.enable_grad():
+        saving = torch.autograd.graph.saved_tensors_hooks(torch.clone, _unpacked) if in_place else nullcontext()
+        with torch.enable_grad(), saving:
             value = loss_of(k)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
@@ -353,6 +370,10 @@ def _fit(core: ILF, choices: int, loss_of: Callable[[int], torch.Tensor], settin
         if checkpoint is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
             _save_checkpoint(checkpoint, tag, step + 1, module, optimizer, generator)
     return loss
+
+
+def _unpacked(saved: torch.Tensor) -> torch.Tensor:
+    return saved
 
 
 def _save_checkpoint(path: Path, tag: str, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
@@ -404,3 +425,21 @@ def model_teacher(model: Any, steps: int = 20, batch: int = 8) -> Teacher:
                        initial_noise(model, batch, seed), steps, model.default_guidance, seed, progress=False)
 
     return Teacher(model_site(model.unet), model.name, generate)
+
+
+def comfy_teacher(model: Any, run: Any) -> Teacher:
+    """A ComfyUI MODEL (a `ModelPatcher`) sampling as its KSampler node would with `run` (an
+    `adapters.comfy_cachequant.SamplerRun`: conditioning, latent, steps, CFG, sampler, scheduler), seed `s`
+    drawing the noise; the LiveCache techniques on the MODEL are left out (the teacher is the plain backbone).
+    The module is trained on, and tied to, the diffusion model as ComfyUI loaded it (its LoRAs merged). The
+    name is ComfyUI's model class (SD15, Flux, ...). ComfyUI's blocks may update activations in place
+    (`Teacher.in_place`), and its executor loads weights under inference mode (`Teacher.student`). Run it
+    outside inference mode (`torch.inference_mode(False)`), as ComfyUI's own training node does."""
+    from ..adapters.comfy_cachequant import generate, model_name
+    from ..adapters.comfy_ilf import student_of, training_site
+    from ..adapters.comfy_unet import without_techniques
+
+    bare = without_techniques(model)
+    site = training_site(bare)
+    return Teacher(site, model_name(bare), lambda seed: generate(bare, run, seed), in_place=True,
+                   student=student_of(site))

@@ -36,7 +36,7 @@ UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json")
                   if not p.stem.endswith("_api") and '"CheckpointLoaderSimple"' in p.read_text())
 SCHEDULE = "schedules/my_checkpoint_24_steps.json"  # what the CacheQuant workflow saves and the load workflow reads
 TINY = {"ckpt_name": "tiny.safetensors", "width": 64, "height": 64, "steps": 6, "full_steps": 3,
-        "calibration_seeds": 1}
+        "calibration_seeds": 1, "training_steps": 2}
 TINY_FAMILY = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -50,7 +50,7 @@ def test_every_model_technique_has_a_workflow_with_a_twin():
     types = {node["type"] for path in UI_FILES for node in json.loads(path.read_text())["nodes"]}
     for node in ("LiveCacheDeepCacheModel", "LiveCacheStepRehashModel", "LiveCacheQuantizeModel",
                  "LiveCacheSlicingModel", "LiveCacheCacheQuantModel", "LiveCacheCalibrateScheduleModel",
-                 "LiveCacheLoadScheduleModel"):
+                 "LiveCacheLoadScheduleModel", "LiveCacheTrainILFModel", "LiveCacheApplyILFModel"):
         assert node in types, node
     for path in UI_FILES:
         assert path.with_name(path.stem + "_api.json").is_file(), path.name
