@@ -6,7 +6,8 @@ DiT), every method on the same inputs and seeds:
 - calibration first, on other noise than the measured generation: the DP schedule (the span's
   residual recorded at every step of one uncached generation; errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖²,
   the cost of reusing step i's residual at step j; `cache_schedule.dp_schedule` picks the K full
-  steps of least total error), W8A8, MagCache's magnitude ratios (its own calibration mode);
+  steps of least total error), the fitted forecast's weights (`block_cache.fit_forecast`, least squares
+  on the Gram matrix of the same residuals), W8A8, MagCache's magnitude ratios (its own calibration mode);
 - each method runs once untimed (warm-up; its output gives the fidelity columns and the block
   calls), then `--runs` interleaved timed rounds; the median sampler-loop time against the fp32
   uncached median of the same work gives the speed ratio;
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..accel.block_cache import BlockCacheConfig
+from ..accel.block_cache import BlockCacheConfig, fit_forecast
 from ..accel.cache_schedule import dp_schedule, uniform_with
 from ..accel.quant import QuantConfig, calibrate_quant
 from ..accel.schedules import Schedule, count_full, format_schedule, nonuniform_schedule, uniform_schedule
@@ -150,8 +151,9 @@ def generate(method: Method, meter: Callable[[Callable[[], torch.Tensor]], torch
         remove_diffusers_hooks(work.transformer)
 
 
-def residual_errors(work: DitWork) -> torch.Tensor:
-    """errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖² over the default span's residuals r of one calibration generation."""
+def residual_stats(work: DitWork) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the default span's residuals r of one calibration generation: errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖²
+    (the DP schedule's objective) and the Gram matrix gram[i, j] = ⟨r_i, r_j⟩ (the fitted forecast's)."""
     span = DiTSite(work.transformer).block_span(None)
     first, last, io_first, io_last = span.blocks[0], span.blocks[-1], span.io[0], span.io[-1]
     entry: list[tuple[torch.Tensor, ...]] = []
@@ -172,7 +174,7 @@ def residual_errors(work: DitWork) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     r = torch.stack(residuals)
-    return (torch.cdist(r, r) ** 2) / (r.norm(dim=1) ** 2).clamp_min(1e-30).unsqueeze(0)
+    return (torch.cdist(r, r) ** 2) / (r.norm(dim=1) ** 2).clamp_min(1e-30).unsqueeze(0), r @ r.T
 
 
 def mag_ratios(work: DitWork) -> list[float]:
@@ -231,7 +233,7 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
     """Calibrate for `work` and list the methods of its table."""
     steps = work.steps
     started = time.perf_counter()
-    errors = residual_errors(work)
+    errors, gram = residual_stats(work)
     site = DiTSite(work.transformer)
     w8a8 = calibrate_quant(QuantConfig(), work.transformer, site.quant_layers(), site.read_level,
                            lambda: work.calibrate(work.new_scheduler()))
@@ -251,6 +253,9 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
                 methods.append(Method(f"forecast o{order} {label} K={k}", "ours", work,
                                       (BlockCacheConfig(**fixed, mode="forecast", order=order),),
                                       format_schedule(schedule)))
+            methods.append(Method(f"fitted forecast {label} K={k}", "ours", work,
+                                  (BlockCacheConfig(**fixed, mode="fitted", weights=fit_forecast(gram, schedule)),),
+                                  format_schedule(schedule)))
     methods.append(Method("W8A8", "ours", work, (w8a8,), note=w8a8.backend))
     k = count_full(uniform_schedule(steps, intervals[0]))
     methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
