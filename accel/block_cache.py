@@ -36,20 +36,18 @@ the streams, where they sit in its output); this core knows nothing else about t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from .deepcache import CacheSchedule, DeepCache, DeepCacheStats
+from .forecast_fit import check_weights, fit_forecast
 from .forward_override import Forward
-from .schedules import Schedule
 from .site import BlockSpan, Streams
 
+__all__ = ["BlockCache", "BlockCacheConfig", "BlockCacheStats", "fit_forecast", "forecast", "weighted"]
+
 BlockCacheMode = Literal["reuse", "forecast", "fitted"]
-MAX_FIT_HISTORY = 8
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class BlockCacheConfig(CacheSchedule):
         if (self.mode == "fitted") != (self.weights is not None):
             raise ValueError("mode='fitted' needs weights (from fit_forecast), and weights need mode='fitted'")
         if self.weights is not None:
-            _check_weights(self.weights, self.full_steps_override)
+            check_weights(self.weights, self.full_steps_override)
 
     @property
     def history(self) -> int:
@@ -92,66 +90,6 @@ class BlockCacheConfig(CacheSchedule):
         if self.weights is not None:
             return max(1, *(len(w) for w in self.weights))
         return 1 if self.mode == "reuse" else self.order + 1
-
-
-def _check_weights(weights: Any, schedule: Schedule | None) -> None:
-    """Fitted weights belong to one calibrated schedule: one tuple per step, empty exactly on its full steps,
-    no more entries than full steps before, finite numbers."""
-    if schedule is None:
-        raise ValueError("mode='fitted' needs schedule='calibrated' (its weights were fitted for one schedule)")
-    if not isinstance(weights, tuple) or len(weights) != len(schedule):
-        raise ValueError(f"weights must be a tuple of {len(schedule)} tuples (one per step of the schedule), "
-                         f"got {type(weights).__name__} of {len(weights) if isinstance(weights, tuple) else '?'}")
-    seen = 0
-    for step, (w, full) in enumerate(zip(weights, schedule, strict=True)):
-        seen += bool(full)
-        if not isinstance(w, tuple) or not all(isinstance(v, float) and math.isfinite(v) for v in w):
-            raise ValueError(f"weights[{step}] must be a tuple of finite floats, got {w!r}")
-        if full and w:
-            raise ValueError(f"weights[{step}]: step {step} is a full step and takes no weights, got {w!r}")
-        most = min(seen, MAX_FIT_HISTORY)
-        if not full and not 1 <= len(w) <= most:
-            raise ValueError(f"weights[{step}]: a cached step after {seen} full steps takes 1..{most} weights, "
-                             f"got {len(w)}")
-
-
-def fit_forecast(gram: torch.Tensor, schedule: Schedule, history: int = 2) -> tuple[tuple[float, ...], ...]:
-    """Least-squares weights for mode "fitted": per cached step j of `schedule`, the weights w over the last
-    `history` full steps' residuals r_f (oldest first) minimising Σ‖r_j − Σ_k w_k r_{f_k}‖² over the
-    calibration data, from its Gram matrix `gram[i, j]` = Σ⟨r_i, r_j⟩ (steps × steps; every stream,
-    every sample and call of a step, summed).
-
-    Solved in the basis (r_a, r_a − r_b, …) — the newest kept residual and its differences to the older
-    ones — with the minimum-norm solution (singular values below 1e-9 of the largest dropped): where the
-    residuals do not change, the differences vanish, their coefficients are 0 and the fit is reuse.
-    """
-    steps = len(schedule)
-    if gram.shape != (steps, steps):
-        raise ValueError(f"gram is {tuple(gram.shape)}, the schedule has {steps} steps")
-    if not schedule or not schedule[0]:
-        raise ValueError("the schedule must start with a full step")
-    if isinstance(history, bool) or not isinstance(history, int) or not 1 <= history <= MAX_FIT_HISTORY:
-        raise ValueError(f"history must be an integer in 1..{MAX_FIT_HISTORY}, got {history!r}")
-    g = gram.double()
-    weights: list[tuple[float, ...]] = []
-    full: list[int] = []
-    for j, is_full in enumerate(schedule):
-        if is_full:
-            full.append(j)
-            weights.append(())
-            continue
-        kept = full[-history:]
-        m = len(kept)
-        basis = torch.zeros(m, m, dtype=torch.float64)  # row k: basis vector k in terms of the kept residuals
-        basis[:, m - 1] = 1.0
-        for k in range(1, m):
-            basis[k, m - 1 - k] = -1.0
-        idx = torch.tensor(kept)
-        lhs = basis @ g[idx][:, idx] @ basis.T
-        rhs = basis @ g[idx, j]
-        coefs = torch.linalg.pinv(lhs, rtol=1e-9, hermitian=True) @ rhs
-        weights.append(tuple(float(v) for v in basis.T @ coefs))
-    return tuple(weights)
 
 
 @dataclass
