@@ -40,8 +40,7 @@ def check_weights(weights: Any, schedule: Schedule | None) -> None:
                              f"got {len(w)}")
 
 
-def fit_forecast(gram: torch.Tensor, schedule: Schedule, history: int = 2,
-                 affine: bool = True) -> tuple[tuple[float, ...], ...]:
+def fit_forecast(gram: torch.Tensor, schedule: Schedule, history: int = 2) -> tuple[tuple[float, ...], ...]:
     """Least-squares weights for mode "fitted": per cached step j of `schedule`, the weights w over the last
     `history` full steps' residuals r_f (oldest first) minimising Σ‖r_j − Σ_k w_k r_{f_k}‖² over the
     calibration data, from its Gram matrix `gram[i, j]` = Σ⟨r_i, r_j⟩ (steps × steps; every stream,
@@ -50,12 +49,6 @@ def fit_forecast(gram: torch.Tensor, schedule: Schedule, history: int = 2,
     Solved in the basis (r_a, r_a − r_b, …) — the newest kept residual and its differences to the older
     ones — with the minimum-norm solution (singular values below 1e-9 of the largest dropped): where the
     residuals do not change, the differences vanish, their coefficients are 0 and the fit is reuse.
-    `affine` (the default) fixes the coefficient of r_a at 1, so the weights sum to 1, as reuse's and
-    every extrapolation's do: the fit may average out a step-to-step fluctuation but not scale the
-    residual. Why: a cached step's error enters the latent through the sampler, which sums the steps'
-    errors; a free fit shrinks the residual (measured: by ~10% on a random-weight Flux), and that shrinkage
-    is a bias shared by every cached step, so it adds up coherently where the fluctuation it removes
-    partly cancels (the free fit lowered the per-step residual error and not the latent's, `bench dit`).
     """
     steps = len(schedule)
     if gram.shape != (steps, steps):
@@ -74,24 +67,13 @@ def fit_forecast(gram: torch.Tensor, schedule: Schedule, history: int = 2,
             continue
         kept = full[-history:]
         m = len(kept)
-        # rows: the basis vectors over (the kept residuals, oldest first, then r_j); row 0 is r_a itself
-        basis = torch.zeros(m, m + 1, dtype=torch.float64)
+        basis = torch.zeros(m, m, dtype=torch.float64)  # row k: basis vector k in terms of the kept residuals
         basis[:, m - 1] = 1.0
         for k in range(1, m):
             basis[k, m - 1 - k] = -1.0
-        target = torch.zeros(m + 1, dtype=torch.float64)
-        target[m] = 1.0  # r_j
-        fixed = torch.zeros(m + 1, dtype=torch.float64)
-        if affine:
-            fixed[m - 1] = 1.0  # r_a with coefficient 1; fit r_j − r_a on the differences only
-            basis = basis[1:]
-        idx = torch.tensor([*kept, j])
-        sub = g[idx][:, idx]
-        coefs = torch.zeros(0, dtype=torch.float64)
-        if len(basis):
-            lhs = basis @ sub @ basis.T
-            rhs = basis @ sub @ (target - fixed)
-            coefs = torch.linalg.pinv(lhs, rtol=1e-9, hermitian=True) @ rhs
-        w = fixed[:m] + basis[:, :m].T @ coefs
-        weights.append(tuple(float(v) for v in w))
+        idx = torch.tensor(kept)
+        lhs = basis @ g[idx][:, idx] @ basis.T
+        rhs = basis @ g[idx, j]
+        coefs = torch.linalg.pinv(lhs, rtol=1e-9, hermitian=True) @ rhs
+        weights.append(tuple(float(v) for v in basis.T @ coefs))
     return tuple(weights)
