@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..files import text_writer, write_new, write_numbered
+from .forecast_fit import check_weights, fit_forecast
 from .progress import Progress
 from .schedules import Schedule, count_full, format_schedule, uniform_schedule
 from .step_clock import StepClock
@@ -142,11 +143,13 @@ class PairStats:
     sq_err: torch.Tensor = field(init=False)  # [T, T] Σ (y - x)^2
     sq_ref: torch.Tensor = field(init=False)  # [T, T] Σ y^2
     channel: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (i, j) -> [6, C] sums
+    gram: torch.Tensor = field(init=False)  # [T, T] Σ ⟨x_i, x_j⟩ for every pair, the diagonal included
     runs: int = 0
 
     def __post_init__(self) -> None:
         self.sq_err = torch.zeros(self.steps, self.steps, dtype=torch.float64)
         self.sq_ref = torch.zeros(self.steps, self.steps, dtype=torch.float64)
+        self.gram = torch.zeros(self.steps, self.steps, dtype=torch.float64)
 
     def add_run(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != self.steps:
@@ -155,12 +158,16 @@ class PairStats:
         flat = [_channels_first_flat(f) for f in features]  # [C, N] per step
         for i in range(self.steps):
             x = flat[i]
+            self.gram[i, i] += float((x * x).sum())
             for j in range(i + 1, self.steps):
                 y = flat[j]
                 if y.shape != x.shape:
                     raise ValueError(f"features of steps {i} and {j} differ in shape: "
                                      f"{tuple(x.shape)} vs {tuple(y.shape)}")
                 self.sq_err[i, j] += float(((y - x) ** 2).sum())
+                dot = float((x * y).sum())
+                self.gram[i, j] += dot
+                self.gram[j, i] += dot
                 self.sq_ref[i, j] += float((y**2).sum())
                 sums = torch.stack([torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64), x.sum(1),
                                     y.sum(1), (x * x).sum(1), (x * y).sum(1), (y * y).sum(1)])
@@ -297,6 +304,9 @@ class CalibratedSchedule:
     calibration: dict[str, Any] = field(default_factory=dict)  # prompts, seeds, guidance: how it was measured
     objective: str = "feature"  # what the DP minimised: "feature" reuse error or measured "output" error
     segments: tuple[tuple[float, ...], ...] | None = None  # "output": measured segment costs (inf: not measured)
+    # the block cache's fitted forecast for these full steps (`block_cache.fit_forecast` on the calibration's
+    # Gram matrix): per step, the weights of the last full steps' features; None in files written before it
+    forecast: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def k(self) -> int:
@@ -401,9 +411,20 @@ def _schedule_from(data: dict[str, Any]) -> CalibratedSchedule:
     calibration = data.get("calibration", {})
     if not isinstance(calibration, dict):
         raise ValueError(f"field 'calibration' must be an object, got {_short(calibration)}")
-    return CalibratedSchedule(text["fingerprint"], text["model"], steps, text["scheduler"],
-                              tuple(bool(f) for f in flags), errors, _cost(data, "uniform_cost"),
-                              _cost(data, "cost"), dict(calibration), objective, segments)
+    full = tuple(bool(f) for f in flags)
+    forecast = data.get("forecast")
+    if forecast is not None:
+        if not isinstance(forecast, list) or not all(isinstance(row, list) for row in forecast):
+            raise ValueError(f"field 'forecast' must be a list of {steps} lists of weights, got {_short(forecast)}")
+        forecast = tuple(tuple(float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in row)
+                         for row in forecast)
+        try:
+            check_weights(forecast, full)
+        except ValueError as err:
+            raise ValueError(f"field 'forecast': {err}") from None
+    return CalibratedSchedule(text["fingerprint"], text["model"], steps, text["scheduler"], full, errors,
+                              _cost(data, "uniform_cost"), _cost(data, "cost"), dict(calibration), objective,
+                              segments, forecast)
 
 
 def _short(value: Any) -> str:
@@ -472,7 +493,7 @@ def calibrated_schedule(stats: PairStats, full_steps: int, fingerprint: str, mod
     return CalibratedSchedule(fingerprint, model, stats.steps, scheduler, chosen,
                               tuple(tuple(float(v) for v in row) for row in errors),
                               segments_cost(segments, uniform), segments_cost(segments, chosen),
-                              dict(calibration or {}), objective, kept)
+                              dict(calibration or {}), objective, kept, fit_forecast(stats.gram, chosen))
 
 
 @dataclass(frozen=True)

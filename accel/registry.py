@@ -28,7 +28,7 @@ from typing import Any
 
 from .site import Removable, Site
 
-Report = Callable[[Any, float], tuple[str, dict[str, Any]]]
+Report = Callable[[Any, float, str], tuple[str, dict[str, Any]]]  # (stats, seconds, what a model call is)
 Refusal = Callable[[Any, Any], str | None]  # (this config, another config of the stack) -> why not, or None
 _RECORD = "_livecache_applied"
 
@@ -42,6 +42,7 @@ class Handle:
         self.core = core
         self._undo: list[Callable[[], None]] = []
         self._record: Applied | None = None
+        self.calls = "model calls"  # the site's word for one call of its model (`Site.calls`), set on apply
 
     @property
     def name(self) -> str:
@@ -65,7 +66,7 @@ class Handle:
 
     def report(self, seconds: float) -> tuple[str, dict[str, Any]]:
         """The line and numbers a front end shows after a run of `seconds`."""
-        return self.technique.report(self.stats, seconds)
+        return self.technique.report(self.stats, seconds, self.calls)
 
     @contextmanager
     def building(self) -> Iterator[Handle]:
@@ -88,7 +89,8 @@ class Technique:
     (and setting `handle.core`); `stack` lists the techniques applied with it. `rank`: lower applies
     first (innermost). `feature_cache`: overrides modules inside the model and reuses their outputs.
     `depends_on_stack`: how it applies depends on the others (slicing's granularity), so nothing may
-    be added around it later. `report(stats, seconds)`: the line and numbers a run shows.
+    be added around it later. `report(stats, seconds, calls)`: the line and numbers a run shows, `calls`
+    naming what one call of the model is on its site (`Site.calls`: "U-Net calls", "transformer calls").
     """
 
     name: str
@@ -173,6 +175,7 @@ class Registry:
         try:
             for config in self.application_order(configs):
                 handle = Handle(self.of(config), config, None)
+                handle.calls = site.calls
                 with handle.building():
                     handle.technique.apply(site, config, handle, stack)
                 record._add(handle)

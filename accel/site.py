@@ -207,6 +207,7 @@ class Site:
     """One model of a family; subclasses implement what their family offers."""
 
     family = "model"
+    calls = "model calls"  # what one call of `root` is, in the lines a run reports ("U-Net calls", ...)
     # a host that knows when root's weights change sets a token for their state (ComfyUI: the weight patches
     # merged into them), so the fingerprint is hashed once per state instead of on every check
     weights_version: Hashable | None = None

@@ -43,7 +43,7 @@ def _apply_slicing(site: Site, config: SlicingConfig, handle: Handle, stack: Seq
     handle.undo(handle.core.remove)
 
 
-def _report_slicing(stats: SlicingStats, seconds: float) -> tuple[str, dict[str, Any]]:
+def _report_slicing(stats: SlicingStats, seconds: float, _calls: str) -> tuple[str, dict[str, Any]]:
     return (f"Slicing: {stats.group_calls} sliced calls run as {stats.slice_calls} slices in {seconds:.2f} s",
             {"group_calls": stats.group_calls, "slice_calls": stats.slice_calls, "seconds": seconds})
 
@@ -58,9 +58,9 @@ def _apply_quantization(site: Site, plan: QuantPlan, handle: Handle, _stack: Seq
         handle.undo(site.quantize_attention(plan.config.attention_bits))
 
 
-def _report_quantization(stats: QuantStats, seconds: float) -> tuple[str, dict[str, Any]]:
+def _report_quantization(stats: QuantStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
     return (f"{stats.label}: {stats.quantized_layers} layers, {stats.described()}, weights {stats.size_ratio:.2f}× "
-            f"smaller{', quantization error corrected' if stats.corrected else ''}; {stats.calls} U-Net calls "
+            f"smaller{', quantization error corrected' if stats.corrected else ''}; {stats.calls} {calls} "
             f"in {seconds:.2f} s",
             {"quantized_layers": stats.quantized_layers, "size_ratio": stats.size_ratio, "calls": stats.calls,
              "kernels": dict(stats.kernels), "seconds": seconds})
@@ -81,8 +81,8 @@ def _apply_deepcache(site: Site, config: DeepCacheConfig, handle: Handle, _stack
     _drive(site, core, handle)
 
 
-def _report_deepcache(stats: DeepCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
-    return (f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
+def _report_deepcache(stats: DeepCacheStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
+    return (f"DeepCache: {stats.full_calls} full / {stats.cached_calls} cached {calls} "
             f"in {seconds:.2f} s, schedule {stats.schedule}",
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "seconds": seconds})
 
@@ -94,9 +94,9 @@ def _apply_blockcache(site: Site, config: BlockCacheConfig, handle: Handle, _sta
     _drive(site, core, handle)
 
 
-def _report_blockcache(stats: BlockCacheStats, seconds: float) -> tuple[str, dict[str, Any]]:
+def _report_blockcache(stats: BlockCacheStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
     forecast = f" ({stats.forecast_calls} forecast)" if stats.forecast_calls else ""
-    return (f"Block cache: {stats.full_calls} full / {stats.cached_calls} cached transformer calls{forecast}, "
+    return (f"Block cache: {stats.full_calls} full / {stats.cached_calls} cached {calls}{forecast}, "
             f"{stats.skipped_blocks} block calls skipped in {seconds:.2f} s, schedule {stats.schedule}",
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls,
              "forecast_calls": stats.forecast_calls, "skipped_blocks": stats.skipped_blocks, "seconds": seconds})
@@ -109,8 +109,8 @@ def _apply_ilf(site: Site, config: ILFConfig, handle: Handle, _stack: Sequence[T
     _drive(site, core, handle)
 
 
-def _report_ilf(stats: ILFStats, seconds: float) -> tuple[str, dict[str, Any]]:
-    return (f"ILF: {stats.full_calls} full / {stats.cached_calls} cached model calls, {stats.feedback_calls} "
+def _report_ilf(stats: ILFStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
+    return (f"ILF: {stats.full_calls} full / {stats.cached_calls} cached {calls}, {stats.feedback_calls} "
             f"corrected by the feedback module in {seconds:.2f} s, schedule {stats.schedule}",
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls,
              "feedback_calls": stats.feedback_calls, "seconds": seconds})
@@ -133,8 +133,8 @@ def _apply_cachequant(site: Site, plan: CacheQuantPlan, handle: Handle, _stack: 
     handle.undo(site.watch_generations(core.reset))
 
 
-def _report_cachequant(stats: CacheQuantStats, seconds: float) -> tuple[str, dict[str, Any]]:
-    return (f"CacheQuant ({stats.label}): {stats.full_calls} full / {stats.cached_calls} cached U-Net calls "
+def _report_cachequant(stats: CacheQuantStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
+    return (f"CacheQuant ({stats.label}): {stats.full_calls} full / {stats.cached_calls} cached {calls} "
             f"in {seconds:.2f} s, schedule {stats.schedule}, {stats.backend or 'no quantization'}",
             {"full_calls": stats.full_calls, "cached_calls": stats.cached_calls, "size_ratio": stats.size_ratio,
              "seconds": seconds})
@@ -142,7 +142,7 @@ def _report_cachequant(stats: CacheQuantStats, seconds: float) -> tuple[str, dic
 
 def _cachequant_refuses(plan: CacheQuantPlan, other: Any) -> str | None:
     if isinstance(other, QuantPlan) and plan.quant is not None:
-        return "CacheQuant already quantizes the U-Net (W8A8); remove the separate quantization node"
+        return "CacheQuant already quantizes the model (W8A8); remove the separate quantization node"
     return None
 
 
@@ -154,9 +154,9 @@ def _apply_rehash(site: Site, config: StepRehashConfig, handle: Handle, _stack: 
     handle.undo(site.watch_generations(core.reset))
 
 
-def _report_rehash(stats: StepRehashStats, seconds: float) -> tuple[str, dict[str, Any]]:
+def _report_rehash(stats: StepRehashStats, seconds: float, calls: str) -> tuple[str, dict[str, Any]]:
     return (f"Step rehash: {stats.skipped_steps} of {len(stats.pattern)} steps skipped "
-            f"({stats.computed_calls} U-Net calls) in {seconds:.2f} s, steps {stats.pattern}",
+            f"({stats.computed_calls} {calls}) in {seconds:.2f} s, steps {stats.pattern}",
             {"skipped_steps": stats.skipped_steps, "computed_calls": stats.computed_calls,
              "skipped_calls": stats.skipped_calls, "seconds": seconds})
 

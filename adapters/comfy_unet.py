@@ -120,12 +120,14 @@ class ComfyRunSite(Site):
     the wrapper announces every call to it."""
 
     family = "ComfyUI"
+    calls = "U-Net calls"
 
     def __init__(self, unet: nn.Module, total_steps: int) -> None:
         super().__init__(unet)
         self.layout = layout_of(unet)  # the transformer blocks of a DiT; None for a U-Net
         if self.layout is not None:
             self.family = f"ComfyUI DiT ({self.layout.name})"
+            self.calls = "transformer calls"
         self.holder = self  # the run's techniques are recorded on the run (they go when it ends)
         self.total_steps = total_steps
         self._watchers: list[tuple[CallStart, Callable[[], None]]] = []

@@ -90,6 +90,7 @@ class DiTSite(ScheduledSite):
     """A diffusers DiT of a supported family (and, when given, the scheduler that samples with it)."""
 
     component = "transformer"
+    calls = "transformer calls"
 
     def __init__(self, transformer: nn.Module, scheduler: Any | None = None) -> None:
         self.dit = family_of(transformer)

@@ -31,6 +31,7 @@ class UNetSite(ScheduledSite):
     """A diffusers `UNet2DConditionModel` (and, when given, the scheduler that samples with it)."""
 
     family = "diffusers"
+    calls = "U-Net calls"
 
     def read_level(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         return read_timestep(args, kwargs)

@@ -6,7 +6,8 @@ DiT), every method on the same inputs and seeds:
 - calibration first, on other noise than the measured generation: the DP schedule (the span's
   residual recorded at every step of one uncached generation; errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖²,
   the cost of reusing step i's residual at step j; `cache_schedule.dp_schedule` picks the K full
-  steps of least total error), W8A8, MagCache's magnitude ratios (its own calibration mode);
+  steps of least total error), the fitted forecast's weights (`block_cache.fit_forecast`, least squares
+  on the Gram matrix of the same residuals), W8A8, MagCache's magnitude ratios (its own calibration mode);
 - each method runs once untimed (warm-up; its output gives the fidelity columns and the block
   calls), then `--runs` interleaved timed rounds; the median sampler-loop time against the fp32
   uncached median of the same work gives the speed ratio;
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..accel.block_cache import BlockCacheConfig
+from ..accel.block_cache import BlockCacheConfig, fit_forecast
 from ..accel.cache_schedule import dp_schedule, uniform_with
 from ..accel.quant import QuantConfig, calibrate_quant
 from ..accel.schedules import Schedule, count_full, format_schedule, nonuniform_schedule, uniform_schedule
@@ -45,6 +46,7 @@ from ..adapters.diffusers_site import accelerated
 from .deepcache_bench import _fid_scorer, write_outputs
 from .dit_workloads import DitWork, dit_work, flux_work
 from .hook_peers import remove_diffusers_hooks
+from .metrics import psnr
 from .peers import PeerUnavailable
 from .scoring import MethodRow, fidelity_ssim, timed_rounds
 from .table import FID, LATENT_PSNR, SECONDS, SPEED, WORK, Column, method_column, ssim_of, table
@@ -150,8 +152,9 @@ def generate(method: Method, meter: Callable[[Callable[[], torch.Tensor]], torch
         remove_diffusers_hooks(work.transformer)
 
 
-def residual_errors(work: DitWork) -> torch.Tensor:
-    """errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖² over the default span's residuals r of one calibration generation."""
+def residual_stats(work: DitWork) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the default span's residuals r of one calibration generation: errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖²
+    (the DP schedule's objective) and the Gram matrix gram[i, j] = ⟨r_i, r_j⟩ (the fitted forecast's)."""
     span = DiTSite(work.transformer).block_span(None)
     first, last, io_first, io_last = span.blocks[0], span.blocks[-1], span.io[0], span.io[-1]
     entry: list[tuple[torch.Tensor, ...]] = []
@@ -172,7 +175,7 @@ def residual_errors(work: DitWork) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     r = torch.stack(residuals)
-    return (torch.cdist(r, r) ** 2) / (r.norm(dim=1) ** 2).clamp_min(1e-30).unsqueeze(0)
+    return (torch.cdist(r, r) ** 2) / (r.norm(dim=1) ** 2).clamp_min(1e-30).unsqueeze(0), r @ r.T
 
 
 def mag_ratios(work: DitWork) -> list[float]:
@@ -227,14 +230,22 @@ def peers(work: DitWork, steps: int) -> dict[str, Peer]:
     }
 
 
-def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Callable[[str], None]) -> list[Method]:
-    """Calibrate for `work` and list the methods of its table."""
+def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Callable[[str], None],
+                 only: list[str] | None = None) -> list[Method]:
+    """Calibrate for `work` and list the methods of its table (with `only`: uncached fp32 and the methods whose
+    name contains one of its strings; W8A8 is calibrated only when a row of it is kept)."""
     steps = work.steps
     started = time.perf_counter()
-    errors = residual_errors(work)
+
+    def kept(name: str) -> bool:
+        return only is None or name == "uncached fp32" or any(part in name for part in only)
+
+    errors, gram = residual_stats(work)
     site = DiTSite(work.transformer)
-    w8a8 = calibrate_quant(QuantConfig(), work.transformer, site.quant_layers(), site.read_level,
-                           lambda: work.calibrate(work.new_scheduler()))
+    w8a8 = None
+    if kept("W8A8") or kept("stack: W8A8"):
+        w8a8 = calibrate_quant(QuantConfig(), work.transformer, site.quant_layers(), site.read_level,
+                               lambda: work.calibrate(work.new_scheduler()))
     methods = [Method("uncached fp32", "baseline", work)]
     if work.bf16 is not None:
         methods.append(Method("uncached bf16", "baseline", work.bf16()))
@@ -251,15 +262,19 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
                 methods.append(Method(f"forecast o{order} {label} K={k}", "ours", work,
                                       (BlockCacheConfig(**fixed, mode="forecast", order=order),),
                                       format_schedule(schedule)))
-    methods.append(Method("W8A8", "ours", work, (w8a8,), note=w8a8.backend))
-    k = count_full(uniform_schedule(steps, intervals[0]))
-    methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
-                          (w8a8, BlockCacheConfig(schedule="calibrated", full_steps_override=dp_schedule(errors, k),
-                                                  mode="forecast", order=1))))
+            methods.append(Method(f"fitted forecast {label} K={k}", "ours", work,
+                                  (BlockCacheConfig(**fixed, mode="fitted", weights=fit_forecast(gram, schedule)),),
+                                  format_schedule(schedule)))
+    if w8a8 is not None:
+        methods.append(Method("W8A8", "ours", work, (w8a8,), note=w8a8.backend))
+        k = count_full(uniform_schedule(steps, intervals[0]))
+        methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
+                              (w8a8, BlockCacheConfig(schedule="calibrated", full_steps_override=dp_schedule(errors, k),
+                                                      mode="forecast", order=1))))
     if with_peers:
         methods += [Method(name, "peer", work, peer=peer) for name, peer in peers(work, steps).items()]
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s (DP residual errors, W8A8, MagCache)")
-    return methods
+    return [m for m in methods if kept(m.name)]
 
 
 def bench_work(work: DitWork, methods: list[Method], runs: int, scorers: Any, log: Callable[[str], None]) -> list[Row]:
@@ -278,10 +293,13 @@ def bench_work(work: DitWork, methods: list[Method], runs: int, scorers: Any, lo
     by_name = {m.name: m for m in live}
     timed_rounds(rows, list(by_name), lambda name: generate(by_name[name], lambda loop: loop()), runs, work.name, log)
     reference = outputs["uncached fp32"]
-    base_time = statistics.median(rows["uncached fp32"].times)
+    base_time = statistics.median(rows["uncached fp32"].times) if runs else None
     for method in live:
         row, out = rows[method.name], outputs[method.name]
-        row.score(base_time, out, reference)
+        if base_time is None:  # --runs 0: counts and fidelity only
+            row.latent_psnr = psnr(out, reference)
+        else:
+            row.score(base_time, out, reference)
         row.ssim = fidelity_ssim(out, reference, work.model if work.is_image else None, work.as_image)
         if work.is_image and scorers is not None:
             row.fid, row.right_digit = scorers(out)
@@ -326,7 +344,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=10, help="embedded DiT: samples per digit (default 10)")
     parser.add_argument("--intervals", default="3,5",
                         help="uniform cache intervals N; each gives K full steps, used by every cached row of it")
-    parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2)")
+    parser.add_argument("--runs", type=int, default=2, help="timed rounds; the median is reported (default 2; 0: "
+                                                            "no timing, block calls and fidelity only)")
+    parser.add_argument("--only", default="", help="comma list: keep uncached fp32 and the methods whose name "
+                                                   "contains one of these (e.g. 'block cache,forecast')")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' cache hooks")
     parser.add_argument("--comfy-root", type=Path, default=None,
@@ -356,8 +377,9 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     intervals = sorted({int(s) for s in args.intervals.split(",") if s.strip()})
-    if args.runs < 1 or not intervals or min(intervals) < 2:
-        raise SystemExit(f"bad options: runs {args.runs} (>= 1), intervals {intervals} (each >= 2)")
+    if args.runs < 0 or not intervals or min(intervals) < 2:
+        raise SystemExit(f"bad options: runs {args.runs} (>= 0), intervals {intervals} (each >= 2)")
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} timed rounds, median reported")
     rows: list[Row] = []
     started = time.perf_counter()
@@ -368,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
             work, scorers = dit_work(args.dit_steps, args.per_class), digit_scorers(args.per_class)
         else:
             raise SystemExit(f"unknown work {name!r}: use flux, flux-tiny or dit")
-        methods = plan_methods(work, intervals, not args.no_peers, print)
+        methods = plan_methods(work, intervals, not args.no_peers, print, only)
         work_rows = bench_work(work, methods, args.runs, scorers, print)
         print(format_table(work_rows), flush=True)
         rows += work_rows

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..accel.cache_schedule import CalibratedSchedule
 from ..accel.slicing import SlicingConfig
 from ..adapters.comfy_dit import check_span, family_of
 from ..adapters.comfy_unet import apply_slicing, apply_technique
 from .comfy_nodes import MODEL_INPUT, stats_reporter
-from .dit_nodes import block_cache_config, block_cache_inputs
+from .dit_nodes import block_cache_config, block_cache_inputs, block_cache_schedule_input
 from .fields import declare, int_field, schema
 from .kinds import ModelTechnique
 
@@ -26,18 +27,19 @@ class BlockCacheModel(ModelTechnique):
 
     DESCRIPTION = ("Block caching on a DiT MODEL (Flux, Flux 2, SD3, Wan, Qwen-Image, Lumina 2, Z-Image): every N "
                    "steps all transformer blocks run and what a span of middle blocks adds is kept; in between the "
-                   "span adds that (reuse) or its extrapolation in the noise level (forecast) without running. "
+                   "span adds that (reuse), its extrapolation in the noise level (forecast) or a weighted sum of "
+                   "the last full steps' residuals fitted on a calibrated schedule (fitted) without running. "
                    "Connect the result to KSampler (or any sampler node).")
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802 (the name ComfyUI calls)
-        return schema({"model": MODEL_INPUT, **block_cache_inputs()}, unique_id=True)
+        return schema({"model": MODEL_INPUT, **block_cache_inputs()}, block_cache_schedule_input(), unique_id=True)
 
     def apply(self, model: Any, cache_interval: int, span_start: int, span_stop: int, mode: str, order: int,
-              unique_id: str | None = None) -> tuple[Any]:
+              calibrated_schedule: CalibratedSchedule | None = None, unique_id: str | None = None) -> tuple[Any]:
         diffusion_model = model.get_model_object("diffusion_model")
         default = check_span(diffusion_model, None)  # the family's default; an unsupported model fails here
-        config = block_cache_config(default, cache_interval, span_start, span_stop, mode, order)
+        config = block_cache_config(default, cache_interval, span_start, span_stop, mode, order, calibrated_schedule)
         check_span(diffusion_model, config.span)
         return (apply_technique(model, config, stats_reporter(unique_id)),)
 

@@ -8,6 +8,8 @@ import torch
 
 from livecache.accel.cache_schedule import (
     CalibratedSchedule,
+    PairStats,
+    calibrated_schedule,
     dp_schedule,
     dp_segments,
     max_segment,
@@ -20,6 +22,7 @@ from livecache.accel.cache_schedule import (
 )
 from livecache.accel.cachequant import CacheQuantConfig, Calibration
 from livecache.accel.deepcache import DeepCacheConfig
+from livecache.accel.forecast_fit import fit_forecast
 from livecache.accel.quant import QuantConfig, group_fake_quant, int8_available, log2_quantize, quantize_weight
 from livecache.adapters.diffusers_quant import (
     calibrate_cachequant_unet,
@@ -279,6 +282,10 @@ def valid_schedule_json() -> dict:
     ({"model": "x" * 5000}, r"field 'model' must be a non-empty string of at most 1000 characters"),
     ({"calibration": []}, r"field 'calibration' must be an object"),
     ({"objective": "speed"}, r"field 'objective' must be 'feature' or 'output'"),
+    ({"forecast": [[], [1], [], []]}, r"field 'forecast': weights\[3\]: a cached step after 2 full steps takes 1\.\.2"),
+    ({"forecast": [[], ["x"], [], [1]]}, r"field 'forecast': weights\[1\] must be a tuple of finite floats"),
+    ({"forecast": [[0.5], [1], [], [1]]}, r"field 'forecast': weights\[0\]: step 0 is a full step"),
+    ({"forecast": {"a": 1}}, r"field 'forecast' must be a list of 4 lists"),
 ])
 def test_hostile_schedule_files_are_refused_naming_the_field(tmp_path, change, message):
     path = tmp_path / "s.json"
@@ -300,3 +307,39 @@ def test_schedule_files_that_are_not_schedules_are_refused_without_tracebacks(tm
         CalibratedSchedule.load(path)
     path.write_text(json.dumps(valid_schedule_json()))
     assert CalibratedSchedule.load(path).full_steps == (True, False, True, False)
+
+
+def test_a_calibrated_schedule_carries_the_fitted_forecast_for_its_full_steps(tmp_path):
+    """PairStats' Gram matrix is the features' inner products; the schedule fits the block cache's weights
+    on it for the full steps it chose, and they survive the file; a file without them loads as None."""
+    g = torch.Generator().manual_seed(4)
+    runs = [[torch.randn(2, 3, 5, generator=g) for _ in range(6)] for _ in range(2)]
+    stats = PairStats(6)
+    for run in runs:
+        stats.add_run(run)
+    flat = [torch.stack([f.double().flatten() for f in run]) for run in runs]
+    assert torch.allclose(stats.gram, sum(f @ f.T for f in flat), rtol=1e-9, atol=0)
+    schedule = calibrated_schedule(stats, 3, "f" * 16, "m", "ddim")
+    assert schedule.forecast == fit_forecast(stats.gram, schedule.full_steps)
+    assert [bool(w) for w in schedule.forecast] == [not full for full in schedule.full_steps]
+    loaded = CalibratedSchedule.load(schedule.save(tmp_path / "s.json"))
+    assert loaded.forecast == schedule.forecast
+    old = {k: v for k, v in json.loads(schedule.to_json()).items() if k != "forecast"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert CalibratedSchedule.load(tmp_path / "old.json").forecast is None
+
+
+def test_the_block_cache_nodes_take_the_fitted_weights_from_a_connected_schedule():
+    from livecache.nodes.dit_nodes import block_cache_config
+
+    schedule = CalibratedSchedule("f" * 16, "m", 4, "ddim", (True, False, True, False), ((0.0,) * 4,) * 4, 0.3, 0.2,
+                                  forecast=((), (1.0,), (), (0.4, 0.6)))
+    config = block_cache_config((1, 5), 3, 0, 0, "fitted", 1, schedule)
+    assert (config.mode, config.weights, config.full_steps_override) == ("fitted", schedule.forecast,
+                                                                         schedule.full_steps)
+    assert block_cache_config((1, 5), 3, 0, 0, "reuse", 1, schedule).weights is None
+    with pytest.raises(ValueError, match="mode 'fitted' needs a calibrated_schedule"):
+        block_cache_config((1, 5), 3, 0, 0, "fitted", 1)
+    with pytest.raises(ValueError, match="carries no fitted forecast"):
+        block_cache_config((1, 5), 3, 0, 0, "fitted", 1, CalibratedSchedule(
+            "f" * 16, "m", 4, "ddim", (True, False, True, False), ((0.0,) * 4,) * 4, 0.3, 0.2))

@@ -491,3 +491,36 @@ def test_cachequant_corrections_are_decoupled_switches_on_a_dit():
     with pytest.raises(TypeError, match="skip branches"):
         apply_technique(model, replace(plan, config=replace(plan.config, blocks=None)))
     assert untouched(model)
+
+
+@pytest.mark.parametrize("name", [n for n in ("FluxTransformer2DModel", "WanTransformer3DModel") if n in INSTALLED])
+def test_the_fitted_forecast_skips_the_span_and_reports_transformer_calls(name):
+    """The fitted mode through the diffusers adapter: weights for a F.F..F schedule (as `fit_forecast` makes
+    them), no span work on cached steps, the report names transformer calls, removal restores the model."""
+    model, inputs = build(name)
+    plain = run(model, inputs)
+    site = DiTSite(model)
+    first, stop = site.default_span()
+    inside = BlockWork(site.blocks[first:stop])
+    schedule = (True, False, True, False, False, True)
+    weights = ((), (1.0,), (), (0.4, 0.6), (0.3, 0.7), ())
+    handle = apply_technique(model, BlockCacheConfig(schedule="calibrated", full_steps_override=schedule,
+                                                     mode="fitted", weights=weights))
+    per_call = []
+    with torch.no_grad():
+        cached = []
+        for level in LEVELS:
+            before = inside.calls
+            cached.append(output(model, inputs(level, [1])))
+            per_call.append(inside.calls - before)
+    inside.remove()
+    assert [calls > 0 for calls in per_call] == list(schedule)
+    assert (handle.stats.full_calls, handle.stats.cached_calls, handle.stats.forecast_calls) == (3, 3, 3)
+    for k in (0, 2, 5):
+        assert torch.equal(cached[k], plain[k])
+    line, numbers = handle.report(1.0)
+    assert line.startswith("Block cache: 3 full / 3 cached transformer calls (3 forecast)"), line
+    assert numbers["forecast_calls"] == 3
+    handle.remove()
+    assert untouched(model)
+    assert all(torch.equal(a, b) for a, b in zip(run(model, inputs), plain, strict=True))

@@ -179,7 +179,7 @@ def test_plan_and_stats_name_the_kernels_that_ran():
     finally:
         quantizer.remove()
     assert quantizer.stats.kernels == {"cpu int8 (torch._int_mm)": 4, "simulated 8-bit (fake-quant, float compute)": 2}
-    line, numbers = REGISTRY.of(plan).report(quantizer.stats, 0.1)
+    line, numbers = REGISTRY.of(plan).report(quantizer.stats, 0.1, "U-Net calls")
     assert "ran cpu int8 (torch._int_mm)" in line and numbers["kernels"]["cpu int8 (torch._int_mm)"] == 4, line
 
 

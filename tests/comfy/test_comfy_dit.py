@@ -116,6 +116,24 @@ def test_cached_steps_skip_the_span(model, family, uncached, mode, order):
     assert torch.equal(again, base) and again_counts == base_counts and untouched(model)
 
 
+def test_the_fitted_forecast_from_a_connected_schedule_skips_the_span(model, family, uncached):
+    """Mode 'fitted' takes its full steps and weights from a calibrated schedule (here one built in the test,
+    as `calibrated_schedule` would write it): the span runs on the schedule's full steps only."""
+    from livecache.accel.cache_schedule import CalibratedSchedule
+
+    layout = layout_of(model.get_model_object("diffusion_model"))
+    first, stop = layout.default_span()
+    full = tuple(k % 2 == 0 for k in range(STEPS))
+    weights = tuple(() if f else ((1.0,) if k < 2 else (0.3, 0.7)) for k, f in enumerate(full))
+    schedule = CalibratedSchedule("f" * 16, "tiny", STEPS, "simple", full, ((0.0,) * STEPS,) * STEPS, 1.0, 1.0,
+                                  forecast=weights)
+    out, counts = run(BlockCacheModel().apply(model, 3, 0, 0, "fitted", 1, schedule)[0], family)
+    assert counts == [STEPS // 2 if first <= i < stop else STEPS for i in range(len(layout.blocks))]
+    error = float((out - uncached[0]).abs().max() / uncached[0].abs().max())
+    assert torch.isfinite(out).all() and not torch.equal(out, uncached[0]) and error < 0.1, error
+    assert untouched(model)
+
+
 def test_a_chosen_span_and_a_bad_one(model, family, uncached):
     layout = layout_of(model.get_model_object("diffusion_model"))
     first, stop = layout.default_span()

@@ -60,7 +60,7 @@ WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "comfyui"
 OURS = {
     "blockcache_dit": ("LiveCacheBlockCacheModel", {}, ("Block cache: 2 full / 4 cached transformer calls",)),
     "cachequant_dit": ("LiveCacheCacheQuantModel", {"steps": 6, "full_steps": 3, "calibration_seeds": 1},
-                       ("CacheQuant (DP cache K=3/6 + W8A8", "3 full / 3 cached")),
+                       ("CacheQuant (DP cache K=3/6 + W8A8", "3 full / 3 cached transformer calls")),
 }
 
 
