@@ -45,7 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="cache intervals N to measure; every cached row of one N has the same full steps")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--runs", type=int, default=3, help="timed rounds; the median is reported (default 3)")
-    parser.add_argument("--per-class", type=int, default=10, help="samples per digit for the FID-style score")
+    parser.add_argument("--per-class", type=int, default=30,
+                        help="samples per digit for the FID-style score (default 30: at 10 the ranking of ILF "
+                             "against forecasting flips between noise sets, docs/benchmarks.md)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the fastest on a loaded 2-core machine; 0: torch's own)")
     parser.add_argument("--digits-module", type=Path, default=None,
