@@ -433,6 +433,20 @@ def test_the_batch_axis_is_refused_on_a_dit_naming_the_token_axis():
     assert untouched(model)
 
 
+def span_calls_per_step(model, inputs, site: DiTSite) -> tuple[list[torch.Tensor], list[int]]:
+    """One call per noise level of LEVELS: the outputs, and how many calls the default span's blocks ran on each."""
+    first, stop = site.default_span()
+    inside = BlockWork(site.blocks[first:stop])
+    outputs, per_step = [], []
+    with torch.no_grad():
+        for level in LEVELS:
+            before = inside.calls
+            outputs.append(output(model, inputs(level, [1])))
+            per_step.append(inside.calls - before)
+    inside.remove()
+    return outputs, per_step
+
+
 def cachequant_plan(name, model, inputs, **config):
     """CacheQuant calibrated on one generation of `name` (its own seed) over the default block span."""
     site = DiTSite(model)
@@ -452,17 +466,8 @@ def test_cachequant_on_the_block_span_skips_it_on_cached_steps_and_quantizes_the
     # the cache correction is a least-squares fit of the fresh residual on the reused one: it never adds error
     assert plan.cache_correction.error_after < plan.cache_correction.error_before
     site = DiTSite(model)
-    first, stop = site.default_span()
-    inside = BlockWork(site.blocks[first:stop])
     handle = apply_technique(model, plan)
-    per_step = []
-    with torch.no_grad():
-        out = []
-        for level in LEVELS:
-            before = inside.calls
-            out.append(output(model, inputs(level, [1])))
-            per_step.append(inside.calls - before)
-    inside.remove()
+    out, per_step = span_calls_per_step(model, inputs, site)
     assert [calls > 0 for calls in per_step] == list(schedule.full_steps)  # the span runs on full steps only
     assert (handle.stats.full_calls, handle.stats.cached_calls) == (3, 3)
     assert handle.core.quantizer.stats.quantized_layers == len(site.quant_layers())
@@ -499,21 +504,11 @@ def test_the_fitted_forecast_skips_the_span_and_reports_transformer_calls(name):
     them), no span work on cached steps, the report names transformer calls, removal restores the model."""
     model, inputs = build(name)
     plain = run(model, inputs)
-    site = DiTSite(model)
-    first, stop = site.default_span()
-    inside = BlockWork(site.blocks[first:stop])
     schedule = (True, False, True, False, False, True)
     weights = ((), (1.0,), (), (0.4, 0.6), (0.3, 0.7), ())
     handle = apply_technique(model, BlockCacheConfig(schedule="calibrated", full_steps_override=schedule,
                                                      mode="fitted", weights=weights))
-    per_call = []
-    with torch.no_grad():
-        cached = []
-        for level in LEVELS:
-            before = inside.calls
-            cached.append(output(model, inputs(level, [1])))
-            per_call.append(inside.calls - before)
-    inside.remove()
+    cached, per_call = span_calls_per_step(model, inputs, DiTSite(model))
     assert [calls > 0 for calls in per_call] == list(schedule)
     assert (handle.stats.full_calls, handle.stats.cached_calls, handle.stats.forecast_calls) == (3, 3, 3)
     for k in (0, 2, 5):
