@@ -152,9 +152,11 @@ def generate(method: Method, meter: Callable[[Callable[[], torch.Tensor]], torch
         remove_diffusers_hooks(work.transformer)
 
 
-def residual_stats(work: DitWork) -> tuple[torch.Tensor, torch.Tensor]:
-    """Over the default span's residuals r of one calibration generation: errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖²
-    (the DP schedule's objective) and the Gram matrix gram[i, j] = ⟨r_i, r_j⟩ (the fitted forecast's)."""
+def residual_stats(work: DitWork, run: Callable[[Any], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the default span's residuals r of one generation (`run(scheduler)`, default the calibration one):
+    errors[i, j] = ‖r_i − r_j‖² / ‖r_j‖² (the DP schedule's objective) and the Gram matrix
+    gram[i, j] = ⟨r_i, r_j⟩ (the fitted forecast's)."""
     span = DiTSite(work.transformer).block_span(None)
     first, last, io_first, io_last = span.blocks[0], span.blocks[-1], span.io[0], span.io[-1]
     entry: list[tuple[torch.Tensor, ...]] = []
@@ -170,7 +172,7 @@ def residual_stats(work: DitWork) -> tuple[torch.Tensor, torch.Tensor]:
     handles = [first.register_forward_pre_hook(enter, with_kwargs=True),
                last.register_forward_hook(leave, with_kwargs=True)]
     try:
-        work.calibrate(work.new_scheduler())
+        (run or work.calibrate)(work.new_scheduler())
     finally:
         for handle in handles:
             handle.remove()
@@ -354,6 +356,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a ComfyUI folder: also ComfyUI's Flux class through its KSampler (part c)")
     parser.add_argument("--comfy-tiny", action="store_true",
                         help="part (c) on a tiny Flux (width 64, 2+3 blocks, 8x8 latent: counts, not timings)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table: the span residual's trajectory and the oracle ceiling of "
+                             "every weighted-reuse cache per schedule (bench/dit_profile.py)")
     parser.add_argument("--json", type=Path, default=None, help="write all rows as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="speed-vs-PSNR PNG (default: beside --json)")
 
@@ -382,6 +387,7 @@ def main(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} timed rounds, median reported")
     rows: list[Row] = []
+    profiles: list[dict[str, Any]] = []
     started = time.perf_counter()
     for name in [w.strip() for w in args.work.split(",") if w.strip()]:
         if name in ("flux", "flux-tiny"):
@@ -390,10 +396,22 @@ def main(args: argparse.Namespace) -> int:
             work, scorers = dit_work(args.dit_steps, args.per_class), digit_scorers(args.per_class)
         else:
             raise SystemExit(f"unknown work {name!r}: use flux, flux-tiny or dit")
+        if args.profile:
+            from .dit_profile import print_profile, profile_work
+
+            profiles.append(profile_work(work, intervals, print))
+            print_profile(profiles[-1])
+            continue
         methods = plan_methods(work, intervals, not args.no_peers, print, only)
         work_rows = bench_work(work, methods, args.runs, scorers, print)
         print(format_table(work_rows), flush=True)
         rows += work_rows
+    if args.profile:
+        from .dit_profile import write_profiles
+
+        write_profiles(profiles, args.json)
+        print(f"total {time.perf_counter() - started:.0f} s")
+        return 0
     if args.comfy_root is not None:
         rows += comfy_rows(args, intervals)
     print()

@@ -58,8 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--content-clips", type=int, default=12,
                         help="clips per stream for the content rows (class share per condition, after a condition "
                              "change, frame-to-frame change against the data's); 0 skips them (default 12)")
-    parser.add_argument("--content-steps", type=int, default=2,
-                        help="sampler steps for the content rows (default 2, as the live engine)")
+    parser.add_argument("--content-steps", type=int, default=3,
+                        help="sampler steps for the content rows (default 3, as the live engine)")
     parser.add_argument("--switch-at", type=int, default=4,
                         help="content rows: the clip after which each stream changes condition (default 4)")
     parser.add_argument("--classifier", type=Path, default=None,

@@ -88,7 +88,7 @@ class VideoSampler(Node, category="video", returns={"frames": "IMAGE"}, function
         "prompt": text_field("shapes", "What moves: a digit ('7', 'a seven'), 'shapes' or 'texture'."),
         "chunks": int_field(8, 1, 1024, "Clips to generate one after another (AR steps)."),
         "chunk_length": int_field(4, 1, 16, "Frames per clip (the embedded model was trained with 4)."),
-        "steps": int_field(2, 1, 100, "Denoising steps per clip: 1-4 with 'lcm', more with 'ddim'."),
+        "steps": int_field(3, 1, 100, "Denoising steps per clip: 1-4 with 'lcm', more with 'ddim'."),
         "sampler": choice_field(SAMPLERS, "lcm", "lcm: few-step consistency-style; ddim: plain multi-step."),
         "seed": seed_field("Noise seed; the same seed and settings give the same video."),
     }, unique_id=True)

@@ -69,7 +69,7 @@ class VideoRenderer:
 
     session_class: type[VideoStreamSession] = VideoStreamSession  # the live engine substitutes its EngineSession
 
-    def __init__(self, weights: Path | None = None, window: int = 4, steps: int = 2, sampler: str = "lcm",
+    def __init__(self, weights: Path | None = None, window: int = 4, steps: int = 3, sampler: str = "lcm",
                  threads: int = 1) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from livecache.cli import main as cli_main
 
@@ -51,3 +52,35 @@ def test_dit_bench_counts_and_fidelity_only_for_the_chosen_rows(tmp_path):
         assert row["latent_psnr"] > 20, name
     assert rows["uncached fp32"]["block_calls"] == 16
     assert rows["fitted forecast uniform K=2"]["block_calls"] == rows["fitted forecast DP K=2"]["block_calls"] == 12
+
+
+def test_profile_trajectory_reads_norms_changes_and_cosines_from_the_gram_matrix():
+    from livecache.bench.dit_profile import trajectory
+
+    r = torch.randn(5, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r[3] = r[2]  # an unchanged step: change 0, cosine 1
+    steps = trajectory(r @ r.T)
+    assert [s["step"] for s in steps] == list(range(5)) and "change" not in steps[0]
+    for i in range(1, 5):
+        assert steps[i]["norm"] == pytest.approx(float(r[i].norm()), rel=1e-9)
+        assert steps[i]["change"] == pytest.approx(float((r[i] - r[i - 1]).norm() / r[i].norm()), rel=1e-6, abs=1e-7)
+        cosine = float(torch.nn.functional.cosine_similarity(r[i], r[i - 1], dim=0))
+        assert steps[i]["cosine"] == pytest.approx(cosine, rel=1e-9)
+    assert steps[3]["change"] < 1e-6 and steps[3]["cosine"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_dit_bench_profile_measures_the_oracle_ceiling_beside_reuse(tmp_path):
+    out = tmp_path / "profile.json"
+    assert cli_main(["bench", "dit", "--work", "flux-tiny", "--flux-steps", "4", "--intervals", "2", "--profile",
+                     "--json", str(out)]) == 0
+    (profile,) = json.loads(out.read_text())["profiles"]
+    assert profile["work"] == "flux-tiny" and len(profile["steps"]) == 4
+    assert all(0 < s["cosine"] <= 1 + 1e-9 and s["change"] >= 0 for s in profile["steps"][1:])
+    rows = {r["method"]: r for r in profile["rows"]}
+    assert rows["uncached fp32"]["psnr"] is None and rows["uncached fp32"]["block_calls"] == 16
+    for label in ("uniform", "DP"):
+        for name in (f"block cache {label} K=2", f"fitted forecast {label} K=2", f"oracle fit (last 2) {label} K=2",
+                     f"oracle fit (last 8) {label} K=2"):
+            assert rows[name]["block_calls"] == 12 and 20 < rows[name]["psnr"] < math.inf, name
+    assert rows["oracle fit (last 8) oracle DP K=2"]["schedule"].count("F") == 2

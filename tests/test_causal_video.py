@@ -237,14 +237,16 @@ def test_video_features_training_writes_a_loadable_classifier(tmp_path):
 
 def _asked_class_share(labels: torch.Tensor) -> torch.Tensor:
     """Per stream, the share of frames the shipped classifier reads as the asked class (live settings, 12 clips
-    as `bench video`: the shipped model's shapes take a clip or two to form, 56-75% of a 4-clip stream)."""
+    as `bench video`, another seed than the bench's)."""
     model, classifier = load_video_model(), load_video_classifier()
-    video = generate(model, CausalCacheConfig(True, model.config.context), labels, chunks=12, steps=2, seed=9)
+    video = generate(model, CausalCacheConfig(True, model.config.context), labels, chunks=12, steps=3, seed=9)
     return (classify(classifier, video) == labels[:, None]).float().mean(dim=1)
 
 
-def test_shipped_model_shows_shapes_and_texture():
-    assert _asked_class_share(torch.tensor([10, 11])).min() >= 0.75
+def test_shipped_model_shows_every_digit_legibly_and_shapes_and_texture():
+    share = _asked_class_share(torch.arange(len(CLASS_NAMES)))
+    assert share[:10].min() >= 0.9, share.tolist()  # issue 19's bar: >= 90% of frames read as the asked digit
+    assert share[10:].min() >= 0.75, share.tolist()  # shapes take a clip to form from noise
 
 
 def test_shipped_model_loads_and_moves():

@@ -18,7 +18,7 @@ from pathlib import Path
 MODELS = {"digits": "the embedded diffusion U-Net",
           "dit": "the embedded class-conditional DiT (`--steps` default 2000; resumes from its checkpoint)",
           "features": "the FID-style feature extractor",
-          "video": "the causal AR video model (`--steps` default 1600 for it)",
+          "video": "the causal AR video model (`--steps` default 10000 for it)",
           "video-features": "the video content classifier for `bench video` (`--steps` default 1500)",
           "avatar": "the diffusion avatar, distilled from the procedural avatar animating espeak-ng speech",
           "ilf": "an ILF feedback module for --model, distilled from its own sampling (no data set)"}
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=list(MODELS), help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the shipped location)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps for `digits` (default 1500), `dit` (2000), `video` (1600), "
+                        help="optimizer steps for `digits` (default 1500), `dit` (2000), `video` (10000), "
                              "`video-features` (1500) or `ilf` (300)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for `features` (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (training is reproducible)")
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         from ..models.video import VIDEO_DIR
         from .video import train_video
 
-        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 1600, seed=args.seed, checkpoint_every=100)
+        out = train_video(args.out or VIDEO_DIR, steps=args.steps or 10000, seed=args.seed, checkpoint_every=500)
     elif args.what == "video-features":
         from ..models.video import VIDEO_FEATURES_FILE
         from .video import train_video_features
