@@ -22,7 +22,7 @@ import torch
 
 from ..accel.causal_cache import CausalCacheConfig
 from ..models.features import DigitFeatures, colour_blind
-from ..models.video import CLASS_NAMES, CausalVideoDiT, generate
+from ..models.video import CLASS_NAMES, FRESH_STEPS, CausalVideoDiT, generate
 from ..train.video_data import make_clips
 
 SHIFT = 5  # a condition change goes from class c to class (c + SHIFT) % 12
@@ -48,7 +48,8 @@ def content_report(model: CausalVideoDiT, classifier: DigitFeatures, clips: int,
         raise ValueError(f"switch_at must be in 1..{clips - 1} (clips {clips}), got {switch_at}")
     classes = torch.arange(len(CLASS_NAMES))
     cache = CausalCacheConfig(enabled=True, window=model.config.context)
-    video = generate(model, cache, classes, clips, chunk_length, steps, sampler, seed)
+    fresh = max(steps, FRESH_STEPS)  # as the live engine: a step more on a fresh clip
+    video = generate(model, cache, classes, clips, chunk_length, steps, sampler, seed, fresh_steps=fresh)
     predicted = classify(classifier, video)
     data = make_clips(classes, clips * chunk_length, torch.Generator().manual_seed(seed), model.config.resolution)
     data_predicted = classify(classifier, data)
@@ -56,12 +57,12 @@ def content_report(model: CausalVideoDiT, classifier: DigitFeatures, clips: int,
 
     after = (classes + SHIFT) % len(CLASS_NAMES)
     labels = torch.stack([classes if i < switch_at else after for i in range(clips)])
-    switched = generate(model, cache, labels, clips, chunk_length, steps, sampler, seed + 1)
+    switched = generate(model, cache, labels, clips, chunk_length, steps, sampler, seed + 1, fresh_steps=fresh)
     new_hits = (classify(classifier, switched) == after[:, None]).float()
     per_clip = new_hits[:, switch_at * chunk_length :].reshape(len(classes), clips - switch_at, chunk_length)
     share_per_clip = per_clip.mean(dim=2)  # [streams, clips after the change]
     return {
-        "clips": clips, "chunk_length": chunk_length, "steps": steps, "sampler": sampler,
+        "clips": clips, "chunk_length": chunk_length, "steps": steps, "fresh_steps": fresh, "sampler": sampler,
         "window": cache.window, "switch_at": switch_at,
         "per_class": {
             CLASS_NAMES[c]: {
@@ -83,7 +84,8 @@ def content_report(model: CausalVideoDiT, classifier: DigitFeatures, clips: int,
 
 def print_content(report: dict) -> None:
     print(f"\ncontent: one stream per condition, {report['clips']} clips x {report['chunk_length']} frames, "
-          f"{report['steps']} {report['sampler']} steps, window {report['window']}, cache shared")
+          f"{report['steps']} {report['sampler']} steps ({report['fresh_steps']} on a fresh clip), "
+          f"window {report['window']}, cache shared")
     print("| condition | asked class share | classifier on the data | frame change | data's | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in report["per_class"].items():

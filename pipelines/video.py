@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from ..accel.causal_cache import CausalCacheConfig, CausalVideoStream
-from ..models.video import CLASS_NAMES, SAMPLERS, CausalVideoDiT, load_video_model, parse_video_prompt
+from ..models.video import (
+    CLASS_NAMES,
+    FRESH_STEPS,
+    SAMPLERS,
+    CausalVideoDiT,
+    clip_steps,
+    load_video_model,
+    parse_video_prompt,
+)
 from .frames import RenderedFrame, RenderRequest, SessionOptions
 
 
@@ -40,6 +48,7 @@ class VideoStreamSession:
         self.generator = torch.Generator().manual_seed(options.seed)
         # the first class: the prompt's, else one chosen by the seed
         self.label = options.seed % len(CLASS_NAMES) if prompt is None else parse_video_prompt(prompt)
+        self._drawn: int | None = None  # the class of the last clip sampled (None: none yet)
         self._frames: deque[np.ndarray] = deque()
 
     def set_condition(self, prompt: str | int) -> int:
@@ -55,7 +64,9 @@ class VideoStreamSession:
             cfg = self.model.config
             noise = torch.randn(1, cfg.chunk, cfg.channels, cfg.resolution, cfg.resolution,
                                 generator=self.generator)
-            clip = self.stream.next_chunk(noise, torch.tensor([self.label]), self.sampler, self.steps,
+            steps = clip_steps(self.label != self._drawn, self.steps, max(self.steps, FRESH_STEPS))
+            self._drawn = self.label
+            clip = self.stream.next_chunk(noise, torch.tensor([self.label]), self.sampler, steps,
                                           self.generator)
             pixels = ((clip[0].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
             size = (self.options.size, self.options.size)

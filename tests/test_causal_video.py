@@ -239,7 +239,8 @@ def _asked_class_share(labels: torch.Tensor) -> torch.Tensor:
     """Per stream, the share of frames the shipped classifier reads as the asked class (live settings, 12 clips
     as `bench video`, another seed than the bench's)."""
     model, classifier = load_video_model(), load_video_classifier()
-    video = generate(model, CausalCacheConfig(True, model.config.context), labels, chunks=12, steps=3, seed=9)
+    video = generate(model, CausalCacheConfig(True, model.config.context), labels, chunks=12, steps=3, seed=9,
+                     fresh_steps=4)
     return (classify(classifier, video) == labels[:, None]).float().mean(dim=1)
 
 
@@ -344,3 +345,43 @@ def test_video_engine_streams_over_websocket_and_changes_condition_mid_stream():
     assert seqs == sorted(seqs) and len(seqs) == 36
     assert all(shape == (256, 256, 3) for _, shape, _ in seen["frames"])
     assert all(std > 1.0 for _, _, std in seen["frames"])  # pictures, not blank frames
+
+
+class CountingModel(torch.nn.Module):
+    """A video model that counts its calls: a clip costs its sampler steps plus one commit call."""
+
+    def __init__(self, model: CausalVideoDiT) -> None:
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_a_fresh_clip_takes_fresh_steps_and_a_continuation_steps():
+    """First clip and the first after a class change: `fresh_steps`; the rest: `steps` (the calls counted)."""
+    model, per_clip = CountingModel(tiny_model()), []
+    labels = torch.tensor([[3], [3], [5], [5]])  # a change at clip 2
+    generate(model, CausalCacheConfig(True, 4), labels, chunks=4, steps=2, fresh_steps=4,
+             on_chunk=lambda index, stream: per_clip.append(model.calls - sum(per_clip)))
+    assert per_clip == [4 + 1, 2 + 1, 4 + 1, 2 + 1]
+    with pytest.raises(ValueError, match="fresh_steps"):
+        generate(model, CausalCacheConfig(True, 4), labels, chunks=4, fresh_steps=0)
+
+
+def test_live_session_samples_a_fresh_clip_with_more_steps_after_a_change():
+    from livecache.pipelines.frames import SessionOptions
+    from livecache.pipelines.video import VideoStreamSession
+
+    model = CountingModel(tiny_model())
+    session = VideoStreamSession(model, SessionOptions(size=32), window=4, steps=3, sampler="lcm", prompt="7")
+    calls = []
+    for change in (None, None, "shapes", None):
+        if change:
+            session.set_condition(change)
+        before = model.calls
+        for _ in range(TINY.chunk):  # one clip's frames
+            session.next_frame()
+        calls.append(model.calls - before)
+    assert calls == [4 + 1, 3 + 1, 4 + 1, 3 + 1]
