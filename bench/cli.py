@@ -15,7 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "suite": (".suite_bench", "CacheQuant, DP cache schedule, W8A8, DGQ and diffusers' cache hooks in one table"),
     "slicing": (".slicing_bench", "feature slicing: peak memory, speed, max |Δ| (U-Net, VAE decoder, 16-frame video)"),
     "rehash": (".rehash_bench", "step rehash on LCM 4-step and DDIM 20-step: skipped steps, speed, PSNR/SSIM"),
-    "dit": (".dit_bench", "diffusion transformers (Flux-shaped, the embedded DiT): block cache, forecasting, W8A8 "
+    "dit": (".dit_cli", "diffusion transformers (Flux-shaped, the embedded DiT): block cache, forecasting, W8A8 "
                           "vs diffusers' cache hooks"),
     "realtime": (".realtime_bench", "live sessions over loopback: first frame, FPS, audio-to-mouth latency"),
 }

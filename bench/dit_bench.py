@@ -30,7 +30,7 @@ import contextlib
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,40 +378,38 @@ def comfy_rows(args: argparse.Namespace, intervals: list[int]) -> list[Row]:
     return rows
 
 
-def main(args: argparse.Namespace) -> int:
+def intervals_of(args: argparse.Namespace) -> list[int]:
+    """`--intervals` parsed and checked (with `--runs`); also sets `--threads`."""
     if args.threads:
         torch.set_num_threads(args.threads)
     intervals = sorted({int(s) for s in args.intervals.split(",") if s.strip()})
     if args.runs < 0 or not intervals or min(intervals) < 2:
         raise SystemExit(f"bad options: runs {args.runs} (>= 0), intervals {intervals} (each >= 2)")
+    return intervals
+
+
+def works_of(args: argparse.Namespace) -> Iterator[tuple[DitWork, Callable[[torch.Tensor], Any] | None]]:
+    """Each `--work` built in turn, with its FID*/digit scorer (None where it has none)."""
+    for name in [w.strip() for w in args.work.split(",") if w.strip()]:
+        if name in ("flux", "flux-tiny"):
+            yield flux_work(args.flux_steps, tiny=name == "flux-tiny"), None
+        elif name == "dit":
+            yield dit_work(args.dit_steps, args.per_class), digit_scorers(args.per_class)
+        else:
+            raise SystemExit(f"unknown work {name!r}: use flux, flux-tiny or dit")
+
+
+def main(args: argparse.Namespace) -> int:
+    intervals = intervals_of(args)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} timed rounds, median reported")
     rows: list[Row] = []
-    profiles: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in [w.strip() for w in args.work.split(",") if w.strip()]:
-        if name in ("flux", "flux-tiny"):
-            work, scorers = flux_work(args.flux_steps, tiny=name == "flux-tiny"), None
-        elif name == "dit":
-            work, scorers = dit_work(args.dit_steps, args.per_class), digit_scorers(args.per_class)
-        else:
-            raise SystemExit(f"unknown work {name!r}: use flux, flux-tiny or dit")
-        if args.profile:
-            from .dit_profile import print_profile, profile_work
-
-            profiles.append(profile_work(work, intervals, print))
-            print_profile(profiles[-1])
-            continue
+    for work, scorers in works_of(args):
         methods = plan_methods(work, intervals, not args.no_peers, print, only)
         work_rows = bench_work(work, methods, args.runs, scorers, print)
         print(format_table(work_rows), flush=True)
         rows += work_rows
-    if args.profile:
-        from .dit_profile import write_profiles
-
-        write_profiles(profiles, args.json)
-        print(f"total {time.perf_counter() - started:.0f} s")
-        return 0
     if args.comfy_root is not None:
         rows += comfy_rows(args, intervals)
     print()

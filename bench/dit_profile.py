@@ -17,7 +17,9 @@ MagCache and the oracles under the uniform and DP schedules of each interval, wi
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from ..accel.cache_schedule import dp_schedule, uniform_with
 from ..accel.forecast_fit import MAX_FIT_HISTORY
 from ..accel.schedules import count_full, format_schedule, uniform_schedule
 from ..files import text_writer, write_replacing
-from .dit_bench import Method, generate, peers, residual_stats
+from .dit_bench import Method, generate, intervals_of, peers, residual_stats, works_of
 from .dit_workloads import DitWork
 from .metrics import psnr
 from .peers import PeerUnavailable
@@ -121,3 +123,15 @@ def write_profiles(profiles: list[dict[str, Any]], path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_replacing(path, text_writer(json.dumps({"profiles": profiles}, indent=2, allow_nan=False) + "\n"))
     print(f"wrote {path}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """`bench dit --profile`: the profile of every `--work` (printed, and to `--json`)."""
+    intervals, started = intervals_of(args), time.perf_counter()
+    profiles = []
+    for work, _ in works_of(args):
+        profiles.append(profile_work(work, intervals, print))
+        print_profile(profiles[-1])
+    write_profiles(profiles, args.json)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0
