@@ -135,21 +135,22 @@ def generate(method: Method, meter: Callable[[Callable[[], torch.Tensor]], torch
                 return meter(lambda: work.sample(scheduler)), counter.calls
             finally:
                 counter.remove()
-    try:
-        method.peer(work)
-    except Exception as err:
-        remove_diffusers_hooks(work.transformer)
-        raise PeerUnavailable(f"cannot apply ({type(err).__name__}: {str(err)[:200]})") from err
-    context = HookContext(work.transformer, work.steps, CLOCK, work.timestep_scale)
-    counter = BlockCalls(blocks)
-    try:
-        return meter(lambda: work.sample(scheduler)), counter.calls
-    except Exception as err:
-        raise PeerUnavailable(f"cannot run ({type(err).__name__}: {str(err)[:200]})") from err
-    finally:
-        counter.remove()
-        context.remove()
-        remove_diffusers_hooks(work.transformer)
+    with accelerated(work.transformer, scheduler, method.configs):  # a peer row's configs: ours stacked under it
+        try:
+            method.peer(work)
+        except Exception as err:
+            remove_diffusers_hooks(work.transformer)
+            raise PeerUnavailable(f"cannot apply ({type(err).__name__}: {str(err)[:200]})") from err
+        context = HookContext(work.transformer, work.steps, CLOCK, work.timestep_scale)
+        counter = BlockCalls(blocks)
+        try:
+            return meter(lambda: work.sample(scheduler)), counter.calls
+        except Exception as err:
+            raise PeerUnavailable(f"cannot run ({type(err).__name__}: {str(err)[:200]})") from err
+        finally:
+            counter.remove()
+            context.remove()
+            remove_diffusers_hooks(work.transformer)
 
 
 def residual_stats(work: DitWork, run: Callable[[Any], torch.Tensor] | None = None
@@ -269,12 +270,20 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
                                   format_schedule(schedule)))
     if w8a8 is not None:
         methods.append(Method("W8A8", "ours", work, (w8a8,), note=w8a8.backend))
-        k = count_full(uniform_schedule(steps, intervals[0]))
-        methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
-                              (w8a8, BlockCacheConfig(schedule="calibrated", full_steps_override=dp_schedule(errors, k),
-                                                      mode="forecast", order=1))))
+        for interval in intervals:
+            k = count_full(uniform_schedule(steps, interval))
+            dp = dict(schedule="calibrated", full_steps_override=dp_schedule(errors, k))
+            methods.append(Method(f"stack: W8A8 + block cache DP K={k}", "ours", work,
+                                  (w8a8, BlockCacheConfig(**dp))))
+            if interval == intervals[0]:
+                methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
+                                      (w8a8, BlockCacheConfig(**dp, mode="forecast", order=1))))
     if with_peers:
-        methods += [Method(name, "peer", work, peer=peer) for name, peer in peers(work, steps).items()]
+        table = peers(work, steps)
+        methods += [Method(name, "peer", work, peer=peer) for name, peer in table.items()]
+        if w8a8 is not None:  # the stack's int8 under the best peer: how much of a stack's lead is the cache's
+            methods.append(Method("diffusers MagCache + our W8A8", "peer", work, (w8a8,),
+                                  peer=table["diffusers MagCache (calibrated)"]))
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s (DP residual errors, W8A8, MagCache)")
     return [m for m in methods if kept(m.name)]
 
