@@ -30,6 +30,12 @@ def test_dit_bench_writes_every_row_with_its_columns(tmp_path):
     assert rows["block cache uniform K=2"]["note"] == "F.F."
     assert rows["block cache DP K=2"]["note"].count("F") == 2  # the same budget of full steps, chosen by DP
     assert rows["W8A8"]["block_calls"] == 16 and rows["W8A8"]["latent_psnr"] < math.inf
+    for name in ("stack: W8A8 + block cache DP K=2", "stack: W8A8 + forecast o1 DP K=2"):
+        assert rows[name]["block_calls"] == 12, name
+    # our int8 under MagCache: MagCache's skips, W8A8's numbers (the latent moves off MagCache's own)
+    mag, hybrid = rows["diffusers MagCache (calibrated)"], rows["diffusers MagCache + our W8A8"]
+    assert hybrid["block_calls"] == mag["block_calls"] < 16
+    assert hybrid["latent_psnr"] < mag["latent_psnr"]
     for name, row in rows.items():
         if row["family"] == "peer":
             assert row["note"] or row["speed"] is not None, name  # a peer runs or says why it cannot
