@@ -62,6 +62,7 @@ class Row(MethodRow):
 
 
 Peer = Callable[[DitWork], None]  # applies diffusers hooks to the work's transformer
+MAG_W8A8 = "diffusers MagCache + our W8A8"  # the peer row with our int8 under it
 CLOCK: dict[str, float] = {"value": 1000.0}  # the current call's timestep, for hooks that ask through a callback
 
 
@@ -128,14 +129,13 @@ def generate(method: Method, meter: Callable[[Callable[[], torch.Tensor]], torch
     work = method.work
     scheduler = work.new_scheduler()
     blocks = DiTSite(work.transformer).blocks
-    if method.peer is None:
-        with accelerated(work.transformer, scheduler, method.configs):
+    with accelerated(work.transformer, scheduler, method.configs):  # a peer row's configs: ours stacked under it
+        if method.peer is None:
             counter = BlockCalls(blocks)
             try:
                 return meter(lambda: work.sample(scheduler)), counter.calls
             finally:
                 counter.remove()
-    with accelerated(work.transformer, scheduler, method.configs):  # a peer row's configs: ours stacked under it
         try:
             method.peer(work)
         except Exception as err:
@@ -246,15 +246,16 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
     errors, gram = residual_stats(work)
     site = DiTSite(work.transformer)
     w8a8 = None
-    if kept("W8A8") or kept("stack: W8A8"):
+    if kept("W8A8") or kept("stack: W8A8") or (with_peers and kept(MAG_W8A8)):
         w8a8 = calibrate_quant(QuantConfig(), work.transformer, site.quant_layers(), site.read_level,
                                lambda: work.calibrate(work.new_scheduler()))
     methods = [Method("uncached fp32", "baseline", work)]
     if work.bf16 is not None:
         methods.append(Method("uncached bf16", "baseline", work.bf16()))
+    dp_by_k: dict[int, Schedule] = {}  # the DP schedule of each budget, for the stacks below
     for interval in intervals:
         k = count_full(uniform_schedule(steps, interval))
-        dp = dp_schedule(errors, k)
+        dp = dp_by_k[k] = dp_schedule(errors, k)
         schedules: dict[str, Schedule] = {"uniform": uniform_with(steps, k),
                                           "non-uniform": nonuniform_schedule(steps, interval), "DP": dp}
         for label, schedule in schedules.items():
@@ -270,19 +271,18 @@ def plan_methods(work: DitWork, intervals: list[int], with_peers: bool, log: Cal
                                   format_schedule(schedule)))
     if w8a8 is not None:
         methods.append(Method("W8A8", "ours", work, (w8a8,), note=w8a8.backend))
-        for interval in intervals:
-            k = count_full(uniform_schedule(steps, interval))
-            dp = dict(schedule="calibrated", full_steps_override=dp_schedule(errors, k))
+        for index, (k, schedule) in enumerate(dp_by_k.items()):
+            dp = dict(schedule="calibrated", full_steps_override=schedule)
             methods.append(Method(f"stack: W8A8 + block cache DP K={k}", "ours", work,
                                   (w8a8, BlockCacheConfig(**dp))))
-            if interval == intervals[0]:
+            if index == 0:
                 methods.append(Method(f"stack: W8A8 + forecast o1 DP K={k}", "ours", work,
                                       (w8a8, BlockCacheConfig(**dp, mode="forecast", order=1))))
     if with_peers:
         table = peers(work, steps)
         methods += [Method(name, "peer", work, peer=peer) for name, peer in table.items()]
         if w8a8 is not None:  # the stack's int8 under the best peer: how much of a stack's lead is the cache's
-            methods.append(Method("diffusers MagCache + our W8A8", "peer", work, (w8a8,),
+            methods.append(Method(MAG_W8A8, "peer", work, (w8a8,),
                                   peer=table["diffusers MagCache (calibrated)"]))
     log(f"  [{work.name}] calibrated in {time.perf_counter() - started:.0f} s (DP residual errors, W8A8, MagCache)")
     return [m for m in methods if kept(m.name)]
